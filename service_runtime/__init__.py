@@ -1,0 +1,1 @@
+"""Plumbing shared by every service: config, database, outbox, stream consumer, HTTP base."""
