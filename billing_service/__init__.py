@@ -1,0 +1,1 @@
+"""Billing: customer accounts, payments captured for orders, and refunds."""

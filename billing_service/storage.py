@@ -1,0 +1,129 @@
+"""Billing SQL. Every function takes the connection of the caller's transaction."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+from psycopg.rows import dict_row
+
+_ACCOUNT_COLUMNS = "customer_id, balance_cents, created_at, updated_at"
+_PAYMENT_COLUMNS = (
+    "order_id, payment_id, customer_id, amount_cents, status, reason, created_at, refunded_at"
+)
+
+
+def lock_order(conn: psycopg.Connection, order_id: str) -> None:
+    """Serialise everything billing does for one order (capture vs. cancellation)."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (order_id,))
+
+
+def set_account(conn: psycopg.Connection, customer_id: str, balance: int) -> tuple[dict, bool]:
+    cur = conn.cursor(row_factory=dict_row)
+    before = cur.execute(
+        "SELECT balance_cents FROM accounts WHERE customer_id = %s FOR UPDATE", (customer_id,)
+    ).fetchone()
+    account = cur.execute(
+        f"""INSERT INTO accounts (customer_id, balance_cents) VALUES (%s, %s)
+            ON CONFLICT (customer_id) DO UPDATE
+            SET balance_cents = EXCLUDED.balance_cents, updated_at = now()
+            RETURNING {_ACCOUNT_COLUMNS}""",
+        (customer_id, balance),
+    ).fetchone()
+    cur.execute(
+        "INSERT INTO account_adjustments (customer_id, delta_cents, kind) VALUES (%s, %s, 'set')",
+        (customer_id, balance - (before["balance_cents"] if before else 0)),
+    )
+    return account, before is None
+
+
+def deposit(conn: psycopg.Connection, customer_id: str, amount: int) -> dict | None:
+    cur = conn.cursor(row_factory=dict_row)
+    account = cur.execute(
+        f"""UPDATE accounts SET balance_cents = balance_cents + %s, updated_at = now()
+            WHERE customer_id = %s RETURNING {_ACCOUNT_COLUMNS}""",
+        (amount, customer_id),
+    ).fetchone()
+    if account:
+        cur.execute(
+            """INSERT INTO account_adjustments (customer_id, delta_cents, kind)
+               VALUES (%s, %s, 'deposit')""",
+            (customer_id, amount),
+        )
+    return account
+
+
+def get_account(conn: psycopg.Connection, customer_id: str) -> dict | None:
+    return (
+        conn.cursor(row_factory=dict_row)
+        .execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE customer_id = %s", (customer_id,))
+        .fetchone()
+    )
+
+
+def lock_balance(conn: psycopg.Connection, customer_id: str) -> int | None:
+    row = conn.execute(
+        "SELECT balance_cents FROM accounts WHERE customer_id = %s FOR UPDATE", (customer_id,)
+    ).fetchone()
+    return row[0] if row else None
+
+
+def get_payment(conn: psycopg.Connection, order_id: str) -> dict | None:
+    return (
+        conn.cursor(row_factory=dict_row)
+        .execute(f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE order_id = %s", (order_id,))
+        .fetchone()
+    )
+
+
+def is_cancelled(conn: psycopg.Connection, order_id: str) -> bool:
+    row = conn.execute("SELECT 1 FROM cancelled_orders WHERE order_id = %s", (order_id,))
+    return row.fetchone() is not None
+
+
+def remember_cancellation(conn: psycopg.Connection, order_id: str, reason: str) -> None:
+    conn.execute(
+        "INSERT INTO cancelled_orders (order_id, reason) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+        (order_id, reason),
+    )
+
+
+def capture(conn: psycopg.Connection, order_id: str, customer_id: str, amount: int) -> str:
+    payment_id = str(uuid.uuid4())
+    conn.execute(
+        "UPDATE accounts SET balance_cents = balance_cents - %s, updated_at = now() "
+        "WHERE customer_id = %s",
+        (amount, customer_id),
+    )
+    conn.execute(
+        """INSERT INTO payments (order_id, payment_id, customer_id, amount_cents, status)
+           VALUES (%s, %s, %s, %s, 'captured')""",
+        (order_id, payment_id, customer_id, amount),
+    )
+    return payment_id
+
+
+def record_decline(
+    conn: psycopg.Connection, order_id: str, customer_id: str, amount: int, reason: str
+) -> None:
+    conn.execute(
+        """INSERT INTO payments (order_id, customer_id, amount_cents, status, reason)
+           VALUES (%s, %s, %s, 'declined', %s)""",
+        (order_id, customer_id, amount, reason),
+    )
+
+
+def refund(conn: psycopg.Connection, payment: dict) -> None:
+    conn.execute(
+        "UPDATE payments SET status = 'refunded', refunded_at = now() WHERE order_id = %s",
+        (payment["order_id"],),
+    )
+    conn.execute(
+        "UPDATE accounts SET balance_cents = balance_cents + %s, updated_at = now() "
+        "WHERE customer_id = %s",
+        (payment["amount_cents"], payment["customer_id"]),
+    )
+    conn.execute(
+        "INSERT INTO refunds (refund_id, payment_id, amount_cents) VALUES (%s, %s, %s)",
+        (str(uuid.uuid4()), payment["payment_id"], payment["amount_cents"]),
+    )

@@ -1,0 +1,141 @@
+"""Marshmallow schemas for every event payload, keyed by (event_type, version)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+
+from contracts.envelope import ContractError
+
+_positive = validate.Range(min=1)
+_non_negative = validate.Range(min=0)
+
+
+class _Strict(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class _Sku(fields.String):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(required=True, validate=validate.Length(min=1, max=64), **kwargs)
+
+
+class ItemV1(_Strict):
+    sku = _Sku()
+    quantity = fields.Integer(required=True, strict=True, validate=_positive)
+
+
+class PricedLineV1(_Strict):
+    sku = _Sku()
+    quantity = fields.Integer(required=True, strict=True, validate=_positive)
+    unit_price_cents = fields.Integer(required=True, strict=True, validate=_non_negative)
+
+
+class ShortageV1(_Strict):
+    sku = _Sku()
+    requested = fields.Integer(required=True, strict=True, validate=_positive)
+    available = fields.Integer(required=True, strict=True, validate=_non_negative)
+
+
+def _order_id() -> fields.UUID:
+    return fields.UUID(required=True)
+
+
+def _customer_id() -> fields.String:
+    return fields.String(required=True, validate=validate.Length(min=1, max=64))
+
+
+def _cents() -> fields.Integer:
+    return fields.Integer(required=True, strict=True, validate=_non_negative)
+
+
+class OrderPlacedV1(_Strict):
+    order_id = _order_id()
+    customer_id = _customer_id()
+    items = fields.List(fields.Nested(ItemV1), required=True, validate=validate.Length(1, 50))
+
+
+class OrderConfirmedV1(_Strict):
+    order_id = _order_id()
+    total_cents = _cents()
+
+
+class OrderRejectedV1(_Strict):
+    order_id = _order_id()
+    reason = fields.String(required=True, validate=validate.Length(min=1))
+
+
+class OrderCancelledV1(_Strict):
+    order_id = _order_id()
+    reason = fields.String(
+        required=True, validate=validate.OneOf(["customer_request", "payment_timeout"])
+    )
+
+
+class StockReservedV1(_Strict):
+    order_id = _order_id()
+    customer_id = _customer_id()
+    lines = fields.List(fields.Nested(PricedLineV1), required=True, validate=validate.Length(1, 50))
+    total_cents = _cents()
+
+
+class StockReservationFailedV1(_Strict):
+    order_id = _order_id()
+    reason = fields.String(
+        required=True, validate=validate.OneOf(["insufficient_stock", "unknown_sku"])
+    )
+    shortages = fields.List(fields.Nested(ShortageV1), required=True)
+
+
+class StockReleasedV1(_Strict):
+    order_id = _order_id()
+    lines = fields.List(fields.Nested(ItemV1), required=True)
+
+
+class PaymentCapturedV1(_Strict):
+    order_id = _order_id()
+    customer_id = _customer_id()
+    payment_id = fields.UUID(required=True)
+    amount_cents = _cents()
+
+
+class PaymentDeclinedV1(_Strict):
+    order_id = _order_id()
+    customer_id = _customer_id()
+    reason = fields.String(
+        required=True, validate=validate.OneOf(["insufficient_funds", "unknown_account"])
+    )
+
+
+class PaymentRefundedV1(_Strict):
+    order_id = _order_id()
+    payment_id = fields.UUID(required=True)
+    amount_cents = _cents()
+
+
+EVENT_SCHEMAS: dict[tuple[str, int], Schema] = {
+    ("OrderPlaced", 1): OrderPlacedV1(),
+    ("OrderConfirmed", 1): OrderConfirmedV1(),
+    ("OrderRejected", 1): OrderRejectedV1(),
+    ("OrderCancelled", 1): OrderCancelledV1(),
+    ("StockReserved", 1): StockReservedV1(),
+    ("StockReservationFailed", 1): StockReservationFailedV1(),
+    ("StockReleased", 1): StockReleasedV1(),
+    ("PaymentCaptured", 1): PaymentCapturedV1(),
+    ("PaymentDeclined", 1): PaymentDeclinedV1(),
+    ("PaymentRefunded", 1): PaymentRefundedV1(),
+}
+
+
+def validate_payload(event_type: str, version: int, payload: dict[str, Any]) -> dict[str, Any]:
+    """Check a payload against its schema; returns it unchanged (JSON-ready) when valid."""
+    schema = EVENT_SCHEMAS.get((event_type, version))
+    if schema is None:
+        raise ContractError(f"unknown event {event_type} v{version}")
+    try:
+        schema.load(payload)
+    except ValidationError as err:
+        raise ContractError(f"invalid {event_type} v{version} payload: {err.messages}") from err
+    return payload

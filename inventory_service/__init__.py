@@ -1,0 +1,1 @@
+"""Inventory: products, stock levels and per-order reservations."""

@@ -1,0 +1,79 @@
+"""Inventory REST API (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+from flask.views import MethodView
+from flask_smorest import Blueprint, abort
+from flask_smorest.pagination import PaginationParameters
+
+from inventory_service import schemas, storage
+from service_runtime.api_fields import check_path_key, check_path_uuid
+from service_runtime.web import db_pool
+
+blp = Blueprint("inventory", __name__, description="Products, stock and reservations")
+
+
+@blp.route("/products")
+class Products(MethodView):
+    @blp.response(200, schemas.Product(many=True))
+    @blp.paginate()
+    def get(self, pagination_parameters: PaginationParameters):
+        """List products by sku."""
+        with db_pool().connection() as conn:
+            rows, total = storage.list_products(
+                conn, pagination_parameters.page_size, pagination_parameters.first_item
+            )
+        pagination_parameters.item_count = total
+        return rows
+
+
+@blp.route("/products/<sku>")
+class ProductBySku(MethodView):
+    @blp.arguments(schemas.ProductIn)
+    @blp.response(200, schemas.Product)
+    @blp.alt_response(201, schema=schemas.Product, description="Created")
+    def put(self, body: dict, sku: str):
+        """Create or replace a product."""
+        check_path_key("sku", sku)
+        with db_pool().connection() as conn, conn.transaction():
+            product, created = storage.upsert_product(
+                conn, sku, body["name"], body["price_cents"], body["available"]
+            )
+        return product, 201 if created else 200
+
+    @blp.response(200, schemas.Product)
+    def get(self, sku: str):
+        """One product."""
+        check_path_key("sku", sku)
+        with db_pool().connection() as conn:
+            product = storage.get_product(conn, sku)
+        if product is None:
+            abort(404, message=f"No product with sku {sku!r}.")
+        return product
+
+
+@blp.route("/products/<sku>/restock")
+class Restock(MethodView):
+    @blp.arguments(schemas.RestockIn)
+    @blp.response(200, schemas.Product)
+    def post(self, body: dict, sku: str):
+        """Add stock to a product."""
+        check_path_key("sku", sku)
+        with db_pool().connection() as conn, conn.transaction():
+            product = storage.restock(conn, sku, body["quantity"])
+        if product is None:
+            abort(404, message=f"No product with sku {sku!r}.")
+        return product
+
+
+@blp.route("/reservations/<order_id>")
+class ReservationByOrder(MethodView):
+    @blp.response(200, schemas.Reservation)
+    def get(self, order_id: str):
+        """What inventory holds (or held) for an order."""
+        order_id = check_path_uuid("order_id", order_id)
+        with db_pool().connection() as conn:
+            reservation = storage.get_reservation(conn, order_id)
+        if reservation is None:
+            abort(404, message=f"No reservation for order {order_id}.")
+        return reservation

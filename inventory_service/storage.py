@@ -1,0 +1,167 @@
+"""Inventory SQL. Every function takes the connection of the caller's transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import psycopg
+from psycopg.rows import dict_row
+
+from inventory_service.domain import StockLevel
+
+_PRODUCT_COLUMNS = "sku, name, price_cents, available, created_at, updated_at"
+
+
+def upsert_product(
+    conn: psycopg.Connection, sku: str, name: str, price_cents: int, available: int
+) -> tuple[dict, bool]:
+    """Create or replace; the stock delta is recorded for the audit. Returns (product, created)."""
+    cur = conn.cursor(row_factory=dict_row)
+    before = cur.execute(
+        "SELECT available FROM products WHERE sku = %s FOR UPDATE", (sku,)
+    ).fetchone()
+    product = cur.execute(
+        f"""INSERT INTO products (sku, name, price_cents, available) VALUES (%s, %s, %s, %s)
+            ON CONFLICT (sku) DO UPDATE SET name = EXCLUDED.name,
+                price_cents = EXCLUDED.price_cents, available = EXCLUDED.available,
+                updated_at = now()
+            RETURNING {_PRODUCT_COLUMNS}""",
+        (sku, name, price_cents, available),
+    ).fetchone()
+    delta = available - (before["available"] if before else 0)
+    if delta or not before:
+        cur.execute(
+            "INSERT INTO stock_adjustments (sku, delta, kind) VALUES (%s, %s, 'set')",
+            (sku, delta),
+        )
+    return product, before is None
+
+
+def restock(conn: psycopg.Connection, sku: str, quantity: int) -> dict | None:
+    cur = conn.cursor(row_factory=dict_row)
+    product = cur.execute(
+        f"""UPDATE products SET available = available + %s, updated_at = now()
+            WHERE sku = %s RETURNING {_PRODUCT_COLUMNS}""",
+        (quantity, sku),
+    ).fetchone()
+    if product:
+        cur.execute(
+            "INSERT INTO stock_adjustments (sku, delta, kind) VALUES (%s, %s, 'restock')",
+            (sku, quantity),
+        )
+    return product
+
+
+def get_product(conn: psycopg.Connection, sku: str) -> dict | None:
+    return (
+        conn.cursor(row_factory=dict_row)
+        .execute(f"SELECT {_PRODUCT_COLUMNS} FROM products WHERE sku = %s", (sku,))
+        .fetchone()
+    )
+
+
+def list_products(conn: psycopg.Connection, limit: int, offset: int) -> tuple[list[dict], int]:
+    cur = conn.cursor(row_factory=dict_row)
+    rows = cur.execute(
+        f"SELECT {_PRODUCT_COLUMNS} FROM products ORDER BY sku LIMIT %s OFFSET %s", (limit, offset)
+    ).fetchall()
+    total = conn.execute("SELECT count(*) FROM products").fetchone()[0]
+    return rows, total
+
+
+def lock_stock(conn: psycopg.Connection, skus: Iterable[str]) -> dict[str, StockLevel]:
+    """Lock the rows in sku order so concurrent reservations queue instead of deadlocking."""
+    rows = conn.execute(
+        """SELECT sku, available, price_cents FROM products WHERE sku = ANY(%s)
+           ORDER BY sku FOR UPDATE""",
+        (sorted(skus),),
+    ).fetchall()
+    return {sku: StockLevel(sku, available, price) for sku, available, price in rows}
+
+
+def lock_reservation(conn: psycopg.Connection, order_id: str) -> dict | None:
+    return (
+        conn.cursor(row_factory=dict_row)
+        .execute("SELECT * FROM reservations WHERE order_id = %s FOR UPDATE", (order_id,))
+        .fetchone()
+    )
+
+
+def insert_reservation(
+    conn: psycopg.Connection,
+    order_id: str,
+    customer_id: str | None,
+    status: str,
+    reason: str | None,
+    total_cents: int,
+    lines: list[dict],
+) -> bool:
+    """False when the order already has a reservation row (decided before)."""
+    inserted = conn.execute(
+        """INSERT INTO reservations (order_id, customer_id, status, reason, total_cents,
+                                     released_at)
+           VALUES (%s, %s, %s, %s, %s, CASE WHEN %s = 'released' THEN now() END)
+           ON CONFLICT (order_id) DO NOTHING RETURNING 1""",
+        (order_id, customer_id, status, reason, total_cents, status),
+    ).fetchone()
+    if not inserted:
+        return False
+    for line in lines:
+        conn.execute(
+            """UPDATE products SET available = available - %s, updated_at = now()
+               WHERE sku = %s""",
+            (line["quantity"], line["sku"]),
+        )
+    if lines:
+        with conn.cursor() as cur:
+            cur.executemany(
+                """INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents)
+                   VALUES (%s, %s, %s, %s)""",
+                [(order_id, ln["sku"], ln["quantity"], ln["unit_price_cents"]) for ln in lines],
+            )
+    return True
+
+
+def reservation_lines(conn: psycopg.Connection, order_id: str) -> list[dict]:
+    return (
+        conn.cursor(row_factory=dict_row)
+        .execute(
+            """SELECT sku, quantity, unit_price_cents FROM reservation_lines
+               WHERE order_id = %s ORDER BY sku""",
+            (order_id,),
+        )
+        .fetchall()
+    )
+
+
+def release_reservation(conn: psycopg.Connection, order_id: str) -> list[dict]:
+    """Return a held reservation's stock; the lines released (empty if nothing was held)."""
+    held = conn.execute(
+        """UPDATE reservations SET status = 'released', released_at = now()
+           WHERE order_id = %s AND status = 'held' RETURNING 1""",
+        (order_id,),
+    ).fetchone()
+    if not held:
+        return []
+    lines = reservation_lines(conn, order_id)
+    for line in sorted(lines, key=lambda ln: ln["sku"]):
+        conn.execute(
+            "UPDATE products SET available = available + %s, updated_at = now() WHERE sku = %s",
+            (line["quantity"], line["sku"]),
+        )
+    return lines
+
+
+def get_reservation(conn: psycopg.Connection, order_id: str) -> dict | None:
+    row = (
+        conn.cursor(row_factory=dict_row)
+        .execute(
+            """SELECT order_id, customer_id, status, reason, total_cents, created_at, released_at
+               FROM reservations WHERE order_id = %s""",
+            (order_id,),
+        )
+        .fetchone()
+    )
+    if row:
+        row["lines"] = reservation_lines(conn, order_id)
+    return row

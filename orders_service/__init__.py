@@ -1,0 +1,1 @@
+"""Orders: placing and cancelling orders, and following each order's saga to its end."""

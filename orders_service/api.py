@@ -1,0 +1,91 @@
+"""Orders REST API (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+from flask import current_app, url_for
+from flask.views import MethodView
+from flask_smorest import Blueprint, abort
+from flask_smorest.pagination import PaginationParameters
+
+from orders_service import commands, schemas, storage
+from service_runtime.api_fields import check_path_uuid
+from service_runtime.web import db_pool
+
+blp = Blueprint("orders", __name__, description="Orders and their saga")
+
+
+def _load(order_id: str) -> dict:
+    with db_pool().connection() as conn:
+        order = storage.get_order(conn, order_id)
+    if order is None:
+        abort(404, message=f"No order {order_id}.")
+    return order
+
+
+@blp.route("/orders")
+class Orders(MethodView):
+    @blp.arguments(schemas.OrderIn)
+    @blp.arguments(schemas.IdempotencyHeader, location="headers")
+    @blp.response(201, schemas.OrderDetail)
+    @blp.alt_response(422, description="Invalid body, or Idempotency-Key reused with another body")
+    def post(self, body: dict, headers: dict):
+        """Place an order; the saga runs asynchronously from here."""
+        try:
+            placed = commands.place_order(
+                db_pool(),
+                body["customer_id"],
+                body["items"],
+                payment_timeout_s=current_app.config["PAYMENT_TIMEOUT_SECONDS"],
+                idempotency_key=headers.get("idempotency_key"),
+            )
+        except commands.IdempotencyConflict:
+            abort(
+                422,
+                message="Idempotency-Key already used with a different request body.",
+                errors={"headers": {"Idempotency-Key": ["Used with a different body."]}},
+            )
+        location = url_for("orders.OrderById", order_id=placed.order_id)
+        extra = {"Location": location}
+        if placed.replayed:
+            extra["Idempotent-Replayed"] = "true"
+        return _load(placed.order_id), 201, extra
+
+    @blp.arguments(schemas.OrderQuery, location="query")
+    @blp.response(200, schemas.Order(many=True))
+    @blp.paginate()
+    def get(self, query: dict, pagination_parameters: PaginationParameters):
+        """List orders, newest first, by customer and/or status."""
+        with db_pool().connection() as conn:
+            orders, total = storage.list_orders(
+                conn,
+                query.get("customer_id"),
+                query.get("status"),
+                pagination_parameters.page_size,
+                pagination_parameters.first_item,
+            )
+        pagination_parameters.item_count = total
+        return orders
+
+
+@blp.route("/orders/<order_id>")
+class OrderById(MethodView):
+    @blp.response(200, schemas.OrderDetail)
+    def get(self, order_id: str):
+        """An order with its items, total, reason and history."""
+        return _load(check_path_uuid("order_id", order_id))
+
+
+@blp.route("/orders/<order_id>/cancel")
+class CancelOrder(MethodView):
+    @blp.response(202, schemas.OrderDetail)
+    @blp.alt_response(409, description="The order is rejected and cannot be cancelled")
+    def post(self, order_id: str):
+        """Cancel a pending or confirmed order; release and refund follow."""
+        order_id = check_path_uuid("order_id", order_id)
+        try:
+            outcome = commands.cancel_order(db_pool(), order_id)
+        except commands.NotCancellable as err:
+            abort(409, message=str(err))
+        if outcome is None:
+            abort(404, message=f"No order {order_id}.")
+        return _load(order_id)

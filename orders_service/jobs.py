@@ -1,0 +1,23 @@
+"""rq jobs of the orders service: work driven by stored state, not by an event."""
+
+from __future__ import annotations
+
+from orders_service import commands, storage
+from service_runtime.config import database_url
+from service_runtime.db import connect
+from service_runtime.unit_of_work import UnitOfWork
+
+
+def sweep_payment_deadlines(limit: int = 500, url: str | None = None) -> int:
+    """Cancel pending orders whose payment deadline passed (reason payment_timeout).
+
+    Runs every second from the rq cron scheduler. Rows a reaction holds are skipped and
+    looked at on the next sweep, so a payment landing at the same moment wins or loses
+    cleanly: either confirmed first, or cancelled first and then refunded by billing.
+    """
+    with connect(url or database_url("orders")) as conn, conn.transaction():
+        uow = UnitOfWork(conn)
+        overdue = storage.lock_overdue(conn, limit)
+        for order_id in overdue:
+            commands.cancel(uow, order_id, "payment_timeout")
+    return len(overdue)

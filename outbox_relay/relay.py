@@ -1,0 +1,110 @@
+"""The relay loop: hold the outbox's advisory lock, publish batches, sleep until NOTIFY or poll.
+
+Only the holder of the lock publishes; a standby keeps trying to take it and becomes active
+the moment the active relay's session ends (crash, kill, lost connection).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+import redis
+
+from outbox_relay.publisher import FaultPoint, no_faults, publish_batch
+from service_runtime.db import DB_OUTAGE_ERRORS, connect
+from service_runtime.redis_client import REDIS_OUTAGE_ERRORS
+
+log = logging.getLogger(__name__)
+
+# Advisory locks are per database, so one constant key means "the relay of this outbox".
+RELAY_LOCK_KEY = 7_310_002
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    producer: str
+    stream: str
+    batch_size: int = 500
+    poll_seconds: float = 1.0
+    standby_retry_seconds: float = 1.0
+
+
+class Relay:
+    def __init__(
+        self,
+        database_url: str,
+        redis_client: redis.Redis,
+        settings: RelaySettings,
+        fault: FaultPoint = no_faults,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.database_url = database_url
+        self.redis = redis_client
+        self.settings = settings
+        self.fault = fault
+        self.on_batch = on_batch or (lambda _n: None)
+        self.active = threading.Event()  # set while this relay holds the lock
+        self.published = 0
+
+    def run(self, stop: threading.Event) -> None:
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                with connect(self.database_url) as conn:
+                    if self._acquire(conn, stop):
+                        delay = 0.2
+                        self._publish_while_active(conn, stop)
+            except DB_OUTAGE_ERRORS as err:
+                log.warning("relay %s: database unavailable: %s", self.settings.producer, err)
+            finally:
+                self.active.clear()
+            stop.wait(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _acquire(self, conn: psycopg.Connection, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            if conn.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,)).fetchone()[0]:
+                log.info("relay %s: active", self.settings.producer)
+                self.active.set()
+                return True
+            stop.wait(self.settings.standby_retry_seconds)
+        return False
+
+    def _publish_while_active(self, conn: psycopg.Connection, stop: threading.Event) -> None:
+        conn.execute("LISTEN outbox")
+        redis_delay = 0.1
+        while not stop.is_set():
+            try:
+                sent = publish_batch(
+                    conn,
+                    self.redis,
+                    stream=self.settings.stream,
+                    producer=self.settings.producer,
+                    batch_size=self.settings.batch_size,
+                    fault=self.fault,
+                )
+            except REDIS_OUTAGE_ERRORS as err:
+                # Keep the lock; the outbox buffers until Redis is back.
+                log.warning("relay %s: redis unavailable: %s", self.settings.producer, err)
+                stop.wait(redis_delay)
+                redis_delay = min(redis_delay * 2, 5.0)
+                continue
+            redis_delay = 0.1
+            if sent:
+                self.published += sent
+                self.on_batch(sent)
+            if sent < self.settings.batch_size:
+                self._wait_for_work(conn)
+
+    def _wait_for_work(self, conn: psycopg.Connection) -> None:
+        """Sleep until a producer's NOTIFY, or poll in case one was missed."""
+        # Notifications that arrived during the last batch are buffered: drain them all, and
+        # if there were any, new rows may have committed since our scan, so scan again now.
+        if sum(1 for _ in conn.notifies(timeout=0)):
+            return
+        for _ in conn.notifies(timeout=self.settings.poll_seconds, stop_after=1):
+            pass

@@ -1,0 +1,21 @@
+"""Entry point of the `saga` console script; each command group lives in its own module."""
+
+from __future__ import annotations
+
+import click
+
+from sagactl import processes, stack_commands
+
+
+@click.group()
+def cli() -> None:
+    """Choreographed order saga: processes, dev stack and inspection."""
+
+
+for module in (processes, stack_commands):
+    for command in module.COMMANDS:
+        cli.add_command(command)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,99 @@
+"""The long-running processes of the Procfile: relays, consumers and the rq cron scheduler.
+
+This is the composition root for workers: it reads config and wires the pieces together.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import socket
+import threading
+
+import click
+
+from contracts import STREAM_OF_PRODUCER, SUBSCRIPTIONS
+from outbox_relay.relay import Relay, RelaySettings
+from service_runtime import redis_client
+from service_runtime.config import SERVICES, Tunables, database_url, redis_url
+from service_runtime.consumer import ConsumerSettings, StreamConsumer
+from service_runtime.db import create_pool
+from service_runtime.logs import setup_logging
+
+RQ_QUEUE = "saga"
+
+service_argument = click.argument("service", type=click.Choice(SERVICES))
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+@click.command()
+@service_argument
+def relay(service: str) -> None:
+    """Publish SERVICE's outbox to its stream (standby while another relay is active)."""
+    setup_logging(service, "relay")
+    tunables = Tunables.from_env()
+    settings = RelaySettings(
+        producer=service,
+        stream=STREAM_OF_PRODUCER[service],
+        batch_size=tunables.relay_batch_size,
+        poll_seconds=tunables.relay_poll_seconds,
+        standby_retry_seconds=tunables.relay_standby_retry_seconds,
+    )
+    Relay(database_url(service), redis_client.connect(redis_url()), settings).run(
+        _stop_on_signals()
+    )
+
+
+@click.command()
+@service_argument
+@click.option(
+    "--name",
+    help="Consumer name in the group; stable across restarts "
+    "so this consumer re-reads its own pending entries. Default: SERVICE-1.",
+)
+def consume(service: str, name: str | None) -> None:
+    """React to the events SERVICE subscribes to."""
+    setup_logging(service, "consumer")
+    tunables = Tunables.from_env()
+    handlers = importlib.import_module(f"{service}_service.reactions").HANDLERS
+    settings = ConsumerSettings(
+        group=service,
+        consumer=name or os.environ.get("CONSUMER_NAME") or f"{service}-1",
+        streams=SUBSCRIPTIONS[service],
+        batch_size=tunables.consumer_batch_size,
+        block_ms=tunables.consumer_block_ms,
+        claim_idle_ms=tunables.consumer_claim_idle_ms,
+        retry_base_ms=tunables.consumer_retry_base_ms,
+        max_deliveries=tunables.consumer_max_deliveries,
+    )
+    pool = create_pool(database_url(service), name=f"{service}-consumer", max_size=2)
+    consumer = StreamConsumer(redis_client.connect(redis_url()), pool, settings, handlers)
+    try:
+        consumer.run(_stop_on_signals())
+    finally:
+        pool.close()
+
+
+@click.command()
+def cron() -> None:
+    """Enqueue the periodic rq jobs (run `rq worker --with-scheduler saga` beside it)."""
+    from rq.cron import CronScheduler
+
+    from orders_service.jobs import sweep_payment_deadlines
+
+    setup_logging("saga", "cron")
+    scheduler = CronScheduler(
+        connection=redis_client.connect(redis_url()), name=f"saga-cron:{socket.gethostname()}"
+    )
+    scheduler.register(sweep_payment_deadlines, RQ_QUEUE, interval=1, job_timeout=60)
+    scheduler.start()
+
+
+COMMANDS = [relay, consume, cron]

@@ -1,0 +1,31 @@
+"""PostgreSQL connections: one pool per process, autocommit with explicit transactions."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+# What "the database is unreachable" looks like to callers: answer 503 / back off, never crash.
+DB_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (psycopg.OperationalError, PoolTimeout)
+
+
+def create_pool(
+    database_url: str, *, name: str, max_size: int = 8, timeout: float = 5.0
+) -> ConnectionPool:
+    """Open lazily: a process starts (and answers 503) even while the database is down."""
+    pool = ConnectionPool(
+        database_url,
+        min_size=1,
+        max_size=max_size,
+        name=name,
+        timeout=timeout,
+        open=False,
+        kwargs={"autocommit": True},
+        check=ConnectionPool.check_connection,
+    )
+    pool.open(wait=False)
+    return pool
+
+
+def connect(database_url: str, **kwargs: object) -> psycopg.Connection:
+    return psycopg.connect(database_url, autocommit=True, connect_timeout=5, **kwargs)

@@ -1,0 +1,113 @@
+"""What every service's Flask app shares: flask-smorest setup, JSON errors, health and readiness.
+
+Each service's app factory calls `create_service_app` with its own blueprints; nothing here
+knows about orders, stock or money.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flask import Flask, current_app, jsonify
+from flask.views import MethodView
+from flask_smorest import Api, Blueprint
+from psycopg_pool import ConnectionPool
+from werkzeug.exceptions import HTTPException
+
+from service_runtime.config import database_url
+from service_runtime.db import DB_OUTAGE_ERRORS, create_pool
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 2
+MAX_BODY_BYTES = 256 * 1024
+
+
+def create_service_app(
+    name: str,
+    title: str,
+    blueprints: Iterable[Blueprint],
+    *,
+    pool: ConnectionPool | None = None,
+    config: dict | None = None,
+) -> Flask:
+    app = Flask(name)
+    app.config.update(
+        API_TITLE=title,
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/swagger-ui",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+        SERVICE_NAME=name,
+    )
+    app.config.update(config or {})
+    app.extensions["db_pool"] = pool or create_pool(database_url(name), name=f"{name}-api")
+
+    api = Api(app)
+    api.register_blueprint(_health_blueprint())
+    for blueprint in blueprints:
+        api.register_blueprint(blueprint)
+    _register_error_handlers(app, api)
+    return app
+
+
+def db_pool() -> ConnectionPool:
+    """The current app's connection pool (set up by the app factory)."""
+    return current_app.extensions["db_pool"]
+
+
+def _health_blueprint() -> Blueprint:
+    blp = Blueprint("health", __name__, description="Liveness and readiness")
+
+    @blp.route("/health")
+    class Health(MethodView):
+        def get(self) -> dict:
+            """Liveness: the process answers."""
+            return {"status": "ok", "service": current_app.config["SERVICE_NAME"]}
+
+    @blp.route("/ready")
+    class Ready(MethodView):
+        def get(self) -> dict:
+            """Readiness: the service's database answers."""
+            with db_pool().connection() as conn:
+                conn.execute("SELECT 1")
+            return {"status": "ready", "service": current_app.config["SERVICE_NAME"]}
+
+    return blp
+
+
+def _register_error_handlers(app: Flask, api: Api) -> None:
+    def http_error(error: HTTPException):
+        body, status, headers = api.handle_http_exception(error)
+        # DESIGN.md §4: every error carries a message.
+        body.setdefault("message", error.description)
+        out = jsonify(body)
+        out.status_code = status
+        out.headers.update(headers)
+        return out
+
+    def database_down(error: Exception):
+        log.warning("database unavailable: %s", error)
+        out = jsonify(
+            code=503,
+            status="Service Unavailable",
+            message="The service's database is unavailable; nothing was written. Retry later.",
+        )
+        out.status_code = 503
+        out.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return out
+
+    def unexpected(error: Exception):
+        log.exception("unhandled error")
+        out = jsonify(code=500, status="Internal Server Error", message="Unexpected error.")
+        out.status_code = 500
+        return out
+
+    app.register_error_handler(HTTPException, http_error)
+    for error_type in DB_OUTAGE_ERRORS:
+        app.register_error_handler(error_type, database_down)
+    app.register_error_handler(Exception, unexpected)
