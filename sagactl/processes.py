@@ -12,6 +12,7 @@ import socket
 import threading
 
 import click
+import redis
 
 from contracts import STREAM_OF_PRODUCER, SUBSCRIPTIONS
 from outbox_relay.relay import Relay, RelaySettings
@@ -89,8 +90,9 @@ def cron() -> None:
     from orders_service.jobs import sweep_payment_deadlines
 
     setup_logging("saga", "cron")
+    # rq stores pickled bytes: it needs a client that does not decode responses.
     scheduler = CronScheduler(
-        connection=redis_client.connect(redis_url()), name=f"saga-cron:{socket.gethostname()}"
+        connection=redis.Redis.from_url(redis_url()), name=f"saga-cron:{socket.gethostname()}"
     )
     scheduler.register(sweep_payment_deadlines, RQ_QUEUE, interval=1, job_timeout=60)
     scheduler.start()
