@@ -96,8 +96,24 @@ class StreamConsumer:
     # -- one step each; none of them blocks unless asked to ------------------------------
 
     def read_own_pending_once(self) -> int:
-        """Re-read entries delivered to this consumer name but never acknowledged (restart)."""
-        return self._read({stream: "0" for stream in self.settings.all_streams}, block_ms=None)
+        """Re-read entries delivered to this consumer name but never acknowledged (restart).
+
+        One pass over this consumer's pending entries, page by page: an entry that fails again
+        stays pending for retry_failed_once (backoff, dead letter), and is not re-read here.
+        """
+        s = self.settings
+        handled = 0
+        cursors = {stream: "0" for stream in s.all_streams}
+        while cursors:
+            reply = self.redis.xreadgroup(s.group, s.consumer, cursors, count=s.batch_size)
+            cursors = {}
+            for stream, entries in _as_pairs(reply):
+                if not entries:
+                    continue
+                cursors[stream] = entries[-1][0]  # the next page starts after this entry
+                live = [entry for entry in entries if entry[1]]
+                handled += self._handle_entries(stream, live, attempt=None)
+        return handled
 
     def read_new_once(self, block_ms: int | None = None) -> int:
         return self._read({stream: ">" for stream in self.settings.all_streams}, block_ms)
@@ -159,8 +175,7 @@ class StreamConsumer:
             try:
                 if not started:
                     self.ensure_groups()
-                    while self.read_own_pending_once():
-                        pass
+                    self.read_own_pending_once()
                     started = True
                 self.read_new_once(block_ms=self.settings.block_ms)
                 if time.monotonic() - last_maintenance >= self.settings.maintenance_interval_s:

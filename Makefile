@@ -1,0 +1,38 @@
+# Everything runs from .venv; it is (re)built when setup.cfg changes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run-all test test-unit test-integration test-e2e lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $(STAMP)
+
+run-all: $(STAMP)
+	$(BIN)/saga run-all
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest tests/e2e
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# stop the embedded servers first: deleting their data under them would leave them orphaned
+clean:
+	if [ -x $(BIN)/saga ]; then $(BIN)/saga stack down; fi
+	rm -rf .run

@@ -1,0 +1,1 @@
+"""Embedded PostgreSQL and Redis for development and tests (see DESIGN.md §8)."""

@@ -1,0 +1,168 @@
+"""An embedded PostgreSQL server run from the binaries bundled in the pgserver wheel.
+
+Only pgserver's binaries and its root helpers are used, not its server manager: that one
+listens on a unix socket only and stops the server when the Python process exits, and we
+need a TCP server on a fixed port that outlives `saga stack up`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+from devstack.osutil import file_lock, tail
+
+with warnings.catch_warnings():
+    # importing pgserver computes a runtime dir for its own server manager, which we do not
+    # use, and warns on every `saga` run when XDG_RUNTIME_DIR is unset
+    warnings.simplefilter("ignore")
+    from pgserver._commands import POSTGRES_BIN_PATH, initdb, pg_ctl
+
+SUPERUSER = "postgres"
+# postgres refuses to run as root; pgserver then runs it as this account, so do we
+SYSTEM_USER = "pgserver"
+# a unix socket path must fit sun_path (108 bytes with the trailing NUL)
+SOCKET_PATH_MAX = 107
+SETTINGS = {"max_connections": "200"}
+
+
+class EmbeddedPostgres:
+    """One PostgreSQL cluster under `<run_dir>/postgres`, on 127.0.0.1:`port` only."""
+
+    def __init__(self, run_dir: Path | str, port: int) -> None:
+        self.run_dir = Path(run_dir).resolve()
+        self.port = port
+        self.data_dir = self.run_dir / "postgres"
+        self.log_file = self.run_dir / "postgres.log"
+        self._lock = self.run_dir / "postgres.lock"
+        self._user = SYSTEM_USER if os.geteuid() == 0 else None
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/postgres"
+
+    def is_running(self) -> bool:
+        return self._running_port() is not None
+
+    def start(self) -> bool:
+        """Start the server unless it already runs; True when this call started it."""
+        with file_lock(self._lock):
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self._user:
+                self._prepare_system_user()
+            running_port = self._running_port()
+            if running_port is not None:
+                self.port = running_port  # reuse it where it is, clients read admin_url
+                return False
+            self._initdb()
+            self.log_file.touch()
+            self._own(self.log_file)
+            options = [
+                "-c listen_addresses=127.0.0.1",
+                f"-p {self.port}",
+                f"-k {shlex.quote(str(self._socket_dir()))}",
+                *(f"-c {name}={value}" for name, value in SETTINGS.items()),
+            ]
+            args = ["-w", "-t", "60", "-l", str(self.log_file), "-o", " ".join(options), "start"]
+            try:
+                # own session: a Ctrl-C in the terminal must not reach the postmaster
+                # directly, we stop it ourselves once the processes using it are gone
+                pg_ctl(args, pgdata=self.data_dir, user=self._user, timeout=90,
+                       start_new_session=True)
+            except subprocess.SubprocessError as error:
+                raise RuntimeError(
+                    f"PostgreSQL did not start on port {self.port}, log {self.log_file}:\n"
+                    + tail(self.log_file)
+                ) from error
+            return True
+
+    def stop(self) -> bool:
+        """Fast shutdown (disconnects clients); True when a running server was stopped."""
+        with file_lock(self._lock):
+            if self._running_port() is None:
+                return False
+            pg_ctl(["-w", "-t", "60", "-m", "fast", "stop"], pgdata=self.data_dir,
+                   user=self._user, timeout=90)
+            return True
+
+    def _running_port(self) -> int | None:
+        pidfile = self.data_dir / "postmaster.pid"
+        try:
+            lines = pidfile.read_text().splitlines()
+            pid, port = int(lines[0]), int(lines[3])
+        except (OSError, IndexError, ValueError):
+            return None
+        if not _is_postgres(pid):
+            # left by a crash or a container restart: the pid may now belong to another
+            # process, and postgres would then refuse to start, so drop the stale file
+            pidfile.unlink(missing_ok=True)
+            return None
+        return port
+
+    def _initdb(self) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        # no PG_VERSION means an interrupted initdb: nothing in there is worth keeping
+        shutil.rmtree(self.data_dir)
+        self.data_dir.mkdir(mode=0o700)
+        self._own(self.data_dir)
+        initdb(
+            ["--auth=trust", "--encoding=UTF8", "--no-locale", "-U", SUPERUSER,
+             "--no-instructions"],
+            pgdata=self.data_dir, user=self._user, timeout=120,
+        )
+
+    def _socket_dir(self) -> Path:
+        """Unix sockets in the run dir, or a short dir under /tmp if that path is too long."""
+        directory = self.run_dir / "pgsocket"
+        if len(str(directory / f".s.PGSQL.{self.port}")) > SOCKET_PATH_MAX:
+            digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:12]
+            directory = Path(tempfile.gettempdir()) / f"saga-pg-{digest}"
+        directory.mkdir(mode=0o755, exist_ok=True)
+        self._own(directory)
+        return directory
+
+    def _prepare_system_user(self) -> None:
+        """What pgserver does as root: a system account that can reach binaries and data."""
+        from pgserver.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
+
+        ensure_user_exists(SYSTEM_USER)
+        readable = stat.S_IRGRP | stat.S_IROTH
+        executable = stat.S_IXGRP | stat.S_IXOTH
+        ensure_prefix_permissions(self.data_dir)
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH, readable | executable)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", readable)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "share", readable)
+        self._own(self.data_dir)
+
+    def _own(self, path: Path) -> None:
+        if self._user:
+            import pwd
+
+            entry = pwd.getpwnam(self._user)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _is_postgres(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another account (the pgserver one when we are not root)
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "postgres"
+    except OSError:
+        return True  # no /proc (macOS): a live pid is the best evidence there is

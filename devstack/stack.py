@@ -1,0 +1,103 @@
+"""The whole dev stack: embedded servers up/down, or the user's own servers, and migrations."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from devstack.postgres import EmbeddedPostgres
+from devstack.provision import ensure_database, provision
+from devstack.redis import EmbeddedRedis
+from service_runtime import config
+from service_runtime.migrations import migrate
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PG_PORT = 54329
+DEFAULT_REDIS_PORT = 63790
+EXTERNAL_KEYS = (*(f"{s.upper()}_DATABASE_URL" for s in config.SERVICES), "REDIS_URL")
+
+
+def _servers(run_dir: Path | str | None) -> tuple[Path, EmbeddedPostgres, EmbeddedRedis]:
+    directory = Path(run_dir) if run_dir is not None else config.run_dir()
+    pg_port = int(os.environ.get("SAGA_PG_PORT") or DEFAULT_PG_PORT)
+    redis_port = int(os.environ.get("SAGA_REDIS_PORT") or DEFAULT_REDIS_PORT)
+    return directory, EmbeddedPostgres(directory, pg_port), EmbeddedRedis(directory, redis_port)
+
+
+def http_ports() -> dict[str, str]:
+    # os.environ only: a port left in an old stack.env must not override the default
+    return {
+        f"{s.upper()}_PORT": os.environ.get(f"{s.upper()}_PORT") or str(config.DEFAULT_PORTS[s])
+        for s in config.SERVICES
+    }
+
+
+def _up(run_dir: Path | str | None) -> tuple[dict[str, str], bool]:
+    directory, postgres, redis = _servers(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    started: list[EmbeddedPostgres | EmbeddedRedis] = []
+    try:
+        if postgres.start():
+            started.append(postgres)
+        if redis.start():
+            started.append(redis)
+        urls = provision(postgres.admin_url, config.SERVICES)
+    except BaseException:
+        # half a stack (or a Ctrl-C while it comes up) must not leave servers behind
+        for server in reversed(started):
+            server.stop()
+        raise
+    env = {f"{s.upper()}_DATABASE_URL": urls[s] for s in config.SERVICES}
+    env["REDIS_URL"] = redis.url
+    env.update(http_ports())
+    env["SAGA_PG_PORT"] = str(postgres.port)
+    env["SAGA_REDIS_PORT"] = str(redis.port)
+    _write_env(directory / "stack.env", env)
+    return env, bool(started)
+
+
+def up(run_dir: Path | str | None = None) -> dict[str, str]:
+    """Start (or reuse) the embedded servers, provision, write `<run_dir>/stack.env`."""
+    return _up(run_dir)[0]
+
+
+def down(run_dir: Path | str | None = None) -> None:
+    """Stop the embedded servers; their data stays in the run dir."""
+    directory, postgres, redis = _servers(run_dir)
+    if not directory.exists():
+        return
+    postgres.stop()
+    redis.stop()
+    # other terminals fall back to stack.env: once the servers are gone it would mislead them
+    (directory / "stack.env").unlink(missing_ok=True)
+
+
+def resolve() -> tuple[dict[str, str], bool]:
+    """The env to run with, and whether embedded servers were started for it.
+
+    The user's servers when all four URLs are set (their databases created if missing),
+    the embedded ones otherwise.
+    """
+    given = {key: os.environ.get(key, "") for key in EXTERNAL_KEYS}
+    if all(given.values()):
+        for key, url in given.items():
+            if key.endswith("_DATABASE_URL"):
+                ensure_database(url)
+        return {**given, **http_ports()}, False
+    if any(given.values()):
+        missing = ", ".join(key for key, value in given.items() if not value)
+        log.warning("using the embedded servers: %s not set (all four are needed)", missing)
+    return _up(None)
+
+
+def migrate_all(env: dict[str, str]) -> dict[str, list[str]]:
+    """Apply every service's migrations; returns the names applied now, per service."""
+    return {s: migrate(env[f"{s.upper()}_DATABASE_URL"], s) for s in config.SERVICES}
+
+
+def _write_env(path: Path, env: dict[str, str]) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("".join(f"{key}={value}\n" for key, value in env.items()))
+    temporary.replace(path)  # readers never see a half-written file

@@ -1,0 +1,111 @@
+"""The whole system as real processes: the Procfile under honcho, as `make run-all` runs it.
+
+Databases are provisioned for this package alone and Redis gets its own logical database,
+so the integration tests (which truncate and flush) never share state with running processes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+import requests
+
+from tests.helpers import wait_until
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("orders", "inventory", "billing")
+
+
+@dataclass(frozen=True)
+class RunningSystem:
+    urls: dict[str, str]  # service -> base URL
+    db_urls: dict[str, str]
+    redis_url: str
+    log_path: Path
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url, decode_responses=True)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _next_redis_db(url: str) -> str:
+    parts = urlsplit(url)
+    db = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{db + 1}"))
+
+
+def _ready(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/ready", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@pytest.fixture(scope="package")
+def system(pg_admin_url: str, redis_server_url: str) -> Iterator[RunningSystem]:
+    from devstack.osutil import free_port
+    from devstack.provision import drop, provision
+    from service_runtime.migrations import migrate
+
+    prefix = f"e2e_{secrets.token_hex(3)}_"
+    db_urls = provision(pg_admin_url, SERVICES, prefix=prefix)
+    for service, url in db_urls.items():
+        migrate(url, service)
+    redis_url = _next_redis_db(redis_server_url)
+    redis.Redis.from_url(redis_url).flushdb()
+    ports = {service: free_port() for service in SERVICES}
+    env = {
+        **os.environ,
+        **{f"{s.upper()}_DATABASE_URL": url for s, url in db_urls.items()},
+        **{f"{s.upper()}_PORT": str(port) for s, port in ports.items()},
+        "REDIS_URL": redis_url,
+        "SAGA_RUN_DIR": tempfile.mkdtemp(prefix="saga-e2e-run-"),
+        "CONSUMER_CLAIM_IDLE_MS": "5000",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    log_path = Path(tempfile.mkstemp(prefix="saga-e2e-", suffix=".log")[1])
+    honcho = Path(sys.executable).parent / "honcho"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [str(honcho), "-f", "Procfile", "start"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    running = RunningSystem(
+        urls={s: f"http://127.0.0.1:{p}" for s, p in ports.items()},
+        db_urls=db_urls,
+        redis_url=redis_url,
+        log_path=log_path,
+    )
+    try:
+        wait_until(
+            lambda: all(_ready(url) for url in running.urls.values()) or process.poll() is not None,
+            timeout=60,
+            message=lambda: f"services did not become ready:\n{running.log_tail()}",
+        )
+        assert process.poll() is None, running.log_tail()
+        yield running
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        drop(pg_admin_url, SERVICES, prefix=prefix)

@@ -1,0 +1,131 @@
+"""Fixtures for the messaging-plumbing integration tests (outbox, relay, consumer).
+
+Everything runs against the real PostgreSQL and Redis of tests/conftest.py; the inventory
+database stands in for "a service database" (it has the outbox and inbox tables).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import psycopg
+import pytest
+
+from service_runtime.db import connect, create_pool
+from service_runtime.redis_client import connect as redis_connect
+from service_runtime.unit_of_work import unit_of_work
+from tests.helpers import order_placed_payload
+
+SERVICE = "inventory"
+
+
+@pytest.fixture
+def db_url(clean_state) -> str:
+    return clean_state.db_urls[SERVICE]
+
+
+@pytest.fixture
+def pool(db_url):
+    pool = create_pool(db_url, name="test-inventory")
+    pool.wait(timeout=10)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def db(db_url) -> Iterator[psycopg.Connection]:
+    """An autocommit connection for looking at (and arranging) the database directly."""
+    with connect(db_url) as conn:
+        yield conn
+
+
+@pytest.fixture
+def redis_client(clean_state):
+    client = redis_connect(clean_state.redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def admin_db(pg_admin_url) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def emit(pool) -> Callable[..., str]:
+    """Commit one OrderPlaced outbox row in its own unit of work; returns its event id."""
+
+    def emit_one(order_id: str | None = None) -> str:
+        payload = order_placed_payload(order_id)
+        with unit_of_work(pool) as uow:
+            return uow.emit(
+                "OrderPlaced",
+                aggregate_type="order",
+                aggregate_id=payload["order_id"],
+                payload=payload,
+            )
+
+    return emit_one
+
+
+# -- background threads (relays, consumer loops) ------------------------------------------------
+
+
+@dataclass
+class Runner:
+    name: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+class Background:
+    """Runs `target(stop_event)` on daemon threads; records how each one ended."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self.runners: list[Runner] = []
+
+    def start(self, name: str, target: Callable[[threading.Event], None]) -> Runner:
+        runner = Runner(name)
+
+        def main() -> None:
+            try:
+                target(runner.stop)
+            except BaseException as err:  # recorded for the test to inspect
+                runner.error = err
+            finally:
+                runner.finished.set()
+
+        runner.thread = threading.Thread(target=main, name=name, daemon=True)
+        self.runners.append(runner)
+        runner.thread.start()
+        return runner
+
+    def stop_all(self, timeout: float = 15.0) -> list[str]:
+        for runner in self.runners:
+            runner.stop.set()
+        self._wake()  # relays sleeping on LISTEN until their poll interval: wake them now
+        stuck = []
+        for runner in self.runners:
+            assert runner.thread is not None
+            runner.thread.join(timeout)
+            if runner.thread.is_alive():
+                stuck.append(runner.name)
+        return stuck
+
+
+@pytest.fixture
+def background(db_url) -> Iterator[Background]:
+    def wake() -> None:
+        with connect(db_url) as conn:
+            conn.execute("SELECT pg_notify('outbox', '')")
+
+    bg = Background(wake)
+    yield bg
+    stuck = bg.stop_all()
+    assert not stuck, f"background threads did not stop: {stuck}"
