@@ -8,6 +8,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from contextlib import suppress
 from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
@@ -53,38 +55,29 @@ def stack_env() -> None:
 def run_all() -> None:
     """Stack, migrations, then all services, relays, consumers and the worker (Ctrl-C stops)."""
     env, started = devstack.resolve()
-    honcho: subprocess.Popen[bytes] | None = None
+    honcho = _Honcho(env)
     stopping = False
 
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        # honcho sits in its own process group, so this is the only copy of the signal:
-        # it stops its children cleanly, we wait for it, then stop the servers undisturbed
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         if stopping:
-            return
-        if honcho is None:
+            return  # a second Ctrl-C must not cut the servers' shutdown short
+        if honcho.process is None:
             raise KeyboardInterrupt  # still setting up: abort, the finally block cleans up
-        if honcho.poll() is None:
-            honcho.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+        honcho.stop(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
     previous = {
-        sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }
     returncode = 1
     try:
         devstack.migrate_all(env)
         click.echo(banner(env, embedded=started))
-        honcho = subprocess.Popen(
-            [*_honcho(), "-f", str(config.PROJECT_ROOT / "Procfile"), "start"],
-            cwd=config.PROJECT_ROOT,
-            env=_child_env(env),
-            stdin=subprocess.DEVNULL,
-            process_group=0,
-        )
+        honcho.start()
         returncode = honcho.wait()
     finally:
         stopping = True
-        if honcho is not None and honcho.poll() is None:
-            honcho.terminate()  # an error on our side: honcho stops its children on SIGTERM
+        if honcho.running():
+            honcho.stop(signal.SIGTERM)  # an error on our side
             honcho.wait()
         if started:
             devstack.down()
@@ -92,6 +85,67 @@ def run_all() -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     sys.exit(returncode)
+
+
+class _Honcho:
+    """honcho on the Procfile, in its own process group so that a signal reaches it once,
+    through us, and we know when to stop the servers."""
+
+    GRACE_SECONDS = 20.0  # honcho itself SIGKILLs its stragglers after 5 s
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stop_requested: float | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [*_honcho(), "-f", str(config.PROJECT_ROOT / "Procfile"), "start"],
+            cwd=config.PROJECT_ROOT,
+            env=_child_env(self.env),
+            stdin=subprocess.DEVNULL,
+            process_group=0,
+        )
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, signum: int) -> None:
+        if self.process is not None and self.running():
+            self.process.send_signal(signum)  # honcho SIGTERMs every process group it started
+            if self._stop_requested is None:
+                self._stop_requested = time.monotonic()
+
+    def wait(self) -> int:
+        assert self.process is not None
+        while True:
+            try:
+                return self.process.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                overdue = self._stop_requested is not None and (
+                    time.monotonic() - self._stop_requested > self.GRACE_SECONDS
+                )
+                if overdue:
+                    # honcho can hang (e.g. its terminal went away and printing failed):
+                    # end its whole process tree ourselves, nothing may outlive run-all
+                    _kill_tree(self.process.pid)
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil  # installed with pgserver; only needed on this rare path
+
+    try:
+        root = psutil.Process(pid)
+        processes = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        with suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=5)
+    for process in alive:
+        with suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def banner(env: dict[str, str], embedded: bool = True) -> str:

@@ -1,0 +1,295 @@
+"""The outbox relay: id order, flat fields, late commits, crash duplicates, one active relay,
+NOTIFY wake-up. Real PostgreSQL and Redis throughout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from contracts import ENVELOPE_FIELDS, decode_entry
+from outbox_relay.publisher import publish_batch
+from outbox_relay.relay import RELAY_LOCK_KEY, Relay, RelaySettings
+from service_runtime.unit_of_work import UnitOfWork
+from tests.helpers import order_placed_payload, wait_until
+
+STREAM = "inventory.events"
+PRODUCER = "inventory"
+
+
+class Crash(Exception):
+    """Stands in for the process dying at a fault point."""
+
+
+def stream_event_ids(redis_client) -> list[str]:
+    return [fields["event_id"] for _id, fields in redis_client.xrange(STREAM)]
+
+
+def outbox_ids(db, *, published: bool | None = None) -> list[str]:
+    where = {None: "", True: " WHERE published_at IS NOT NULL",
+             False: " WHERE published_at IS NULL"}[published]
+    return [row[0] for row in db.execute(f"SELECT event_id::text FROM outbox{where} ORDER BY id")]
+
+
+def publish(db, redis_client, batch_size: int = 100, fault=None) -> int:
+    kwargs = {"fault": fault} if fault else {}
+    return publish_batch(db, redis_client, stream=STREAM, producer=PRODUCER,
+                         batch_size=batch_size, **kwargs)
+
+
+def settings(**overrides) -> RelaySettings:
+    values = dict(producer=PRODUCER, stream=STREAM, batch_size=100, poll_seconds=0.2,
+                  standby_retry_seconds=0.05)
+    values.update(overrides)
+    return RelaySettings(**values)
+
+
+# -- one batch -------------------------------------------------------------------------------
+
+
+def test_publishes_in_id_order_with_flat_readable_fields(db, redis_client, emit):
+    emitted = [emit() for _ in range(5)]
+
+    assert publish(db, redis_client, batch_size=3) == 3
+    assert publish(db, redis_client, batch_size=3) == 2
+    assert publish(db, redis_client, batch_size=3) == 0
+
+    entries = redis_client.xrange(STREAM)
+    assert [fields["event_id"] for _id, fields in entries] == emitted
+    rows = db.execute(
+        "SELECT event_id::text, aggregate_id, correlation_id::text, payload FROM outbox ORDER BY id"
+    ).fetchall()
+    for (_entry_id, fields), (event_id, aggregate_id, correlation, payload) in zip(
+        entries, rows, strict=True
+    ):
+        assert set(fields) == set(ENVELOPE_FIELDS)  # flat: no nested envelope blob
+        assert fields["event_id"] == event_id
+        assert fields["event_type"] == "OrderPlaced"
+        assert fields["event_version"] == "1"
+        assert fields["aggregate_type"] == "order"
+        assert fields["aggregate_id"] == aggregate_id
+        assert fields["correlation_id"] == correlation
+        assert fields["causation_id"] == ""
+        assert fields["producer"] == PRODUCER
+        assert json.loads(fields["payload"]) == payload
+        envelope = decode_entry(fields)  # and it is on contract for every consumer
+        assert envelope.payload == payload
+    assert outbox_ids(db, published=False) == []
+
+
+def test_nothing_to_publish_touches_nothing(db, redis_client):
+    assert publish(db, redis_client) == 0
+    assert not redis_client.exists(STREAM)
+
+
+def test_a_late_commit_with_a_lower_id_is_not_skipped(pool, db, redis_client, emit):
+    def outbox_id(event_id: str) -> int:
+        return db.execute("SELECT id FROM outbox WHERE event_id = %s", (event_id,)).fetchone()[0]
+
+    payload = order_placed_payload()
+    with pool.connection() as slow_conn, slow_conn.transaction():
+        # takes the lower outbox id, but commits only after a higher id was published
+        slow_id = UnitOfWork(slow_conn).emit(
+            "OrderPlaced", aggregate_type="order", aggregate_id=payload["order_id"],
+            payload=payload)
+        fast_id = emit()
+        assert publish(db, redis_client) == 1
+        assert stream_event_ids(redis_client) == [fast_id]
+    # committed now
+
+    assert outbox_id(slow_id) < outbox_id(fast_id)
+    assert publish(db, redis_client) == 1
+    assert stream_event_ids(redis_client) == [fast_id, slow_id]
+    assert outbox_ids(db, published=False) == []
+
+
+def test_a_crash_between_xadd_and_marking_published_duplicates_never_loses(
+    db, redis_client, emit
+):
+    emitted = [emit() for _ in range(3)]
+
+    def crash(point: str) -> None:
+        if point == "after_xadd":
+            raise Crash(point)
+
+    with pytest.raises(Crash):
+        publish(db, redis_client, fault=crash)
+    assert stream_event_ids(redis_client) == emitted  # already out...
+    assert outbox_ids(db, published=False) == emitted  # ...but not marked
+
+    assert publish(db, redis_client) == 3
+    assert stream_event_ids(redis_client) == emitted + emitted  # duplicates, none lost
+    assert outbox_ids(db, published=False) == []
+
+
+# -- the relay loop --------------------------------------------------------------------------
+
+
+def test_relay_publishes_committed_rows(db_url, db, redis_client, emit, background):
+    batches: list[int] = []
+    relay = Relay(db_url, redis_client, settings(batch_size=2), on_batch=batches.append)
+    background.start("relay", relay.run)
+    emitted = [emit() for _ in range(5)]
+
+    wait_until(lambda: len(stream_event_ids(redis_client)) >= 5)
+    wait_until(lambda: outbox_ids(db, published=False) == [])
+    assert stream_event_ids(redis_client) == emitted
+    assert relay.published == 5 == sum(batches)
+    assert max(batches) <= 2
+
+
+def test_relay_does_not_skip_a_late_commit(pool, db_url, redis_client, emit, background):
+    relay = Relay(db_url, redis_client, settings())
+    background.start("relay", relay.run)
+    wait_until(relay.active.is_set)
+    payload = order_placed_payload()
+    with pool.connection() as slow_conn, slow_conn.transaction():
+        slow_id = UnitOfWork(slow_conn).emit(
+            "OrderPlaced", aggregate_type="order", aggregate_id=payload["order_id"],
+            payload=payload)
+        fast_id = emit()
+        wait_until(lambda: fast_id in stream_event_ids(redis_client))
+    # the lower id commits now, after the higher one is already in the stream
+    wait_until(lambda: slow_id in stream_event_ids(redis_client))
+    assert stream_event_ids(redis_client) == [fast_id, slow_id]
+
+
+def test_relay_crash_after_xadd_is_followed_by_republishing(
+    db_url, db, redis_client, emit, background
+):
+    emitted = [emit() for _ in range(3)]
+
+    def crash(point: str) -> None:
+        if point == "after_xadd":
+            raise Crash(point)
+
+    crashing = background.start("crashing relay",
+                                Relay(db_url, redis_client, settings(), fault=crash).run)
+    wait_until(crashing.finished.is_set)
+    assert isinstance(crashing.error, Crash)
+    assert stream_event_ids(redis_client) == emitted
+    assert outbox_ids(db, published=False) == emitted
+
+    successor = Relay(db_url, redis_client, settings())
+    background.start("successor", successor.run)
+    wait_until(lambda: outbox_ids(db, published=False) == [])
+    assert stream_event_ids(redis_client) == emitted + emitted
+
+
+# -- one active relay per outbox -------------------------------------------------------------
+
+
+def lock_holders(db) -> list[int]:
+    """Backend pids holding the relay's advisory lock in this database."""
+    return [
+        row[0]
+        for row in db.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND classid = 0 AND objid = %s AND objsubid = 1",
+            (RELAY_LOCK_KEY,),
+        )
+    ]
+
+
+def start_pair(db_url, redis_client, background, **overrides):
+    relays = [Relay(db_url, redis_client, settings(**overrides)) for _ in range(2)]
+    runners = [background.start(f"relay-{n}", relay.run) for n, relay in enumerate(relays)]
+    wait_until(lambda: any(relay.active.is_set() for relay in relays))
+    return relays, runners
+
+
+def test_only_one_of_two_relays_is_active(db_url, db, redis_client, emit, background):
+    relays, _runners = start_pair(db_url, redis_client, background)
+    emitted = [emit() for _ in range(3)]
+    wait_until(lambda: outbox_ids(db, published=False) == [])
+
+    assert [relay.active.is_set() for relay in relays].count(True) == 1
+    assert len(lock_holders(db)) == 1
+    active, standby = sorted(relays, key=lambda relay: not relay.active.is_set())
+    assert active.published == 3
+    assert standby.published == 0
+    assert stream_event_ids(redis_client) == emitted
+
+
+def test_the_standby_takes_over_when_the_active_relay_stops(
+    db_url, db, redis_client, emit, background
+):
+    relays, runners = start_pair(db_url, redis_client, background)
+    first = emit()
+    wait_until(lambda: outbox_ids(db, published=False) == [])
+    index = next(n for n, relay in enumerate(relays) if relay.active.is_set())
+    active, standby = relays[index], relays[1 - index]
+
+    runners[index].stop.set()
+    wait_until(runners[index].finished.is_set)
+    assert runners[index].error is None
+    assert not active.active.is_set()
+    wait_until(standby.active.is_set)
+
+    second = emit()
+    wait_until(lambda: outbox_ids(db, published=False) == [])
+    assert standby.published == 1
+    assert stream_event_ids(redis_client) == [first, second]
+
+
+def test_the_standby_takes_over_when_the_active_relays_session_is_killed(
+    db_url, db, admin_db, redis_client, emit, background
+):
+    # A long poll: the active relay sleeps on LISTEN, so only the kill can end its session soon.
+    relays, runners = start_pair(db_url, redis_client, background, poll_seconds=30)
+    first = emit()
+    wait_until(lambda: outbox_ids(db, published=False) == [])
+    index = next(n for n, relay in enumerate(relays) if relay.active.is_set())
+    active, standby = relays[index], relays[1 - index]
+    [holder] = lock_holders(db)
+
+    # The process "dies": it will not come back (stop set, but it sleeps until the poll fires),
+    # and its session is cut off from the server side.
+    runners[index].stop.set()
+    assert admin_db.execute("SELECT pg_terminate_backend(%s)", (holder,)).fetchone()[0]
+
+    wait_until(standby.active.is_set)
+    wait_until(runners[index].finished.is_set)
+    assert runners[index].error is None  # a lost session is an outage, not a crash
+    assert not active.active.is_set()
+    assert lock_holders(db) != [holder]
+
+    second = emit()
+    wait_until(lambda: outbox_ids(db, published=False) == [])
+    assert standby.published == 1
+    assert stream_event_ids(redis_client) == [first, second]
+
+
+def test_a_killed_relay_that_comes_back_becomes_the_standby(
+    db_url, db, admin_db, redis_client, emit, background
+):
+    relays, runners = start_pair(db_url, redis_client, background)
+    [holder] = lock_holders(db)
+    admin_db.execute("SELECT pg_terminate_backend(%s)", (holder,))
+
+    # whichever wins the race, there is again exactly one active relay and rows flow
+    wait_until(lambda: lock_holders(db) not in ([], [holder]))
+    emitted = [emit() for _ in range(2)]
+    wait_until(lambda: outbox_ids(db, published=False) == [])
+    assert [relay.active.is_set() for relay in relays].count(True) == 1
+    assert sum(relay.published for relay in relays) == 2
+    assert stream_event_ids(redis_client) == emitted
+    assert all(runner.error is None and not runner.finished.is_set() for runner in runners)
+
+
+# -- NOTIFY ----------------------------------------------------------------------------------
+
+
+def test_notify_wakes_the_relay_long_before_the_poll(db_url, redis_client, emit, background):
+    relay = Relay(db_url, redis_client, settings(poll_seconds=30))
+    background.start("relay", relay.run)
+    wait_until(relay.active.is_set)
+    first = emit()
+    wait_until(lambda: stream_event_ids(redis_client) == [first], timeout=5)
+
+    # The relay has published and gone back to sleep for up to 30 s; only NOTIFY wakes it.
+    second = emit()
+    wait_until(lambda: stream_event_ids(redis_client) == [first, second], timeout=5)
+    third = emit()
+    wait_until(lambda: stream_event_ids(redis_client) == [first, second, third], timeout=5)
