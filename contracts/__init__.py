@@ -13,6 +13,7 @@ from contracts.streams import (
     SUBSCRIPTIONS,
     dead_letter_stream,
     redrive_stream,
+    relay_status_key,
 )
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "decode_entry",
     "encode_entry",
     "redrive_stream",
+    "relay_status_key",
     "validate_payload",
 ]

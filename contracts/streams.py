@@ -25,3 +25,8 @@ def dead_letter_stream(group: str) -> str:
 def redrive_stream(group: str) -> str:
     """Re-driven dead letters go here, read by the failing group only."""
     return f"{group}.redrive"
+
+
+def relay_status_key(producer: str) -> str:
+    """A Redis hash the active relay keeps current: holder, active_since, last_publish_at."""
+    return f"saga:relay:{producer}"

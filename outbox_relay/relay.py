@@ -7,13 +7,17 @@ the moment the active relay's session ends (crash, kill, lost connection).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import psycopg
 import redis
 
+from contracts import relay_status_key
 from outbox_relay.publisher import FaultPoint, no_faults, publish_batch
 from service_runtime.db import DB_OUTAGE_ERRORS, connect
 from service_runtime.redis_client import REDIS_OUTAGE_ERRORS
@@ -70,6 +74,7 @@ class Relay:
             if conn.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,)).fetchone()[0]:
                 log.info("relay %s: active", self.settings.producer)
                 self.active.set()
+                self._report_status(active_since=_now(), published=0)
                 return True
             stop.wait(self.settings.standby_retry_seconds)
         return False
@@ -97,8 +102,19 @@ class Relay:
             if sent:
                 self.published += sent
                 self.on_batch(sent)
+                self._report_status(last_publish_at=_now(), published=self.published)
             if sent < self.settings.batch_size:
                 self._wait_for_work(conn)
+
+    def _report_status(self, **fields: object) -> None:
+        """For `saga outbox`: who is active and when it last published (best effort)."""
+        try:
+            self.redis.hset(
+                relay_status_key(self.settings.producer),
+                mapping={"holder": f"{socket.gethostname()}:{os.getpid()}", **fields},
+            )
+        except redis.RedisError as err:
+            log.debug("relay status not written: %s", err)
 
     def _wait_for_work(self, conn: psycopg.Connection) -> None:
         """Sleep until a producer's NOTIFY, or poll in case one was missed."""
@@ -108,3 +124,7 @@ class Relay:
             return
         for _ in conn.notifies(timeout=self.settings.poll_seconds, stop_after=1):
             pass
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
