@@ -37,7 +37,7 @@ def place_order(
 ) -> Placed:
     order_id = str(uuid.uuid4())
     fingerprint = domain.request_fingerprint(customer_id, items)
-    with unit_of_work(pool) as uow:
+    with unit_of_work(pool, service="orders") as uow:
         if idempotency_key and not storage.claim_idempotency_key(
             uow.conn, idempotency_key, fingerprint, order_id
         ):
@@ -62,7 +62,7 @@ def place_order(
 
 def cancel_order(pool: ConnectionPool, order_id: str) -> bool | None:
     """None if no such order; True if cancelled now, False if it already was."""
-    with unit_of_work(pool) as uow:
+    with unit_of_work(pool, service="orders") as uow:
         order = storage.lock_order(uow.conn, order_id)
         if order is None:
             return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from orders_service import commands, storage
 from service_runtime.config import database_url
 from service_runtime.db import connect
-from service_runtime.unit_of_work import UnitOfWork
+from service_runtime.unit_of_work import UnitOfWork, count_emitted
 
 
 def sweep_payment_deadlines(limit: int = 500, url: str | None = None) -> int:
@@ -15,9 +15,11 @@ def sweep_payment_deadlines(limit: int = 500, url: str | None = None) -> int:
     looked at on the next sweep, so a payment landing at the same moment wins or loses
     cleanly: either confirmed first, or cancelled first and then refunded by billing.
     """
-    with connect(url or database_url("orders")) as conn, conn.transaction():
-        uow = UnitOfWork(conn)
-        overdue = storage.lock_overdue(conn, limit)
-        for order_id in overdue:
-            commands.cancel(uow, order_id, "payment_timeout")
+    with connect(url or database_url("orders")) as conn:
+        with conn.transaction():
+            uow = UnitOfWork(conn)
+            overdue = storage.lock_overdue(conn, limit)
+            for order_id in overdue:
+                commands.cancel(uow, order_id, "payment_timeout")
+        count_emitted("orders", uow.emitted)
     return len(overdue)

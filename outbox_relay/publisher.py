@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import psycopg
 import redis
+
+from service_runtime.metrics import RELAY_BATCH_SIZE, RELAY_LATENCY, RELAY_PUBLISHED
 
 # Every unpublished row is a candidate, whatever its id: a row whose transaction commits
 # after a higher id was published is simply found by the next scan (no high-water mark).
@@ -75,6 +78,16 @@ def publish_batch(
                 },
             )
         pipe.execute()
+        _observe(producer, rows)
         fault("after_xadd")
         conn.execute(_MARK_PUBLISHED, ([row[0] for row in rows],))
     return len(rows)
+
+
+def _observe(producer: str, rows: list[tuple]) -> None:
+    now = datetime.now(UTC)
+    latency = RELAY_LATENCY.labels(producer)
+    for row in rows:
+        latency.observe((now - row[8]).total_seconds())  # created_at: as good as commit time
+    RELAY_PUBLISHED.labels(producer).inc(len(rows))
+    RELAY_BATCH_SIZE.labels(producer).observe(len(rows))

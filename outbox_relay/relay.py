@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ import redis
 from contracts import relay_status_key
 from outbox_relay.publisher import FaultPoint, no_faults, publish_batch
 from service_runtime.db import DB_OUTAGE_ERRORS, connect
+from service_runtime.metrics import RELAY_BACKLOG
 from service_runtime.redis_client import REDIS_OUTAGE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class Relay:
     def _publish_while_active(self, conn: psycopg.Connection, stop: threading.Event) -> None:
         conn.execute("LISTEN outbox")
         redis_delay = 0.1
+        backlog_checked = 0.0
         while not stop.is_set():
             try:
                 sent = publish_batch(
@@ -103,6 +106,9 @@ class Relay:
                 self.published += sent
                 self.on_batch(sent)
                 self._report_status(last_publish_at=_now(), published=self.published)
+            if time.monotonic() - backlog_checked >= 1.0:
+                RELAY_BACKLOG.labels(self.settings.producer).set(unpublished_count(conn))
+                backlog_checked = time.monotonic()
             if sent < self.settings.batch_size:
                 self._wait_for_work(conn)
 
@@ -128,3 +134,7 @@ class Relay:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def unpublished_count(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]

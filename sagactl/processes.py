@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import signal
 import socket
+import sys
 import threading
+from pathlib import Path
 
 import click
 import redis
@@ -17,10 +20,11 @@ import redis
 from contracts import STREAM_OF_PRODUCER, SUBSCRIPTIONS
 from outbox_relay.relay import Relay, RelaySettings
 from service_runtime import redis_client
-from service_runtime.config import SERVICES, Tunables, database_url, redis_url
+from service_runtime.config import SERVICES, Tunables, database_url, http_port, redis_url, run_dir
 from service_runtime.consumer import ConsumerSettings, StreamConsumer
 from service_runtime.db import create_pool
 from service_runtime.logs import setup_logging
+from service_runtime.metrics import serve as serve_metrics
 
 RQ_QUEUE = "saga"
 
@@ -32,6 +36,36 @@ def _stop_on_signals() -> threading.Event:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     return stop
+
+
+def _metrics_port(offset: int) -> int | None:
+    """Worker metrics ports: METRICS_PORT_BASE (9100) + offset; METRICS_PORT_BASE=0 disables."""
+    base = int(os.environ.get("METRICS_PORT_BASE", "9100"))
+    return base + offset if base else None
+
+
+@click.command()
+@service_argument
+def web(service: str) -> None:
+    """Serve SERVICE's REST API with gunicorn on its port (metrics at /metrics)."""
+    port = http_port(service)
+    metrics_dir = run_dir() / "metrics" / f"{service}-{port}"
+    # Multiprocess metrics files of a previous run would be summed into this one's.
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ.update(SAGA_SERVICE=service, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    os.execv(
+        gunicorn,
+        [
+            gunicorn,
+            "--config",
+            "python:service_runtime.gunicorn_conf",
+            "--bind",
+            f"127.0.0.1:{port}",
+            f"{service}_service.app:create_app()",
+        ],
+    )
 
 
 @click.command()
@@ -47,6 +81,7 @@ def relay(service: str) -> None:
         poll_seconds=tunables.relay_poll_seconds,
         standby_retry_seconds=tunables.relay_standby_retry_seconds,
     )
+    serve_metrics(_metrics_port(1 + SERVICES.index(service)))
     Relay(database_url(service), redis_client.connect(redis_url()), settings).run(
         _stop_on_signals()
     )
@@ -74,6 +109,7 @@ def consume(service: str, name: str | None) -> None:
         retry_base_ms=tunables.consumer_retry_base_ms,
         max_deliveries=tunables.consumer_max_deliveries,
     )
+    serve_metrics(_metrics_port(11 + SERVICES.index(service)))
     pool = create_pool(database_url(service), name=f"{service}-consumer", max_size=2)
     consumer = StreamConsumer(redis_client.connect(redis_url()), pool, settings, handlers)
     try:
@@ -98,4 +134,4 @@ def cron() -> None:
     scheduler.start()
 
 
-COMMANDS = [relay, consume, cron]
+COMMANDS = [web, relay, consume, cron]

@@ -19,8 +19,9 @@ from psycopg_pool import ConnectionPool
 
 from contracts import ContractError, Envelope, dead_letter_stream, decode_entry, redrive_stream
 from service_runtime.db import DB_OUTAGE_ERRORS
+from service_runtime.metrics import CONSUMER_EVENTS, CONSUMER_LATENCY
 from service_runtime.redis_client import REDIS_OUTAGE_ERRORS
-from service_runtime.unit_of_work import UnitOfWork
+from service_runtime.unit_of_work import UnitOfWork, count_emitted
 
 log = logging.getLogger(__name__)
 
@@ -249,13 +250,17 @@ class StreamConsumer:
             self._count("ignored", event_type, started)
             return True
         try:
+            uow = None
             with self.pool.connection() as conn, conn.transaction():
                 first_time = conn.execute(
                     _INSERT_INBOX,
                     (self.settings.group, envelope.event_id, envelope.event_type, stream, entry_id),
                 ).fetchone()
                 if first_time:
-                    handler(UnitOfWork(conn, cause=envelope), envelope)
+                    uow = UnitOfWork(conn, cause=envelope)
+                    handler(uow, envelope)
+            if uow:
+                count_emitted(self.settings.group, uow.emitted)
         except DB_OUTAGE_ERRORS:
             raise  # not the handler's fault: the run loop backs off; the entry stays pending
         except Exception as err:
@@ -296,7 +301,10 @@ class StreamConsumer:
     def _count(self, outcome: str, event_type: str, started: float) -> None:
         attr = "duplicates" if outcome == "duplicate" else outcome
         setattr(self.stats, attr, getattr(self.stats, attr) + 1)
-        self._on_outcome(event_type, outcome, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        CONSUMER_EVENTS.labels(self.settings.group, event_type, outcome).inc()
+        CONSUMER_LATENCY.labels(self.settings.group, event_type).observe(seconds)
+        self._on_outcome(event_type, outcome, seconds)
 
 
 def _as_pairs(reply: object) -> list[tuple[str, list[Entry]]]:

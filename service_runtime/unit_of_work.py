@@ -12,6 +12,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from contracts import Envelope, validate_payload
+from service_runtime.metrics import OUTBOX_WRITTEN
 
 _INSERT_OUTBOX = """
 INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, event_version,
@@ -67,7 +68,22 @@ class UnitOfWork:
 
 
 @contextmanager
-def unit_of_work(pool: ConnectionPool, cause: Envelope | None = None) -> Iterator[UnitOfWork]:
-    """Commit on normal exit, roll back (state and outbox rows together) on any exception."""
-    with pool.connection() as conn, conn.transaction():
-        yield UnitOfWork(conn, cause)
+def unit_of_work(
+    pool: ConnectionPool, cause: Envelope | None = None, *, service: str | None = None
+) -> Iterator[UnitOfWork]:
+    """Commit on normal exit, roll back (state and outbox rows together) on any exception.
+
+    With `service` given, the committed events are counted in the outbox metric.
+    """
+    with pool.connection() as conn:
+        with conn.transaction():
+            uow = UnitOfWork(conn, cause)
+            yield uow
+        if service:
+            count_emitted(service, uow.emitted)
+
+
+def count_emitted(service: str, event_types: list[str]) -> None:
+    """Call after the commit: only committed events count."""
+    for event_type in event_types:
+        OUTBOX_WRITTEN.labels(service, event_type).inc()

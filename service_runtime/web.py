@@ -7,9 +7,10 @@ knows about orders, stock or money.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
-from flask import Flask, current_app, jsonify
+from flask import Flask, Response, current_app, g, jsonify, request
 from flask.views import MethodView
 from flask_smorest import Api, Blueprint
 from psycopg_pool import ConnectionPool
@@ -17,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from service_runtime.config import database_url
 from service_runtime.db import DB_OUTAGE_ERRORS, create_pool
+from service_runtime.metrics import HTTP_LATENCY, HTTP_REQUESTS, exposition
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ def create_service_app(
     for blueprint in blueprints:
         api.register_blueprint(blueprint)
     _register_error_handlers(app, api)
+    _register_metrics(app, name)
     return app
 
 
@@ -78,6 +81,28 @@ def _health_blueprint() -> Blueprint:
             return {"status": "ready", "service": current_app.config["SERVICE_NAME"]}
 
     return blp
+
+
+def _register_metrics(app: Flask, service: str) -> None:
+    @app.before_request
+    def start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def record(response: Response) -> Response:
+        # The route template, not the path: ids must not explode the label set.
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        HTTP_REQUESTS.labels(service, request.method, route, str(response.status_code)).inc()
+        if "started" in g:
+            HTTP_LATENCY.labels(service, request.method, route).observe(
+                time.perf_counter() - g.started
+            )
+        return response
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        body, content_type = exposition()
+        return Response(body, content_type=content_type)
 
 
 def _register_error_handlers(app: Flask, api: Api) -> None:

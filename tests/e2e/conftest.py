@@ -30,6 +30,7 @@ SERVICES = ("orders", "inventory", "billing")
 @dataclass(frozen=True)
 class RunningSystem:
     urls: dict[str, str]  # service -> base URL
+    metrics_base: int  # relays at base+1.., consumers at base+11.. (service order)
     db_urls: dict[str, str]
     redis_url: str
     log_path: Path
@@ -45,6 +46,23 @@ def _next_redis_db(url: str) -> str:
     parts = urlsplit(url)
     db = int(parts.path.strip("/") or 0)
     return urlunsplit(parts._replace(path=f"/{db + 1}"))
+
+
+def _free_port_block(size: int) -> int:
+    """A base port with the next `size` ports all free (the worker metrics endpoints)."""
+    import random
+    import socket
+
+    for _ in range(100):
+        base = random.randrange(20_000, 60_000)
+        try:
+            for port in range(base, base + size):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free block of ports for the metrics endpoints")
 
 
 def _ready(url: str) -> bool:
@@ -67,11 +85,13 @@ def system(pg_admin_url: str, redis_server_url: str) -> Iterator[RunningSystem]:
     redis_url = _next_redis_db(redis_server_url)
     redis.Redis.from_url(redis_url).flushdb()
     ports = {service: free_port() for service in SERVICES}
+    metrics_base = _free_port_block(14)
     env = {
         **os.environ,
         **{f"{s.upper()}_DATABASE_URL": url for s, url in db_urls.items()},
         **{f"{s.upper()}_PORT": str(port) for s, port in ports.items()},
         "REDIS_URL": redis_url,
+        "METRICS_PORT_BASE": str(metrics_base),
         "SAGA_RUN_DIR": tempfile.mkdtemp(prefix="saga-e2e-run-"),
         "CONSUMER_CLAIM_IDLE_MS": "5000",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -89,6 +109,7 @@ def system(pg_admin_url: str, redis_server_url: str) -> Iterator[RunningSystem]:
         )
     running = RunningSystem(
         urls={s: f"http://127.0.0.1:{p}" for s, p in ports.items()},
+        metrics_base=metrics_base,
         db_urls=db_urls,
         redis_url=redis_url,
         log_path=log_path,

@@ -1,0 +1,93 @@
+"""Prometheus metrics of every process, defined once.
+
+Web processes run under gunicorn with several workers, so they use prometheus_client's
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by `saga web`); relays and consumers are
+single processes with their own small HTTP endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+HTTP_REQUESTS = Counter(
+    "saga_http_requests_total",
+    "HTTP requests by route and status",
+    ["service", "method", "route", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "saga_http_request_seconds",
+    "HTTP request latency",
+    ["service", "method", "route"],
+    buckets=_LATENCY_BUCKETS,
+)
+OUTBOX_WRITTEN = Counter(
+    "saga_outbox_events_written_total",
+    "Events committed to the outbox",
+    ["service", "event_type"],
+)
+RELAY_PUBLISHED = Counter("saga_relay_published_total", "Outbox rows published", ["service"])
+RELAY_BATCH_SIZE = Histogram(
+    "saga_relay_batch_size",
+    "Rows per published batch",
+    ["service"],
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+)
+RELAY_LATENCY = Histogram(
+    "saga_relay_commit_to_publish_seconds",
+    "From outbox commit to XADD",
+    ["service"],
+    buckets=_LATENCY_BUCKETS,
+)
+RELAY_BACKLOG = Gauge("saga_relay_unpublished_rows", "Unpublished outbox rows", ["service"])
+CONSUMER_EVENTS = Counter(
+    "saga_consumer_events_total",
+    "Entries handled by outcome (processed, duplicate, ignored, failed, dead_lettered)",
+    ["group", "event_type", "outcome"],
+)
+CONSUMER_LATENCY = Histogram(
+    "saga_consumer_handler_seconds",
+    "Time to handle one entry",
+    ["group", "event_type"],
+    buckets=_LATENCY_BUCKETS,
+)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The /metrics body of a web worker: all gunicorn workers' values when multiprocess."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def serve(port: int | None) -> None:
+    """Expose a worker process's metrics; a busy port is logged, not fatal."""
+    if not port:
+        return
+    try:
+        start_http_server(port, addr="127.0.0.1")
+        log.info("metrics on http://127.0.0.1:%s/metrics", port)
+    except OSError as err:
+        log.warning("metrics endpoint not started on port %s: %s", port, err)
+
+
+def mark_worker_dead(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _multiprocess.mark_process_dead(pid)
