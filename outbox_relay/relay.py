@@ -110,7 +110,7 @@ class Relay:
                 RELAY_BACKLOG.labels(self.settings.producer).set(unpublished_count(conn))
                 backlog_checked = time.monotonic()
             if sent < self.settings.batch_size:
-                self._wait_for_work(conn)
+                self._wait_for_work(conn, stop)
 
     def _report_status(self, **fields: object) -> None:
         """For `saga outbox`: who is active and when it last published (best effort)."""
@@ -122,14 +122,17 @@ class Relay:
         except redis.RedisError as err:
             log.debug("relay status not written: %s", err)
 
-    def _wait_for_work(self, conn: psycopg.Connection) -> None:
+    def _wait_for_work(self, conn: psycopg.Connection, stop: threading.Event) -> None:
         """Sleep until a producer's NOTIFY, or poll in case one was missed."""
         # Notifications that arrived during the last batch are buffered: drain them all, and
         # if there were any, new rows may have committed since our scan, so scan again now.
         if sum(1 for _ in conn.notifies(timeout=0)):
             return
-        for _ in conn.notifies(timeout=self.settings.poll_seconds, stop_after=1):
-            pass
+        deadline = time.monotonic() + self.settings.poll_seconds
+        # Wait in slices so a stop request is honoured promptly.
+        while not stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            if sum(1 for _ in conn.notifies(timeout=min(remaining, 0.25), stop_after=1)):
+                return
 
 
 def _now() -> str:

@@ -48,7 +48,8 @@ class UnitOfWork:
     ) -> str:
         validate_payload(event_type, version, payload)
         if correlation_id is None:
-            correlation_id = self.cause.correlation_id if self.cause else aggregate_id
+            # A saga's events share one id: the cause's, or the order id that starts it.
+            correlation_id = self.cause.correlation_id if self.cause else _uuid_or_new(aggregate_id)
         event_id = str(uuid.uuid4())
         self.conn.execute(
             _INSERT_OUTBOX,
@@ -87,3 +88,10 @@ def count_emitted(service: str, event_types: list[str]) -> None:
     """Call after the commit: only committed events count."""
     for event_type in event_types:
         OUTBOX_WRITTEN.labels(service, event_type).inc()
+
+
+def _uuid_or_new(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return str(uuid.uuid4())

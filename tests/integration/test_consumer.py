@@ -89,9 +89,16 @@ def pending(redis_client) -> list[dict]:
 @pytest.fixture
 def make_consumer(redis_client, pool):
     def make(handlers, **overrides) -> StreamConsumer:
-        values = dict(group=GROUP, consumer="c1", streams=(STREAM,), block_ms=100,
-                      retry_base_ms=0, max_deliveries=3, claim_idle_ms=30_000,
-                      maintenance_interval_s=0.05)
+        values = dict(
+            group=GROUP,
+            consumer="c1",
+            streams=(STREAM,),
+            block_ms=100,
+            retry_base_ms=0,
+            max_deliveries=3,
+            claim_idle_ms=30_000,
+            maintenance_interval_s=0.05,
+        )
         values.update(overrides)
         consumer = StreamConsumer(redis_client, pool, ConsumerSettings(**values), handlers)
         consumer.ensure_groups()
@@ -251,8 +258,9 @@ def test_a_claimed_entry_that_keeps_failing_still_ends_in_dead_letters(
     redis_client.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=10)
 
     handler = Flaky()
-    live = make_consumer({"OrderPlaced": handler}, consumer="live", claim_idle_ms=50,
-                         max_deliveries=3)
+    live = make_consumer(
+        {"OrderPlaced": handler}, consumer="live", claim_idle_ms=50, max_deliveries=3
+    )
     wait_until(live.claim_abandoned_once)
 
     def dead_lettered():

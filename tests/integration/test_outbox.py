@@ -34,8 +34,9 @@ def test_a_failing_body_leaves_neither_state_nor_outbox_row(pool, db):
     payload = order_placed_payload()
     with pytest.raises(Boom), unit_of_work(pool) as uow:
         add_product(uow)
-        uow.emit("OrderPlaced", aggregate_type="order", aggregate_id=payload["order_id"],
-                 payload=payload)
+        uow.emit(
+            "OrderPlaced", aggregate_type="order", aggregate_id=payload["order_id"], payload=payload
+        )
         raise Boom("after the writes, before the commit")
 
     assert counts(db) == (0, 0)
@@ -46,8 +47,9 @@ def test_a_committed_unit_leaves_both(pool, db):
     order_id = payload["order_id"]
     with unit_of_work(pool) as uow:
         add_product(uow)
-        event_id = uow.emit("OrderPlaced", aggregate_type="order", aggregate_id=order_id,
-                            payload=payload)
+        event_id = uow.emit(
+            "OrderPlaced", aggregate_type="order", aggregate_id=order_id, payload=payload
+        )
 
     assert counts(db) == (1, 1)
     row = db.execute(
@@ -67,8 +69,14 @@ def test_several_rows_in_one_unit_commit_in_order(pool, db):
     with unit_of_work(pool) as uow:
         for _ in range(3):
             payload = order_placed_payload()
-            ids.append(uow.emit("OrderPlaced", aggregate_type="order",
-                                aggregate_id=payload["order_id"], payload=payload))
+            ids.append(
+                uow.emit(
+                    "OrderPlaced",
+                    aggregate_type="order",
+                    aggregate_id=payload["order_id"],
+                    payload=payload,
+                )
+            )
     assert [r[0] for r in db.execute("SELECT event_id::text FROM outbox ORDER BY id")] == ids
 
 
@@ -101,8 +109,12 @@ def test_events_emitted_in_reaction_inherit_correlation_and_name_their_cause(poo
 def test_an_invalid_payload_is_refused_before_anything_is_written(pool, db):
     with pytest.raises(ContractError), unit_of_work(pool) as uow:
         add_product(uow)
-        uow.emit("OrderPlaced", aggregate_type="order", aggregate_id=str(uuid.uuid4()),
-                 payload={"order_id": "not-a-uuid", "customer_id": "alice", "items": []})
+        uow.emit(
+            "OrderPlaced",
+            aggregate_type="order",
+            aggregate_id=str(uuid.uuid4()),
+            payload={"order_id": "not-a-uuid", "customer_id": "alice", "items": []},
+        )
     assert counts(db) == (0, 0)
 
 
@@ -112,11 +124,16 @@ def test_a_refused_emit_issues_no_statement(pool, db):
     with unit_of_work(pool) as uow:
         add_product(uow)
         with pytest.raises(ContractError, match="unknown event"):
-            uow.emit("OrderShipped", aggregate_type="order", aggregate_id=str(uuid.uuid4()),
-                     payload={})
+            uow.emit(
+                "OrderShipped", aggregate_type="order", aggregate_id=str(uuid.uuid4()), payload={}
+            )
         with pytest.raises(ContractError, match="invalid OrderPlaced"):
-            uow.emit("OrderPlaced", aggregate_type="order", aggregate_id=str(uuid.uuid4()),
-                     payload={"order_id": str(uuid.uuid4())})
+            uow.emit(
+                "OrderPlaced",
+                aggregate_type="order",
+                aggregate_id=str(uuid.uuid4()),
+                payload={"order_id": str(uuid.uuid4())},
+            )
         assert uow.emitted == []
     assert counts(db) == (1, 0)
 
@@ -126,8 +143,12 @@ def test_the_relay_is_notified_on_commit_only(pool, db_url, emit):
         listener.execute("LISTEN outbox")
         payload = order_placed_payload()
         with pytest.raises(Boom), unit_of_work(pool) as uow:
-            uow.emit("OrderPlaced", aggregate_type="order", aggregate_id=payload["order_id"],
-                     payload=payload)
+            uow.emit(
+                "OrderPlaced",
+                aggregate_type="order",
+                aggregate_id=payload["order_id"],
+                payload=payload,
+            )
             raise Boom()
         assert list(listener.notifies(timeout=0)) == []
 

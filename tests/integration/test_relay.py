@@ -26,20 +26,29 @@ def stream_event_ids(redis_client) -> list[str]:
 
 
 def outbox_ids(db, *, published: bool | None = None) -> list[str]:
-    where = {None: "", True: " WHERE published_at IS NOT NULL",
-             False: " WHERE published_at IS NULL"}[published]
+    where = {
+        None: "",
+        True: " WHERE published_at IS NOT NULL",
+        False: " WHERE published_at IS NULL",
+    }[published]
     return [row[0] for row in db.execute(f"SELECT event_id::text FROM outbox{where} ORDER BY id")]
 
 
 def publish(db, redis_client, batch_size: int = 100, fault=None) -> int:
     kwargs = {"fault": fault} if fault else {}
-    return publish_batch(db, redis_client, stream=STREAM, producer=PRODUCER,
-                         batch_size=batch_size, **kwargs)
+    return publish_batch(
+        db, redis_client, stream=STREAM, producer=PRODUCER, batch_size=batch_size, **kwargs
+    )
 
 
 def settings(**overrides) -> RelaySettings:
-    values = dict(producer=PRODUCER, stream=STREAM, batch_size=100, poll_seconds=0.2,
-                  standby_retry_seconds=0.05)
+    values = dict(
+        producer=PRODUCER,
+        stream=STREAM,
+        batch_size=100,
+        poll_seconds=0.2,
+        standby_retry_seconds=0.05,
+    )
     values.update(overrides)
     return RelaySettings(**values)
 
@@ -90,8 +99,8 @@ def test_a_late_commit_with_a_lower_id_is_not_skipped(pool, db, redis_client, em
     with pool.connection() as slow_conn, slow_conn.transaction():
         # takes the lower outbox id, but commits only after a higher id was published
         slow_id = UnitOfWork(slow_conn).emit(
-            "OrderPlaced", aggregate_type="order", aggregate_id=payload["order_id"],
-            payload=payload)
+            "OrderPlaced", aggregate_type="order", aggregate_id=payload["order_id"], payload=payload
+        )
         fast_id = emit()
         assert publish(db, redis_client) == 1
         assert stream_event_ids(redis_client) == [fast_id]
@@ -103,9 +112,7 @@ def test_a_late_commit_with_a_lower_id_is_not_skipped(pool, db, redis_client, em
     assert outbox_ids(db, published=False) == []
 
 
-def test_a_crash_between_xadd_and_marking_published_duplicates_never_loses(
-    db, redis_client, emit
-):
+def test_a_crash_between_xadd_and_marking_published_duplicates_never_loses(db, redis_client, emit):
     emitted = [emit() for _ in range(3)]
 
     def crash(point: str) -> None:
@@ -145,8 +152,8 @@ def test_relay_does_not_skip_a_late_commit(pool, db_url, redis_client, emit, bac
     payload = order_placed_payload()
     with pool.connection() as slow_conn, slow_conn.transaction():
         slow_id = UnitOfWork(slow_conn).emit(
-            "OrderPlaced", aggregate_type="order", aggregate_id=payload["order_id"],
-            payload=payload)
+            "OrderPlaced", aggregate_type="order", aggregate_id=payload["order_id"], payload=payload
+        )
         fast_id = emit()
         wait_until(lambda: fast_id in stream_event_ids(redis_client))
     # the lower id commits now, after the higher one is already in the stream
@@ -163,8 +170,9 @@ def test_relay_crash_after_xadd_is_followed_by_republishing(
         if point == "after_xadd":
             raise Crash(point)
 
-    crashing = background.start("crashing relay",
-                                Relay(db_url, redis_client, settings(), fault=crash).run)
+    crashing = background.start(
+        "crashing relay", Relay(db_url, redis_client, settings(), fault=crash).run
+    )
     wait_until(crashing.finished.is_set)
     assert isinstance(crashing.error, Crash)
     assert stream_event_ids(redis_client) == emitted

@@ -159,10 +159,18 @@ def dead_letters(r, group: str = GROUP) -> list[dict[str, str]]:
 
 
 def test_backoff_doubles_from_the_base_and_is_capped():
-    s = ConsumerSettings(group="g", consumer="c", streams=("s",), retry_base_ms=500,
-                         retry_max_ms=10_000)
+    s = ConsumerSettings(
+        group="g", consumer="c", streams=("s",), retry_base_ms=500, retry_max_ms=10_000
+    )
     assert [s.backoff_ms(n) for n in range(0, 8)] == [
-        500, 500, 1000, 2000, 4000, 8000, 10_000, 10_000,
+        500,
+        500,
+        1000,
+        2000,
+        4000,
+        8000,
+        10_000,
+        10_000,
     ]
 
 
@@ -411,7 +419,9 @@ def test_abandoned_entries_wait_for_the_idle_timeout(r):
 
     handler = Recorder()
     live = StreamConsumer(
-        r, FakeInboxPool(), settings(consumer="live", claim_idle_ms=600_000),
+        r,
+        FakeInboxPool(),
+        settings(consumer="live", claim_idle_ms=600_000),
         {"OrderPlaced": handler},
     )
     assert live.claim_abandoned_once() == 0
