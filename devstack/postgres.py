@@ -74,8 +74,9 @@ class EmbeddedPostgres:
             try:
                 # own session: a Ctrl-C in the terminal must not reach the postmaster
                 # directly, we stop it ourselves once the processes using it are gone
-                pg_ctl(args, pgdata=self.data_dir, user=self._user, timeout=90,
-                       start_new_session=True)
+                pg_ctl(
+                    args, pgdata=self.data_dir, user=self._user, timeout=90, start_new_session=True
+                )
             except subprocess.SubprocessError as error:
                 raise RuntimeError(
                     f"PostgreSQL did not start on port {self.port}, log {self.log_file}:\n"
@@ -88,8 +89,12 @@ class EmbeddedPostgres:
         with file_lock(self._lock):
             if self._running_port() is None:
                 return False
-            pg_ctl(["-w", "-t", "60", "-m", "fast", "stop"], pgdata=self.data_dir,
-                   user=self._user, timeout=90)
+            pg_ctl(
+                ["-w", "-t", "60", "-m", "fast", "stop"],
+                pgdata=self.data_dir,
+                user=self._user,
+                timeout=90,
+            )
             return True
 
     def _running_port(self) -> int | None:
@@ -114,9 +119,17 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(mode=0o700)
         self._own(self.data_dir)
         initdb(
-            ["--auth=trust", "--encoding=UTF8", "--no-locale", "-U", SUPERUSER,
-             "--no-instructions"],
-            pgdata=self.data_dir, user=self._user, timeout=120,
+            [
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-locale",
+                "-U",
+                SUPERUSER,
+                "--no-instructions",
+            ],
+            pgdata=self.data_dir,
+            user=self._user,
+            timeout=120,
         )
 
     def _socket_dir(self) -> Path:

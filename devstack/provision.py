@@ -42,8 +42,9 @@ def drop(admin_url: str, services: Iterable[str] = SERVICES, prefix: str = "") -
     with psycopg.connect(admin_url, autocommit=True) as conn:
         for service in services:
             role, database = names(service, prefix)
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(database)))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
+            )
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
@@ -62,8 +63,9 @@ def ensure_database(url: str) -> None:
     if not database:
         raise failure
     try:
-        maintenance = psycopg.connect(make_conninfo(url, dbname="postgres"), autocommit=True,
-                                      connect_timeout=10)
+        maintenance = psycopg.connect(
+            make_conninfo(url, dbname="postgres"), autocommit=True, connect_timeout=10
+        )
     except psycopg.OperationalError:
         raise failure from None
     with maintenance as conn:

@@ -51,8 +51,9 @@ class EmbeddedRedis:
             config = self.data_dir / "redis.conf"
             config.write_text(self._config())
             # daemonized: redis forks and calls setsid, so it survives us and a Ctrl-C
-            subprocess.run([str(redis_bin_dir() / "redis-server"), str(config)], check=True,
-                           timeout=30)
+            subprocess.run(
+                [str(redis_bin_dir() / "redis-server"), str(config)], check=True, timeout=30
+            )
             if not wait_until(self._serves_our_data, timeout=15):
                 raise RuntimeError(
                     f"Redis did not start on port {self.port}, log {self.log_file}:\n"
@@ -73,27 +74,40 @@ class EmbeddedRedis:
 
     def _config(self) -> str:
         # json.dumps gives the double-quoted form redis.conf accepts for paths
-        quoted = {name: json.dumps(str(path)) for name, path in (
-            ("dir", self.data_dir), ("pidfile", self.pid_file), ("logfile", self.log_file))}
-        return "\n".join([
-            "bind 127.0.0.1",
-            f"port {self.port}",
-            "protected-mode yes",
-            "daemonize yes",
-            f"pidfile {quoted['pidfile']}",
-            f"logfile {quoted['logfile']}",
-            f"dir {quoted['dir']}",
-            "appendonly yes",
-            "appendfsync everysec",
-            'save ""',  # the AOF is the persistence, no RDB snapshots on top
-            "",
-        ])
+        quoted = {
+            name: json.dumps(str(path))
+            for name, path in (
+                ("dir", self.data_dir),
+                ("pidfile", self.pid_file),
+                ("logfile", self.log_file),
+            )
+        }
+        return "\n".join(
+            [
+                "bind 127.0.0.1",
+                f"port {self.port}",
+                "protected-mode yes",
+                "daemonize yes",
+                f"pidfile {quoted['pidfile']}",
+                f"logfile {quoted['logfile']}",
+                f"dir {quoted['dir']}",
+                "appendonly yes",
+                "appendfsync everysec",
+                'save ""',  # the AOF is the persistence, no RDB snapshots on top
+                "",
+            ]
+        )
 
     def _client(self) -> redis.Redis:
         # no retries: redis-py retries refused connections for seconds, and "nothing listens"
         # is an answer we poll for
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1,
-                           socket_timeout=5, retry=Retry(NoBackoff(), 0))
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_connect_timeout=1,
+            socket_timeout=5,
+            retry=Retry(NoBackoff(), 0),
+        )
 
     def _answers(self) -> bool:
         try:

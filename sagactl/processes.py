@@ -124,6 +124,7 @@ def cron() -> None:
     from rq.cron import CronScheduler
 
     from orders_service.jobs import sweep_payment_deadlines
+    from service_runtime.retention import run_retention
 
     setup_logging("saga", "cron")
     # rq stores pickled bytes: it needs a client that does not decode responses.
@@ -131,6 +132,7 @@ def cron() -> None:
         connection=redis.Redis.from_url(redis_url()), name=f"saga-cron:{socket.gethostname()}"
     )
     scheduler.register(sweep_payment_deadlines, RQ_QUEUE, interval=1, job_timeout=60)
+    scheduler.register(run_retention, RQ_QUEUE, interval=3600, job_timeout=1800)
     scheduler.start()
 
 

@@ -31,7 +31,12 @@ def stack_up() -> None:
     """Start the embedded servers, create and migrate the databases."""
     env = devstack.up()
     devstack.migrate_all(env)
-    click.echo(banner(env))
+    click.echo(f"embedded PostgreSQL and Redis running (data in {config.run_dir()})")
+    for key, value in env.items():
+        if key.endswith("_URL"):
+            click.echo(f"  {key}={value}")
+    click.echo(f"  {redis_cli_command(env['REDIS_URL'])}")
+    click.echo('use them from a shell with: eval "$(saga stack env)"')
 
 
 @stack.command("down")
@@ -91,7 +96,7 @@ class _Honcho:
     """honcho on the Procfile, in its own process group so that a signal reaches it once,
     through us, and we know when to stop the servers."""
 
-    GRACE_SECONDS = 20.0  # honcho itself SIGKILLs its stragglers after 5 s
+    GRACE_SECONDS = 15.0  # honcho itself SIGKILLs its stragglers after 5 s
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env

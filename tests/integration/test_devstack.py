@@ -59,10 +59,12 @@ def test_a_role_owns_its_own_database(urls: dict[str, str], prefix: str) -> None
 def test_provision_is_idempotent(pg_admin_url: str, urls: dict[str, str], prefix: str) -> None:
     assert provision(pg_admin_url, prefix=prefix) == urls
     with psycopg.connect(pg_admin_url) as conn:
-        owners = dict(conn.execute(
-            "SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname LIKE %s",
-            (f"{prefix}%",),
-        ).fetchall())
+        owners = dict(
+            conn.execute(
+                "SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname LIKE %s",
+                (f"{prefix}%",),
+            ).fetchall()
+        )
     assert owners == {f"{prefix}{s}": f"{prefix}{s}_svc" for s in SERVICES}
 
 
@@ -101,9 +103,7 @@ def run_dir() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_stack_up_and_down_can_be_repeated(
-    run_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_stack_up_and_down_can_be_repeated(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SAGA_PG_PORT", str(free_port()))
     monkeypatch.setenv("SAGA_REDIS_PORT", str(free_port()))
     try:
@@ -128,8 +128,9 @@ def test_resolve_uses_the_given_servers(
 ) -> None:
     name = f"test_{secrets.token_hex(3)}_ext"
     for service in SERVICES:
-        monkeypatch.setenv(f"{service.upper()}_DATABASE_URL",
-                           _with_database(pg_admin_url, f"{name}_{service}"))
+        monkeypatch.setenv(
+            f"{service.upper()}_DATABASE_URL", _with_database(pg_admin_url, f"{name}_{service}")
+        )
     monkeypatch.setenv("REDIS_URL", redis_server_url)
     try:
         env, started = stack.resolve()
