@@ -1,0 +1,160 @@
+"""Dependency outages against real servers that these tests stop and start themselves.
+
+Redis down: orders are still accepted (the outbox buffers), relays and consumers back off and
+resume without a restart, the backlog drains. PostgreSQL down: the API answers 503 JSON with
+Retry-After and writes nothing; relays and consumers reconnect when it returns.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from contracts import STREAM_OF_PRODUCER, SUBSCRIPTIONS
+from devstack.osutil import free_port
+from devstack.postgres import EmbeddedPostgres
+from devstack.provision import provision
+from devstack.redis import EmbeddedRedis
+from orders_service.app import create_app as orders_app
+from outbox_relay.relay import Relay, RelaySettings
+from service_runtime import redis_client
+from service_runtime.consumer import ConsumerSettings, StreamConsumer
+from service_runtime.db import create_pool
+from service_runtime.migrations import migrate
+from tests.helpers import wait_until
+
+ORDER = {"customer_id": "alice", "items": [{"sku": "apple", "quantity": 1}]}
+
+
+@pytest.fixture
+def own_redis() -> Iterator[EmbeddedRedis]:
+    run_dir = Path(tempfile.mkdtemp(prefix="saga-outage-redis-"))
+    server = EmbeddedRedis(run_dir, free_port())
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[tuple[EmbeddedPostgres, dict[str, str]]]:
+    run_dir = Path(tempfile.mkdtemp(prefix="saga-outage-pg-"))
+    server = EmbeddedPostgres(run_dir, free_port())
+    server.start()
+    urls = provision(server.admin_url, ("orders", "inventory"), prefix="outage_")
+    for service, url in urls.items():
+        migrate(url, service)
+    yield server, urls
+    server.stop()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def threads():
+    """Run loops in threads; stop and join them at teardown."""
+    stop = threading.Event()
+    started: list[threading.Thread] = []
+
+    def run(target) -> threading.Thread:
+        thread = threading.Thread(target=target, args=(stop,), daemon=True)
+        thread.start()
+        started.append(thread)
+        return thread
+
+    yield run
+    stop.set()
+    for thread in started:
+        thread.join(timeout=15)
+
+
+def relay_for(url: str, client) -> Relay:
+    return Relay(
+        url,
+        client,
+        RelaySettings(
+            producer="orders",
+            stream=STREAM_OF_PRODUCER["orders"],
+            poll_seconds=0.2,
+            standby_retry_seconds=0.2,
+        ),
+    )
+
+
+def inventory_consumer(client, pool) -> StreamConsumer:
+    handlers = importlib.import_module("inventory_service.reactions").HANDLERS
+    settings = ConsumerSettings(
+        group="inventory", consumer="inventory-1", streams=SUBSCRIPTIONS["inventory"], block_ms=100
+    )
+    return StreamConsumer(client, pool, settings, handlers)
+
+
+def test_redis_outage_buffers_in_the_outbox_and_everything_resumes(clean_state, own_redis, threads):
+    orders_url, inventory_url = clean_state.db_urls["orders"], clean_state.db_urls["inventory"]
+    client = redis_client.connect(own_redis.url)
+    pools = [create_pool(orders_url, name="o"), create_pool(inventory_url, name="i")]
+    api = orders_app(pools[0]).test_client()
+    relay = relay_for(orders_url, client)
+    consumer = inventory_consumer(client, pools[1])
+    relay_thread, consumer_thread = threads(relay.run), threads(consumer.run)
+    try:
+        assert api.post("/orders", json=ORDER).status_code == 201
+        wait_until(lambda: consumer.stats.processed == 1)
+
+        own_redis.stop()
+        accepted = [api.post("/orders", json=ORDER) for _ in range(5)]
+        assert [r.status_code for r in accepted] == [201] * 5  # the outbox buffers
+        with psycopg.connect(orders_url) as conn:
+            unpublished = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+            assert conn.execute(unpublished).fetchone()[0] == 5
+
+        own_redis.start()
+        wait_until(lambda: consumer.stats.processed == 6, timeout=30)
+        assert relay_thread.is_alive() and consumer_thread.is_alive()  # no restart needed
+        assert client.xlen("orders.events") == 6
+        with psycopg.connect(orders_url) as conn:
+            assert conn.execute(unpublished).fetchone()[0] == 0
+    finally:
+        for pool in pools:
+            pool.close()
+
+
+def test_postgres_outage_gives_503_writes_nothing_and_recovers(own_postgres, own_redis, threads):
+    server, urls = own_postgres
+    client = redis_client.connect(own_redis.url)
+    pools = [
+        create_pool(urls["orders"], name="o", timeout=2),
+        create_pool(urls["inventory"], name="i", timeout=2),
+    ]
+    api = orders_app(pools[0]).test_client()
+    relay = relay_for(urls["orders"], client)
+    consumer = inventory_consumer(client, pools[1])
+    relay_thread, consumer_thread = threads(relay.run), threads(consumer.run)
+    try:
+        assert api.post("/orders", json=ORDER).status_code == 201
+        wait_until(lambda: consumer.stats.processed == 1)
+
+        server.stop()
+        down = api.post("/orders", json=ORDER)
+        assert down.status_code == 503
+        assert down.headers["Retry-After"]
+        assert down.json["code"] == 503 and down.json["message"]
+        assert api.get("/ready").status_code == 503
+        assert api.get("/health").status_code == 200
+
+        server.start()
+        wait_until(lambda: api.get("/ready").status_code == 200, timeout=30)
+        assert api.post("/orders", json=ORDER).status_code == 201
+        wait_until(lambda: consumer.stats.processed == 2, timeout=30)
+        assert relay_thread.is_alive() and consumer_thread.is_alive()
+        with psycopg.connect(urls["orders"]) as conn:
+            assert conn.execute("SELECT count(*) FROM orders").fetchone()[0] == 2  # not 3
+    finally:
+        for pool in pools:
+            pool.close()
