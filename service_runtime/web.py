@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask.views import MethodView
 from flask_smorest import Api, Blueprint
+from marshmallow import Schema, fields
 from psycopg_pool import ConnectionPool
 from werkzeug.exceptions import HTTPException
 
@@ -63,17 +64,25 @@ def db_pool() -> ConnectionPool:
     return current_app.extensions["db_pool"]
 
 
+class _Status(Schema):
+    status = fields.String()
+    service = fields.String()
+
+
 def _health_blueprint() -> Blueprint:
     blp = Blueprint("health", __name__, description="Liveness and readiness")
 
     @blp.route("/health")
     class Health(MethodView):
+        @blp.response(200, _Status)
         def get(self) -> dict:
             """Liveness: the process answers."""
             return {"status": "ok", "service": current_app.config["SERVICE_NAME"]}
 
     @blp.route("/ready")
     class Ready(MethodView):
+        @blp.response(200, _Status)
+        @blp.alt_response(503, description="The service's database is unreachable")
         def get(self) -> dict:
             """Readiness: the service's database answers."""
             with db_pool().connection() as conn:
