@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import psycopg
 import redis
 
+from service_runtime.faults import no_faults
 from service_runtime.metrics import RELAY_BATCH_SIZE, RELAY_LATENCY, RELAY_PUBLISHED
 
 # Every unpublished row is a candidate, whatever its id: a row whose transaction commits
@@ -25,10 +26,6 @@ FOR UPDATE SKIP LOCKED
 _MARK_PUBLISHED = "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%s)"
 
 FaultPoint = Callable[[str], None]
-
-
-def no_faults(_point: str) -> None:
-    pass
 
 
 def publish_batch(

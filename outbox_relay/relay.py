@@ -19,8 +19,9 @@ import psycopg
 import redis
 
 from contracts import relay_status_key
-from outbox_relay.publisher import FaultPoint, no_faults, publish_batch
+from outbox_relay.publisher import FaultPoint, publish_batch
 from service_runtime.db import DB_OUTAGE_ERRORS, connect
+from service_runtime.faults import no_faults
 from service_runtime.metrics import RELAY_BACKLOG
 from service_runtime.redis_client import REDIS_OUTAGE_ERRORS
 

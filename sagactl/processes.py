@@ -23,6 +23,7 @@ from service_runtime import redis_client
 from service_runtime.config import SERVICES, Tunables, database_url, http_port, redis_url, run_dir
 from service_runtime.consumer import ConsumerSettings, StreamConsumer
 from service_runtime.db import create_pool
+from service_runtime.faults import crash_at_configured_point
 from service_runtime.logs import setup_logging
 from service_runtime.metrics import serve as serve_metrics
 
@@ -82,9 +83,13 @@ def relay(service: str) -> None:
         standby_retry_seconds=tunables.relay_standby_retry_seconds,
     )
     serve_metrics(_metrics_port(1 + SERVICES.index(service)))
-    Relay(database_url(service), redis_client.connect(redis_url()), settings).run(
-        _stop_on_signals()
+    relay_ = Relay(
+        database_url(service),
+        redis_client.connect(redis_url()),
+        settings,
+        fault=crash_at_configured_point,
     )
+    relay_.run(_stop_on_signals())
 
 
 @click.command()
@@ -111,7 +116,13 @@ def consume(service: str, name: str | None) -> None:
     )
     serve_metrics(_metrics_port(11 + SERVICES.index(service)))
     pool = create_pool(database_url(service), name=f"{service}-consumer", max_size=2)
-    consumer = StreamConsumer(redis_client.connect(redis_url()), pool, settings, handlers)
+    consumer = StreamConsumer(
+        redis_client.connect(redis_url()),
+        pool,
+        settings,
+        handlers,
+        fault=crash_at_configured_point,
+    )
     try:
         consumer.run(_stop_on_signals())
     finally:

@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool
 
 from contracts import ContractError, Envelope, dead_letter_stream, decode_entry, redrive_stream
 from service_runtime.db import DB_OUTAGE_ERRORS
+from service_runtime.faults import no_faults
 from service_runtime.metrics import CONSUMER_EVENTS, CONSUMER_LATENCY
 from service_runtime.redis_client import REDIS_OUTAGE_ERRORS
 from service_runtime.unit_of_work import UnitOfWork, count_emitted
@@ -75,6 +76,7 @@ class StreamConsumer:
         settings: ConsumerSettings,
         handlers: Mapping[str, Handler],
         on_outcome: Callable[[str, str, float], None] | None = None,
+        fault: Callable[[str], None] = no_faults,
     ) -> None:
         self.redis = redis_client
         self.pool = pool
@@ -82,6 +84,7 @@ class StreamConsumer:
         self.handlers = handlers
         self.stats = Stats()
         self._on_outcome = on_outcome or (lambda _type, _outcome, _seconds: None)
+        self.fault = fault
 
     # -- setup -------------------------------------------------------------------------
 
@@ -230,6 +233,7 @@ class StreamConsumer:
             if self.handle_entry(stream, entry_id, fields, attempt):
                 done.append(entry_id)
         if done:
+            self.fault("after_commit")
             self.redis.xack(stream, self.settings.group, *done)
         return count
 
@@ -259,6 +263,7 @@ class StreamConsumer:
                 if first_time:
                     uow = UnitOfWork(conn, cause=envelope)
                     handler(uow, envelope)
+                    self.fault("mid_handler")
             if uow:
                 count_emitted(self.settings.group, uow.emitted)
         except DB_OUTAGE_ERRORS:

@@ -1,0 +1,104 @@
+"""Crash tests: real `saga relay` / `saga consume` processes die at injected points
+(SAGA_CRASH_AT, see service_runtime/faults.py) and the restarted process makes it right:
+a duplicate is possible, a loss or a double effect is not.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis as redis_lib
+
+from service_runtime.faults import CRASH_EXIT_CODE
+from tests.helpers import wait_until
+from tests.saga_driver import SagaDriver
+
+SAGA = str(Path(sys.executable).parent / "saga")
+
+
+@pytest.fixture
+def saga(clean_state, service_db_urls, redis_server_url):
+    driver = SagaDriver(
+        service_db_urls, redis_lib.Redis.from_url(redis_server_url, decode_responses=True)
+    )
+    driver.product("apple", available=5, price_cents=100)
+    driver.account("alice", balance_cents=1000)
+    yield driver
+    driver.close()
+
+
+@pytest.fixture
+def spawn(clean_state):
+    """Start `saga ...` with the test servers' settings; kill leftovers at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def run(*args: str, crash_at: str | None = None) -> subprocess.Popen:
+        env = {
+            **os.environ,
+            **clean_state.env,
+            "METRICS_PORT_BASE": "0",
+            "CONSUMER_BLOCK_MS": "100",
+            "RELAY_POLL_SECONDS": "0.2",
+        }
+        env.pop("SAGA_CRASH_AT", None)
+        if crash_at:
+            env["SAGA_CRASH_AT"] = crash_at
+        process = subprocess.Popen(
+            [SAGA, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        started.append(process)
+        return process
+
+    yield run
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=15)
+
+
+def crashed(process: subprocess.Popen) -> None:
+    assert process.wait(timeout=30) == CRASH_EXIT_CODE, process.stderr.read().decode()
+
+
+def unpublished(saga: SagaDriver, service: str) -> int:
+    with psycopg.connect(saga.db_urls[service]) as conn:
+        return conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]
+
+
+def test_relay_killed_between_xadd_and_marking_published_duplicates_never_loses(saga, spawn):
+    order_id = saga.place("alice", [("apple", 1)])
+    crashed(spawn("relay", "orders", crash_at="after_xadd"))
+    assert saga.redis.xlen("orders.events") == 1  # in the stream...
+    assert unpublished(saga, "orders") == 1  # ...and still unpublished in the outbox
+    spawn("relay", "orders")
+    wait_until(lambda: unpublished(saga, "orders") == 0)
+    entries = saga.redis.xrange("orders.events")
+    assert [fields["aggregate_id"] for _id, fields in entries] == [order_id, order_id]
+    assert entries[0][1]["event_id"] == entries[1][1]["event_id"]  # a duplicate, not a new event
+    saga.settle()  # consumers absorb it
+    assert saga.available("apple") == 4
+    assert saga.order(order_id)["status"] == "confirmed"
+
+
+@pytest.mark.parametrize("crash_at", ["mid_handler", "after_commit"])
+def test_consumer_killed_around_its_commit_applies_the_event_once(saga, spawn, crash_at):
+    order_id = saga.place("alice", [("apple", 2)])
+    saga.publish("orders")
+    crashed(spawn("consume", "inventory", "--name", "inventory-1", crash_at=crash_at))
+    reserved = saga.reservation(order_id)
+    if crash_at == "mid_handler":
+        assert reserved is None  # rolled back with the process
+    else:
+        assert reserved["status"] == "held"  # committed, but never acknowledged
+    assert saga.redis.xpending("orders.events", "inventory")["pending"] == 1
+
+    spawn("consume", "inventory", "--name", "inventory-1")  # same name: re-reads its pending
+    wait_until(lambda: saga.redis.xpending("orders.events", "inventory")["pending"] == 0)
+    assert saga.available("apple") == 3  # reserved once
+    assert saga.reservation(order_id)["status"] == "held"
+    assert unpublished(saga, "inventory") == 1  # exactly one StockReserved
