@@ -274,7 +274,7 @@ class StreamConsumer:
                 envelope.event_type,
                 envelope.event_id,
                 attempt,
-                extra={"event_id": envelope.event_id, "correlation_id": envelope.correlation_id},
+                extra=_log_context(envelope, stream),
             )
             if attempt is not None and attempt >= self.settings.max_deliveries:
                 self._dead_letter(stream, entry_id, fields, f"{type(err).__name__}: {err}", attempt)
@@ -282,7 +282,9 @@ class StreamConsumer:
             else:
                 self._count("failed", event_type, started)
             return False  # stays pending: retried after a backoff by retry_failed_once
-        self._count("processed" if first_time else "duplicate", event_type, started)
+        outcome = "processed" if first_time else "duplicate"
+        self._count(outcome, event_type, started)
+        log.debug("%s %s", outcome, event_type, extra=_log_context(envelope, stream))
         return True
 
     def _dead_letter(
@@ -315,3 +317,14 @@ class StreamConsumer:
 def _as_pairs(reply: object) -> list[tuple[str, list[Entry]]]:
     """XREADGROUP's RESP2 reply: a list of [stream, entries], or None when nothing came."""
     return [(stream, entries) for stream, entries in reply] if reply else []
+
+
+def _log_context(envelope: Envelope, stream: str) -> dict[str, str]:
+    """The fields the JSON log formatter lifts into every line about this event."""
+    return {
+        "event_id": envelope.event_id,
+        "event_type": envelope.event_type,
+        "correlation_id": envelope.correlation_id,
+        "order_id": envelope.aggregate_id,
+        "stream": stream,
+    }
