@@ -7,7 +7,7 @@ from flask_smorest import Blueprint, abort
 from flask_smorest.pagination import PaginationParameters
 
 from inventory_service import schemas, storage
-from service_runtime.api_fields import check_path_key, check_path_uuid
+from service_runtime.api_fields import check_path_key, check_path_uuid, page_window
 from service_runtime.web import db_pool
 
 blp = Blueprint("inventory", __name__, description="Products, stock and reservations")
@@ -20,9 +20,7 @@ class Products(MethodView):
     def get(self, pagination_parameters: PaginationParameters):
         """List products by sku."""
         with db_pool().connection() as conn:
-            rows, total = storage.list_products(
-                conn, pagination_parameters.page_size, pagination_parameters.first_item
-            )
+            rows, total = storage.list_products(conn, *page_window(pagination_parameters))
         pagination_parameters.item_count = total
         return rows
 

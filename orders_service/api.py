@@ -8,7 +8,7 @@ from flask_smorest import Blueprint, abort
 from flask_smorest.pagination import PaginationParameters
 
 from orders_service import commands, schemas, storage
-from service_runtime.api_fields import check_path_uuid
+from service_runtime.api_fields import check_path_uuid, page_window
 from service_runtime.web import db_pool
 
 blp = Blueprint("orders", __name__, description="Orders and their saga")
@@ -60,8 +60,7 @@ class Orders(MethodView):
                 conn,
                 query.get("customer_id"),
                 query.get("status"),
-                pagination_parameters.page_size,
-                pagination_parameters.first_item,
+                *page_window(pagination_parameters),
             )
         pagination_parameters.item_count = total
         return orders

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from flask_smorest import abort
+from flask_smorest.pagination import PaginationParameters
 from marshmallow import fields, validate
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
@@ -42,3 +43,11 @@ def check_path_uuid(name: str, value: str) -> str:
         abort(
             422, message="Invalid path parameter.", errors={"path": {name: ["Not a valid UUID."]}}
         )
+
+
+_MAX_OFFSET = 2**62  # past any real table; keeps a huge ?page= inside PostgreSQL's bigint
+
+
+def page_window(pagination: PaginationParameters) -> tuple[int, int]:
+    """(limit, offset) for SQL from flask-smorest's pagination parameters."""
+    return pagination.page_size, min(pagination.first_item, _MAX_OFFSET)

@@ -317,3 +317,10 @@ def test_consumer_groups_exist_and_drain(system, shop):
     for stream, groups in expected.items():
         wait_until(lambda s=stream: all(g["pending"] == 0 for g in client.xinfo_groups(s)))
         assert {g["name"] for g in client.xinfo_groups(stream)} == groups
+
+
+@pytest.mark.parametrize("service,path", [("orders", "/orders"), ("inventory", "/products")])
+def test_a_page_far_past_the_end_is_empty_not_an_error(api, service, path):
+    response = requests.get(f"{api.urls[service]}{path}", params={"page": 10**19})
+    assert response.status_code == 200
+    assert response.json() == []
