@@ -36,3 +36,15 @@ lint: $(STAMP)
 clean:
 	if [ -x $(BIN)/saga ]; then $(BIN)/saga stack down; fi
 	rm -rf .run
+
+# a look at the running system (the stack of `make run-all`, or the servers in the env vars)
+.PHONY: streams outbox dead-letters
+
+streams: $(STAMP)
+	$(BIN)/saga streams
+
+outbox: $(STAMP)
+	$(BIN)/saga outbox
+
+dead-letters: $(STAMP)
+	$(BIN)/saga dead-letters list

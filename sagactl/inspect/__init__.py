@@ -1,0 +1,14 @@
+"""Inspection commands of the `saga` CLI: streams, tail, pending, dead letters, outbox, trace."""
+
+from __future__ import annotations
+
+import click
+
+from sagactl.inspect import dead_letters, outbox, streams, trace
+
+COMMANDS: list[click.Command] = [
+    *streams.COMMANDS,
+    *dead_letters.COMMANDS,
+    *outbox.COMMANDS,
+    *trace.COMMANDS,
+]
