@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 
 import psycopg
 import pytest
+import redis
 
 from service_runtime.db import connect, create_pool
 from service_runtime.redis_client import connect as redis_connect
 from service_runtime.unit_of_work import unit_of_work
 from tests.helpers import order_placed_payload
+from tests.saga_driver import SagaDriver
 
 SERVICE = "inventory"
 
@@ -129,3 +131,36 @@ def background(db_url) -> Iterator[Background]:
     yield bg
     stuck = bg.stop_all()
     assert not stuck, f"background threads did not stop: {stuck}"
+
+
+@pytest.fixture
+def make_saga(clean_state) -> Iterator[Callable[..., SagaDriver]]:
+    """Build SagaDrivers on the clean test servers; `stocked` adds apples (150 each) and
+    alice (1000 cents), the shop most saga tests start from."""
+    drivers: list[SagaDriver] = []
+
+    def make(*, stocked: bool = False, payment_timeout_s: int = 30) -> SagaDriver:
+        driver = SagaDriver(
+            clean_state.db_urls,
+            redis.Redis.from_url(clean_state.redis_url, decode_responses=True),
+            payment_timeout_s=payment_timeout_s,
+        )
+        drivers.append(driver)
+        if stocked:
+            driver.product("apple", available=5, price_cents=150)
+            driver.account("alice", balance_cents=1000)
+        return driver
+
+    yield make
+    for driver in drivers:
+        driver.close()
+
+
+@pytest.fixture
+def saga(make_saga) -> SagaDriver:
+    return make_saga()
+
+
+@pytest.fixture
+def shop(make_saga) -> SagaDriver:
+    return make_saga(stocked=True)

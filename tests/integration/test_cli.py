@@ -26,7 +26,6 @@ from sagactl.inspect.streams import follow_entries
 from sagactl.main import cli
 from service_runtime.consumer import ConsumerSettings, StreamConsumer
 from tests.helpers import wait_until
-from tests.saga_driver import SagaDriver
 
 SAGA_TYPES = ["OrderPlaced", "StockReserved", "PaymentCaptured", "OrderConfirmed"]
 
@@ -38,17 +37,6 @@ def cli_env(clean_state, monkeypatch, tmp_path):
     for key, value in clean_state.env.items():
         monkeypatch.setenv(key, value)
     return clean_state
-
-
-@pytest.fixture
-def shop(cli_env):
-    driver = SagaDriver(
-        cli_env.db_urls, redis_lib.Redis.from_url(cli_env.redis_url, decode_responses=True)
-    )
-    driver.product("apple", available=5, price_cents=150)
-    driver.account("alice", balance_cents=1000)
-    yield driver
-    driver.close()
 
 
 def saga(*args: str, ok: bool = True) -> Result:
@@ -69,6 +57,12 @@ def failed(*args: str) -> str:
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     return result.output
+
+
+@pytest.fixture
+def shop(shop, cli_env):
+    """The stocked saga driver, with the CLI's environment pointing at the same servers."""
+    return shop
 
 
 def redis_major(client: redis_lib.Redis) -> int:

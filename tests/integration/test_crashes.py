@@ -12,24 +12,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import redis as redis_lib
 
 from service_runtime.faults import CRASH_EXIT_CODE
 from tests.helpers import wait_until
 from tests.saga_driver import SagaDriver
 
 SAGA = str(Path(sys.executable).parent / "saga")
-
-
-@pytest.fixture
-def saga(clean_state, service_db_urls, redis_server_url):
-    driver = SagaDriver(
-        service_db_urls, redis_lib.Redis.from_url(redis_server_url, decode_responses=True)
-    )
-    driver.product("apple", available=5, price_cents=100)
-    driver.account("alice", balance_cents=1000)
-    yield driver
-    driver.close()
 
 
 @pytest.fixture
@@ -65,40 +53,40 @@ def crashed(process: subprocess.Popen) -> None:
     assert process.wait(timeout=30) == CRASH_EXIT_CODE, process.stderr.read().decode()
 
 
-def unpublished(saga: SagaDriver, service: str) -> int:
-    with psycopg.connect(saga.db_urls[service]) as conn:
+def unpublished(shop: SagaDriver, service: str) -> int:
+    with psycopg.connect(shop.db_urls[service]) as conn:
         return conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]
 
 
-def test_relay_killed_between_xadd_and_marking_published_duplicates_never_loses(saga, spawn):
-    order_id = saga.place("alice", [("apple", 1)])
+def test_relay_killed_between_xadd_and_marking_published_duplicates_never_loses(shop, spawn):
+    order_id = shop.place("alice", [("apple", 1)])
     crashed(spawn("relay", "orders", crash_at="after_xadd"))
-    assert saga.redis.xlen("orders.events") == 1  # in the stream...
-    assert unpublished(saga, "orders") == 1  # ...and still unpublished in the outbox
+    assert shop.redis.xlen("orders.events") == 1  # in the stream...
+    assert unpublished(shop, "orders") == 1  # ...and still unpublished in the outbox
     spawn("relay", "orders")
-    wait_until(lambda: unpublished(saga, "orders") == 0)
-    entries = saga.redis.xrange("orders.events")
+    wait_until(lambda: unpublished(shop, "orders") == 0)
+    entries = shop.redis.xrange("orders.events")
     assert [fields["aggregate_id"] for _id, fields in entries] == [order_id, order_id]
     assert entries[0][1]["event_id"] == entries[1][1]["event_id"]  # a duplicate, not a new event
-    saga.settle()  # consumers absorb it
-    assert saga.available("apple") == 4
-    assert saga.order(order_id)["status"] == "confirmed"
+    shop.settle()  # consumers absorb it
+    assert shop.available("apple") == 4
+    assert shop.order(order_id)["status"] == "confirmed"
 
 
 @pytest.mark.parametrize("crash_at", ["mid_handler", "after_commit"])
-def test_consumer_killed_around_its_commit_applies_the_event_once(saga, spawn, crash_at):
-    order_id = saga.place("alice", [("apple", 2)])
-    saga.publish("orders")
+def test_consumer_killed_around_its_commit_applies_the_event_once(shop, spawn, crash_at):
+    order_id = shop.place("alice", [("apple", 2)])
+    shop.publish("orders")
     crashed(spawn("consume", "inventory", "--name", "inventory-1", crash_at=crash_at))
-    reserved = saga.reservation(order_id)
+    reserved = shop.reservation(order_id)
     if crash_at == "mid_handler":
         assert reserved is None  # rolled back with the process
     else:
         assert reserved["status"] == "held"  # committed, but never acknowledged
-    assert saga.redis.xpending("orders.events", "inventory")["pending"] == 1
+    assert shop.redis.xpending("orders.events", "inventory")["pending"] == 1
 
     spawn("consume", "inventory", "--name", "inventory-1")  # same name: re-reads its pending
-    wait_until(lambda: saga.redis.xpending("orders.events", "inventory")["pending"] == 0)
-    assert saga.available("apple") == 3  # reserved once
-    assert saga.reservation(order_id)["status"] == "held"
-    assert unpublished(saga, "inventory") == 1  # exactly one StockReserved
+    wait_until(lambda: shop.redis.xpending("orders.events", "inventory")["pending"] == 0)
+    assert shop.available("apple") == 3  # reserved once
+    assert shop.reservation(order_id)["status"] == "held"
+    assert unpublished(shop, "inventory") == 1  # exactly one StockReserved

@@ -6,23 +6,9 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import psycopg
-import pytest
-import redis as redis_lib
 
 from sagactl.recovery import republish
 from service_runtime.retention import prune_inbox, prune_outbox, trim_stream
-from tests.saga_driver import SagaDriver
-
-
-@pytest.fixture
-def saga(clean_state, service_db_urls, redis_server_url):
-    driver = SagaDriver(
-        service_db_urls, redis_lib.Redis.from_url(redis_server_url, decode_responses=True)
-    )
-    driver.product("apple", available=5, price_cents=100)
-    driver.account("alice", balance_cents=1000)
-    yield driver
-    driver.close()
 
 
 def age_rows(url: str, table: str, column: str, hours: float) -> None:
@@ -32,14 +18,14 @@ def age_rows(url: str, table: str, column: str, hours: float) -> None:
         )
 
 
-def test_prune_outbox_keeps_unpublished_and_recent_rows(saga):
-    old = saga.place("alice", [("apple", 1)])
-    saga.publish("orders")
-    age_rows(saga.db_urls["orders"], "outbox", "published_at", 48)
-    saga.place("alice", [("apple", 1)])  # recent, published below
-    saga.publish("orders")
-    saga.place("alice", [("apple", 1)])  # never published
-    with psycopg.connect(saga.db_urls["orders"], autocommit=True) as conn:
+def test_prune_outbox_keeps_unpublished_and_recent_rows(shop):
+    old = shop.place("alice", [("apple", 1)])
+    shop.publish("orders")
+    age_rows(shop.db_urls["orders"], "outbox", "published_at", 48)
+    shop.place("alice", [("apple", 1)])  # recent, published below
+    shop.publish("orders")
+    shop.place("alice", [("apple", 1)])  # never published
+    with psycopg.connect(shop.db_urls["orders"], autocommit=True) as conn:
         assert prune_outbox(conn, older_than_hours=24) == 1
         left = conn.execute("SELECT aggregate_id, published_at IS NULL FROM outbox").fetchall()
     assert len(left) == 2
@@ -47,10 +33,10 @@ def test_prune_outbox_keeps_unpublished_and_recent_rows(saga):
     assert [row[1] for row in left].count(True) == 1
 
 
-def test_prune_inbox_by_processing_time(saga):
-    saga.place("alice", [("apple", 1)])
-    saga.settle()
-    url = saga.db_urls["inventory"]
+def test_prune_inbox_by_processing_time(shop):
+    shop.place("alice", [("apple", 1)])
+    shop.settle()
+    url = shop.db_urls["inventory"]
     with psycopg.connect(url, autocommit=True) as conn:
         before = conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
         assert prune_inbox(conn, older_than_hours=1) == 0
@@ -59,8 +45,8 @@ def test_prune_inbox_by_processing_time(saga):
         assert prune_inbox(conn, older_than_hours=1) == before > 0
 
 
-def test_trim_by_age_reports_a_group_behind_the_horizon(saga):
-    client = saga.redis
+def test_trim_by_age_reports_a_group_behind_the_horizon(shop):
+    client = shop.redis
     client.xadd("scratch", {"n": "1"}, id=f"{int((time.time() - 7200) * 1000)}-0")
     client.xadd("scratch", {"n": "2"})
     client.xgroup_create("scratch", "slow", id="0")
@@ -71,19 +57,19 @@ def test_trim_by_age_reports_a_group_behind_the_horizon(saga):
     assert client.xlen("scratch") == 1
 
 
-def test_republish_after_redis_data_loss_is_absorbed(saga):
-    order_id = saga.place("alice", [("apple", 2)])
-    saga.settle()
-    assert saga.order(order_id)["status"] == "confirmed"
-    saga.redis.flushdb()  # Redis restarted without persistence: streams and groups gone
-    for consumer in saga.consumers.values():
+def test_republish_after_redis_data_loss_is_absorbed(shop):
+    order_id = shop.place("alice", [("apple", 2)])
+    shop.settle()
+    assert shop.order(order_id)["status"] == "confirmed"
+    shop.redis.flushdb()  # Redis restarted without persistence: streams and groups gone
+    for consumer in shop.consumers.values():
         consumer.ensure_groups()
     since = datetime.now(UTC) - timedelta(hours=1)
-    assert sum(republish(saga.db_urls[s], since) for s in saga.db_urls) >= 4
-    saga.settle()
-    assert saga.redis.xlen("orders.events") == 2  # OrderPlaced, OrderConfirmed again
-    duplicates = sum(c.stats.duplicates for c in saga.consumers.values())
+    assert sum(republish(shop.db_urls[s], since) for s in shop.db_urls) >= 4
+    shop.settle()
+    assert shop.redis.xlen("orders.events") == 2  # OrderPlaced, OrderConfirmed again
+    duplicates = sum(c.stats.duplicates for c in shop.consumers.values())
     assert duplicates >= 4
-    assert saga.available("apple") == 3
-    assert saga.balance("alice") == 800
-    assert saga.order(order_id)["status"] == "confirmed"
+    assert shop.available("apple") == 3
+    assert shop.balance("alice") == 700
+    assert shop.order(order_id)["status"] == "confirmed"

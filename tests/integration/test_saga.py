@@ -9,24 +9,6 @@ import pytest
 import redis as redis_lib
 
 from orders_service.jobs import sweep_payment_deadlines
-from tests.saga_driver import SagaDriver
-
-
-@pytest.fixture
-def saga(clean_state, service_db_urls, redis_server_url):
-    driver = SagaDriver(
-        service_db_urls, redis_lib.Redis.from_url(redis_server_url, decode_responses=True)
-    )
-    yield driver
-    driver.close()
-
-
-@pytest.fixture
-def shop(saga):
-    """One product and one customer with enough money for a few units."""
-    saga.product("apple", available=5, price_cents=150)
-    saga.account("alice", balance_cents=1000)
-    return saga
 
 
 def history_events(order: dict) -> list[str]:
@@ -227,17 +209,9 @@ def test_many_concurrent_orders_reserve_exactly_the_stock(shop):
 
 
 @pytest.fixture
-def impatient(clean_state, service_db_urls, redis_server_url):
+def impatient(make_saga):
     """Orders whose payment deadline has already passed when they are placed."""
-    driver = SagaDriver(
-        service_db_urls,
-        redis_lib.Redis.from_url(redis_server_url, decode_responses=True),
-        payment_timeout_s=0,
-    )
-    driver.product("apple", available=5, price_cents=150)
-    driver.account("alice", balance_cents=1000)
-    yield driver
-    driver.close()
+    return make_saga(stocked=True, payment_timeout_s=0)
 
 
 def test_deadline_sweeper_cancels_overdue_pending_orders(impatient):
