@@ -6,6 +6,7 @@ multiprocess metrics directory and the JSON log format apply to every worker.
 
 import os
 
+from service_runtime.logs import dict_config
 from service_runtime.metrics import mark_worker_dead
 
 _service = os.environ.get("SAGA_SERVICE", "web")
@@ -17,23 +18,7 @@ control_socket_disable = True
 accesslog = "-"
 access_log_format = "%(m)s %(U)s%(q)s %(s)s %(b)s %(M)sms"
 
-logconfig_dict = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "json": {
-            "()": "service_runtime.logs.JsonFormatter",
-            "service": _service,
-            "role": "web",
-        }
-    },
-    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json"}},
-    "root": {"handlers": ["stdout"], "level": os.environ.get("LOG_LEVEL", "INFO").upper()},
-    "loggers": {
-        "gunicorn.error": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
-        "gunicorn.access": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
-    },
-}
+logconfig_dict = dict_config(_service, "web", extra_loggers=("gunicorn.error", "gunicorn.access"))
 
 
 def child_exit(_server: object, worker: object) -> None:

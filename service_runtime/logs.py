@@ -33,6 +33,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+def dict_config(service: str, role: str, extra_loggers: tuple[str, ...] = ()) -> dict:
+    """logging.config.dictConfig settings, for processes whose framework configures logging
+    itself (gunicorn's logconfig_dict, rq's DICT_CONFIG)."""
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "json": {"()": "service_runtime.logs.JsonFormatter", "service": service, "role": role}
+        },
+        "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json"}},
+        "root": {"handlers": ["stdout"], "level": level},
+        "loggers": {
+            name: {"handlers": ["stdout"], "level": level, "propagate": False}
+            for name in extra_loggers
+        },
+    }
+
+
 def setup_logging(service: str, role: str) -> None:
     """Level from LOG_LEVEL (default INFO)."""
     handler = logging.StreamHandler()

@@ -1,0 +1,7 @@
+"""Settings module for `rq worker -c service_runtime.rq_settings`: JSON logs like every process."""
+
+from service_runtime.logs import dict_config
+
+DICT_CONFIG = dict_config("saga", "worker", extra_loggers=("rq.worker", "rq.scheduler"))
+# The deadline sweep runs every second; rq's per-job INFO lines would drown everything else.
+DICT_CONFIG["loggers"]["rq.worker"]["level"] = "WARNING"
