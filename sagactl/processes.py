@@ -6,6 +6,7 @@ This is the composition root for workers: it reads config and wires the pieces t
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import shutil
 import signal
@@ -138,6 +139,8 @@ def cron() -> None:
     from service_runtime.retention import run_retention
 
     setup_logging("saga", "cron")
+    # One enqueue a second would drown the log at INFO; failures still show.
+    logging.getLogger("rq.cron").setLevel(logging.WARNING)
     # rq stores pickled bytes: it needs a client that does not decode responses.
     scheduler = CronScheduler(
         connection=redis.Redis.from_url(redis_url()), name=f"saga-cron:{socket.gethostname()}"
