@@ -48,3 +48,13 @@ outbox: $(STAMP)
 
 dead-letters: $(STAMP)
 	$(BIN)/saga dead-letters list
+
+# the invariants of DESIGN.md §3 on the running system; a soak under faults on temporary
+# servers, then the audit (CHAOS_ARGS passes options, e.g. CHAOS_ARGS='--orders 100')
+.PHONY: audit chaos
+
+audit: $(STAMP)
+	$(BIN)/saga audit
+
+chaos: $(STAMP)
+	$(BIN)/saga chaos $(CHAOS_ARGS)

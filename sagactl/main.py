@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from sagactl import inspect, processes, recovery, stack_commands
+from sagactl import audit, chaos, inspect, processes, recovery, stack_commands
 
 
 @click.group()
@@ -12,7 +12,7 @@ def cli() -> None:
     """Choreographed order saga: processes, dev stack and inspection."""
 
 
-for module in (processes, recovery, stack_commands, inspect):
+for module in (processes, recovery, stack_commands, inspect, audit, chaos):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -11,8 +11,10 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -134,6 +136,7 @@ def consume(service: str, name: str | None) -> None:
 def cron() -> None:
     """Enqueue the periodic rq jobs (run `rq worker --with-scheduler saga` beside it)."""
     from rq.cron import CronScheduler
+    from rq.exceptions import StopRequested
 
     from orders_service.jobs import sweep_payment_deadlines
     from service_runtime.retention import run_retention
@@ -147,7 +150,63 @@ def cron() -> None:
     )
     scheduler.register(sweep_payment_deadlines, RQ_QUEUE, interval=1, job_timeout=60)
     scheduler.register(run_retention, RQ_QUEUE, interval=3600, job_timeout=1800)
-    scheduler.start()
+    # rq's scheduler loop raises when Redis goes away; a dead cron would stop the whole
+    # Procfile under honcho, so wait for Redis to come back instead
+    delay = 0.5
+    while True:
+        try:
+            scheduler.start()  # returns on SIGTERM/SIGINT (rq's own handlers)
+            return
+        except redis_client.REDIS_OUTAGE_ERRORS as err:
+            logging.getLogger("saga.cron").warning("cron waiting for Redis: %s", err)
+        try:
+            time.sleep(delay)
+        except StopRequested:  # rq's SIGTERM handler, still installed, fired while we waited
+            return
+        delay = min(delay * 2, 2.0)
 
 
-COMMANDS = [web, relay, consume, cron]
+@click.command()
+def worker() -> None:
+    """Run the rq worker (with its scheduler), restarted whenever it quits on its own.
+
+    rq's worker quits on an unexpected Redis error (an outage while it watches a job); under
+    honcho one exited process stops them all, so this waits for Redis and starts it again.
+    """
+    setup_logging("saga", "worker")
+    log = logging.getLogger("saga.worker")
+    stop = _stop_on_signals()  # honcho signals the whole process group: rq gets it as well
+    command = [
+        str(Path(sys.executable).parent / "rq"),
+        "worker",
+        "--with-scheduler",
+        "--url",
+        redis_url(),
+        "-c",
+        "service_runtime.rq_settings",
+        RQ_QUEUE,
+    ]
+    client = redis_client.connect(redis_url())
+    while not stop.is_set():
+        code = subprocess.run(command, preexec_fn=_die_with_parent).returncode
+        if stop.is_set():
+            return
+        log.warning("rq worker exited with %s; restarting it once Redis answers", code)
+        delay = 0.5
+        while not stop.wait(delay):
+            try:
+                client.ping()
+                break
+            except redis_client.REDIS_OUTAGE_ERRORS:
+                delay = min(delay * 2, 5.0)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if `saga worker` itself is killed, never linger as an orphan."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+COMMANDS = [web, relay, consume, cron, worker]
