@@ -6,22 +6,17 @@ import json
 
 import psycopg
 import pytest
-import redis as redis_lib
 from click.testing import CliRunner
 
 from sagactl.main import cli
-from tests.saga_driver import SagaDriver
 
 
 @pytest.fixture
-def saga(clean_state, monkeypatch):
+def saga(saga, clean_state, monkeypatch):
+    """The saga driver, with the environment `saga audit` reads pointing at its servers."""
     for key, value in clean_state.env.items():
         monkeypatch.setenv(key, value)
-    driver = SagaDriver(
-        clean_state.db_urls, redis_lib.Redis.from_url(clean_state.redis_url, decode_responses=True)
-    )
-    yield driver
-    driver.close()
+    return saga
 
 
 def audit(*args: str) -> tuple[int, dict]:
