@@ -29,6 +29,12 @@ test-integration: $(STAMP)
 test-e2e: $(STAMP)
 	$(BIN)/python -m pytest tests/e2e
 
+# its own embedded servers unless the *_DATABASE_URL and REDIS_URL are set (saga bench --help);
+# BENCH_ARGS passes options, e.g. make bench BENCH_ARGS='--only relay_drain'
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/saga bench $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

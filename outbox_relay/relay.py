@@ -85,7 +85,8 @@ class Relay:
     def _publish_while_active(self, conn: psycopg.Connection, stop: threading.Event) -> None:
         conn.execute("LISTEN outbox")
         redis_delay = 0.1
-        backlog_checked = 0.0
+        backlog_checked = status_reported = 0.0
+        reported = self.published
         while not stop.is_set():
             try:
                 sent = publish_batch(
@@ -106,7 +107,10 @@ class Relay:
             if sent:
                 self.published += sent
                 self.on_batch(sent)
+            if time.monotonic() - status_reported >= 1.0 and self.published > reported:
+                # At most once a second: at low rates a write per batch doubles the round trips.
                 self._report_status(last_publish_at=_now(), published=self.published)
+                status_reported, reported = time.monotonic(), self.published
             if time.monotonic() - backlog_checked >= 1.0:
                 RELAY_BACKLOG.labels(self.settings.producer).set(unpublished_count(conn))
                 backlog_checked = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from benchmarks import cli as benchmarks_cli
 from sagactl import audit, chaos, inspect, processes, recovery, stack_commands
 
 
@@ -12,7 +13,7 @@ def cli() -> None:
     """Choreographed order saga: processes, dev stack and inspection."""
 
 
-for module in (processes, recovery, stack_commands, inspect, audit, chaos):
+for module in (processes, recovery, stack_commands, inspect, audit, chaos, benchmarks_cli):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -118,7 +118,9 @@ def consume(service: str, name: str | None) -> None:
         max_deliveries=tunables.consumer_max_deliveries,
     )
     serve_metrics(_metrics_port(11 + SERVICES.index(service)))
-    pool = create_pool(database_url(service), name=f"{service}-consumer", max_size=2)
+    pool = create_pool(
+        database_url(service), name=f"{service}-consumer", max_size=2, check_on_checkout=False
+    )
     consumer = StreamConsumer(
         redis_client.connect(redis_url()),
         pool,

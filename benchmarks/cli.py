@@ -1,0 +1,195 @@
+"""`saga bench`: run the measurements, print the table, write the JSON results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from benchmarks.servers import Servers
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MEASUREMENTS = ("raw_limits", "relay_drain", "relay_latency", "consumer_throughput", "end_to_end")
+
+
+def _rates(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter("comma-separated numbers, e.g. 50,100,200") from None
+    if not rates or min(rates) <= 0:
+        raise click.BadParameter("at least one rate, all positive")
+    return rates
+
+
+@click.command()
+@click.option(
+    "--only",
+    type=click.Choice(MEASUREMENTS),
+    multiple=True,
+    help="Run only these measurements (repeatable). Default: all.",
+)
+@click.option(
+    "--xadd-single", default=5_000, show_default=True, help="XADDs sent one at a time (raw limit)."
+)
+@click.option(
+    "--xadd-pipelined",
+    default=100_000,
+    show_default=True,
+    help="XADDs sent pipelined, 500 per round trip (raw limit).",
+)
+@click.option(
+    "--pg-commits",
+    default=3_000,
+    show_default=True,
+    help="Single-row insert+commit transactions, per connection count (raw limit).",
+)
+@click.option(
+    "--relay-rows", default=100_000, show_default=True, help="Outbox backlog the relay drains."
+)
+@click.option("--relay-batch", default=500, show_default=True, help="Relay batch size.")
+@click.option(
+    "--latency-rate",
+    default=1_000.0,
+    show_default=True,
+    help="Outbox rows committed per second while the relay runs.",
+)
+@click.option("--latency-seconds", default=10.0, show_default=True)
+@click.option(
+    "--consumer-entries",
+    default=20_000,
+    show_default=True,
+    help="Stream entries the consumer handles.",
+)
+@click.option(
+    "--e2e-rates",
+    default="50,100,200",
+    show_default=True,
+    callback=_rates,
+    help="Orders per second, each held for --e2e-step-seconds.",
+)
+@click.option("--e2e-step-seconds", default=10.0, show_default=True)
+@click.option(
+    "--e2e-rise-by",
+    default=100.0,
+    show_default=True,
+    help="After the given rates, raise the rate by this while it keeps up (0: don't).",
+)
+@click.option("--e2e-max-rate", default=1_000.0, show_default=True)
+@click.option(
+    "--e2e-senders",
+    default=32,
+    show_default=True,
+    help="Threads sending the POSTs, one keep-alive connection each.",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON results file. Default: bench-results-<UTC time>.json in the project.",
+)
+def bench(only: tuple[str, ...], output: Path | None, **sizes: Any) -> None:
+    """Measure the relay, the consumer and the whole saga against raw Redis and PostgreSQL.
+
+    \b
+    Servers: its own embedded PostgreSQL and Redis on free ports in a temporary directory,
+    removed afterwards; or, with ORDERS_DATABASE_URL, INVENTORY_DATABASE_URL,
+    BILLING_DATABASE_URL and REDIS_URL all set, those servers:
+    - with SAGA_BENCH_PG_ADMIN_URL (a superuser URL of that PostgreSQL): scratch databases
+      bench_<hex>_<service> there, dropped afterwards;
+    - without it: the given databases, migrated, their outbox and inbox TRUNCATED;
+    - the REDIS_URL database is FLUSHED before each measurement: give it a scratch one.
+
+    Prints a table and writes every figure as JSON.
+    """
+    from benchmarks import report
+    from benchmarks.servers import bench_servers
+
+    started = datetime.now(UTC)
+    output = output or PROJECT_ROOT / f"bench-results-{started:%Y%m%dT%H%M%SZ}.json"
+    results: dict[str, Any] = {
+        "started_at": started.isoformat(timespec="seconds"),
+        "options": {**sizes, "only": list(only)},
+    }
+    with bench_servers() as servers:
+        results["environment"] = _environment(servers)
+        for name, run in _plan(servers, sizes).items():
+            if only and name not in only:
+                continue
+            click.echo(f"measuring {name.replace('_', ' ')} ...", err=True)
+            try:
+                results[name] = run()
+            except Exception as err:  # one failed measurement must not cost the others
+                traceback.print_exc()
+                results[name] = {"error": f"{type(err).__name__}: {err}"}
+        results["environment"]["load_after"] = _load()
+    report.evaluate(results)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    click.echo(report.render(results))
+    click.echo(f"\nresults written to {output}")
+
+
+def _plan(servers: Servers, sizes: dict[str, Any]) -> dict[str, Callable[[], dict[str, Any]]]:
+    from benchmarks import (
+        consumer_throughput,
+        end_to_end,
+        raw_limits,
+        relay_drain,
+        relay_latency,
+    )
+
+    orders, inventory, redis_url = (
+        servers.db_urls["orders"],
+        servers.db_urls["inventory"],
+        servers.redis_url,
+    )
+    return {
+        "raw_limits": lambda: raw_limits.measure(
+            orders, redis_url, xadd_single=sizes["xadd_single"],
+            xadd_pipelined=sizes["xadd_pipelined"], pg_commits=sizes["pg_commits"]),
+        "relay_drain": lambda: relay_drain.measure(
+            orders, redis_url, rows=sizes["relay_rows"], batch_size=sizes["relay_batch"]),
+        "relay_latency": lambda: relay_latency.measure(
+            orders, redis_url, rate=sizes["latency_rate"], seconds=sizes["latency_seconds"],
+            batch_size=sizes["relay_batch"]),
+        "consumer_throughput": lambda: consumer_throughput.measure(
+            inventory, redis_url, entries=sizes["consumer_entries"]),
+        "end_to_end": lambda: end_to_end.measure(
+            servers.db_urls, redis_url, rates=sizes["e2e_rates"],
+            step_seconds=sizes["e2e_step_seconds"], rise_by=sizes["e2e_rise_by"],
+            max_rate=sizes["e2e_max_rate"], senders=sizes["e2e_senders"],
+            server_pids=servers.pids),
+    }  # fmt: skip
+
+
+def _environment(servers: Servers) -> dict[str, Any]:
+    import redis
+
+    from service_runtime.db import connect
+
+    with connect(servers.db_urls["orders"]) as conn:
+        postgres = conn.execute("SHOW server_version").fetchone()[0]
+    with redis.Redis.from_url(servers.redis_url) as client:
+        redis_version = client.info("server")["redis_version"]
+    return {
+        "mode": servers.mode,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "postgres": postgres,
+        "redis": redis_version,
+        "load_before": _load(),
+    }
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+COMMANDS = [bench]

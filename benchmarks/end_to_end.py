@@ -1,0 +1,399 @@
+"""The whole system (the Procfile under honcho, as `make run-all` runs it) under an open-loop
+load of orders: time from POST to OrderConfirmed, the highest rate it keeps up with, CPU use
+per process and system-wide, and each process's memory at the end.
+
+Open loop: order i is handed to a sender at start + i/rate whatever happened to the ones
+before; a small pool of threads with one keep-alive connection each does the POSTs.
+Confirmations are seen by following `orders.events` (XREAD) and matched by order id, which
+costs the system nothing, unlike polling GET /orders/<id>.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
+
+from benchmarks.sample import percentiles, reset
+from contracts import ORDERS_EVENTS
+from devstack.osutil import free_port, tail, wait_until
+from service_runtime.redis_client import connect as redis_connect
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("orders", "inventory", "billing")
+OUTCOMES = ("OrderConfirmed", "OrderRejected", "OrderCancelled")
+SPREAD = 10  # products and customers the orders rotate over
+_JSON = {"Content-Type": "application/json"}
+OTHER_LOAD = "other load (not this benchmark)"
+
+
+@dataclass
+class Sent:
+    scheduled: float = 0.0
+    sent: float = 0.0
+    answered: float = 0.0
+    order_id: str | None = None
+    error: str | None = None
+
+
+def measure(
+    db_urls: dict[str, str],
+    redis_url: str,
+    *,
+    rates: Sequence[float] = (50, 100, 200),
+    step_seconds: float = 10.0,
+    rise_by: float = 100,
+    max_rate: float = 1_000,
+    senders: int = 32,
+    server_pids: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Every rate in `rates`, then rising by `rise_by` while the last step kept up."""
+    reset(list(db_urls.values()), redis_url)
+    workdir = Path(tempfile.mkdtemp(prefix="saga-bench-e2e-"))
+    system = _System(db_urls, redis_url, workdir)
+    outcomes: dict[str, tuple[str, float]] = {}
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(redis_url, outcomes, stop), daemon=True)
+    follower.start()
+    try:
+        system.wait_ready()
+        _seed(system.urls)
+        orders_url = system.urls["orders"]
+        # cold workers, pools and consumer groups are not what is being measured
+        _run_step(orders_url, 10, 2.0, 4, outcomes, None)
+        monitor = _Monitor(system.process.pid, server_pids or {})
+        steps: list[dict[str, Any]] = []
+        for rate in _rates(rates, rise_by, max_rate):
+            if len(steps) >= len(rates) and not steps[-1]["kept_up"]:
+                break
+            steps.append(_run_step(orders_url, rate, step_seconds, senders, outcomes, monitor))
+        memory = monitor.memory_mb()
+    except BaseException as err:
+        err.add_note(f"system log {system.log_path}:\n{tail(system.log_path, 30)}")
+        raise
+    finally:
+        stop.set()
+        system.stop()
+        follower.join(timeout=5)
+    shutil.rmtree(workdir, ignore_errors=True)
+    kept_up = [step["rate"] for step in steps if step["kept_up"]]
+    return {
+        "step_seconds": step_seconds,
+        "senders": senders,
+        "steps": steps,
+        "highest_sustained_rate": max(kept_up, default=0),
+        "memory_mb_at_end": memory,
+    }
+
+
+def _rates(initial: Sequence[float], rise_by: float, max_rate: float) -> Iterator[float]:
+    yield from initial
+    rate = initial[-1] + rise_by
+    while rise_by > 0 and rate <= max_rate:
+        yield rate
+        rate += rise_by
+
+
+def _run_step(
+    orders_url: str,
+    rate: float,
+    seconds: float,
+    senders: int,
+    outcomes: dict[str, tuple[str, float]],
+    monitor: _Monitor | None,
+) -> dict[str, Any]:
+    count = max(int(rate * seconds), 1)
+    bodies = [_order_body(i) for i in range(count)]
+    sent = [Sent() for _ in range(count)]
+    jobs: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    workers = [
+        threading.Thread(target=_sender, args=(orders_url, jobs, bodies, sent), daemon=True)
+        for _ in range(senders)
+    ]
+    for worker in workers:
+        worker.start()
+    if monitor:
+        monitor.begin()
+    started = time.perf_counter() + 0.01
+    for i in range(count):
+        sent[i].scheduled = started + i / rate
+        delay = sent[i].scheduled - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        jobs.put(i)
+    usage = monitor.end() if monitor else {}
+    for _ in workers:
+        jobs.put(None)
+    for worker in workers:
+        worker.join()
+    _settle([s.order_id for s in sent if s.order_id], outcomes)
+    return _summary(rate, seconds, sent, outcomes, usage)
+
+
+def _summary(
+    rate: float,
+    seconds: float,
+    sent: list[Sent],
+    outcomes: dict[str, tuple[str, float]],
+    usage: dict[str, Any],
+) -> dict[str, Any]:
+    last_scheduled = sent[-1].scheduled
+    confirmed_at: list[tuple[Sent, float]] = []
+    other = 0
+    for s in sent:
+        outcome = outcomes.get(s.order_id or "")
+        if outcome and outcome[0] == "OrderConfirmed":
+            confirmed_at.append((s, outcome[1]))
+        elif outcome:
+            other += 1
+    # orders not yet confirmed when the schedule ended: a system that keeps up has only the
+    # ones in flight, a second's worth at most; one that falls behind has a growing queue
+    backlog = len(sent) - sum(1 for _s, at in confirmed_at if at <= last_scheduled)
+    last_confirmed = max((at for _s, at in confirmed_at), default=last_scheduled)
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "orders": len(sent),
+        "errors": sum(1 for s in sent if s.error),
+        "first_error": next((s.error for s in sent if s.error), None),
+        "confirmed": len(confirmed_at),
+        "rejected_or_cancelled": other,
+        "latency_ms": percentiles([(at - s.sent) * 1000 for s, at in confirmed_at]),
+        "post_ms": percentiles([(s.answered - s.sent) * 1000 for s in sent if s.order_id]),
+        "send_lag_ms": percentiles([(s.sent - s.scheduled) * 1000 for s in sent]),
+        "backlog_at_end": backlog,
+        "confirmed_per_s": len(confirmed_at) / max(last_confirmed - sent[0].scheduled, 1e-9),
+        "kept_up": len(confirmed_at) == len(sent) and backlog <= max(rate, 1),
+        **usage,
+    }
+
+
+def _sender(base_url: str, jobs: queue.SimpleQueue, bodies: list[bytes], sent: list[Sent]) -> None:
+    url = urlsplit(base_url)
+    conn: http.client.HTTPConnection | None = None
+    while (i := jobs.get()) is not None:
+        record = sent[i]
+        record.sent = time.perf_counter()
+        for attempt in (1, 2):
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+                conn.request("POST", "/orders", body=bodies[i], headers=_JSON)
+                response = conn.getresponse()
+                body = response.read()
+                if response.status == 201:
+                    record.order_id = json.loads(body)["order_id"]
+                else:
+                    record.error = f"HTTP {response.status}: {body[:200]!r}"
+                break
+            except (OSError, http.client.HTTPException) as err:
+                if conn is not None:
+                    conn.close()
+                conn = None
+                # a keep-alive connection the server closed just then: once more on a new one
+                if attempt == 2 or not isinstance(err, ConnectionError):
+                    record.error = repr(err)
+                    break
+        record.answered = time.perf_counter()
+    if conn is not None:
+        conn.close()
+
+
+def _order_body(i: int) -> bytes:
+    n = i % SPREAD
+    return json.dumps(
+        {"customer_id": f"bench-{n}", "items": [{"sku": f"BENCH-{n}", "quantity": 1}]}
+    ).encode()
+
+
+def _settle(order_ids: list[str], outcomes: dict[str, tuple[str, float]]) -> None:
+    """Wait until every order has an outcome, or none arrived for 15 s (it has given up)."""
+    waiting = len(order_ids)
+    idle_since = time.monotonic()
+    while True:
+        left = sum(1 for order_id in order_ids if order_id not in outcomes)
+        if left == 0 or time.monotonic() - idle_since > 15:
+            return
+        if left < waiting:
+            waiting, idle_since = left, time.monotonic()
+        time.sleep(0.1)
+
+
+def _follow(redis_url: str, outcomes: dict[str, tuple[str, float]], stop: threading.Event) -> None:
+    client = redis_connect(redis_url)
+    last = "0-0"
+    while not stop.is_set():
+        reply = client.xread({ORDERS_EVENTS: last}, count=1_000, block=100)
+        seen = time.perf_counter()
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                last = entry_id
+                if fields["event_type"] in OUTCOMES:
+                    outcomes.setdefault(fields["aggregate_id"], (fields["event_type"], seen))
+    client.close()
+
+
+def _seed(urls: dict[str, str]) -> None:
+    """Stock and money enough that every order is confirmed."""
+    for n in range(SPREAD):
+        product = {"name": f"Bench {n}", "price_cents": 100, "available": 1_000_000_000}
+        _put(urls["inventory"], f"/products/BENCH-{n}", product)
+        _put(urls["billing"], f"/accounts/bench-{n}", {"balance_cents": 2_000_000_000})
+
+
+def _put(base_url: str, path: str, body: dict[str, Any]) -> None:
+    url = urlsplit(base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.request("PUT", path, body=json.dumps(body), headers=_JSON)
+        response = conn.getresponse()
+        if response.status not in (200, 201):
+            raise RuntimeError(f"PUT {path}: HTTP {response.status} {response.read()[:200]!r}")
+    finally:
+        conn.close()
+
+
+class _System:
+    """The Procfile under honcho with its own ports, run dir and log."""
+
+    def __init__(self, db_urls: dict[str, str], redis_url: str, workdir: Path) -> None:
+        ports = {service: free_port() for service in SERVICES}
+        self.urls = {s: f"http://127.0.0.1:{port}" for s, port in ports.items()}
+        self.log_path = workdir / "system.log"
+        bin_dir = Path(sys.executable).parent
+        env = {
+            **os.environ,
+            **{f"{s.upper()}_DATABASE_URL": url for s, url in db_urls.items()},
+            **{f"{s.upper()}_PORT": str(port) for s, port in ports.items()},
+            "REDIS_URL": redis_url,
+            "SAGA_RUN_DIR": str(workdir / "run"),
+            # an order still queued behind an overload must not be cancelled for its deadline
+            "PAYMENT_TIMEOUT_SECONDS": "3600",
+            "METRICS_PORT_BASE": "0",  # no endpoints to collide with; the metrics still count
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                [str(bin_dir / "honcho"), "-f", str(PROJECT_ROOT / "Procfile"), "start"],
+                cwd=PROJECT_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            return self.process.poll() is not None or all(
+                _status(url, "/ready") == 200 for url in self.urls.values()
+            )
+
+        if not wait_until(ready, timeout=120, interval=0.25) or self.process.poll() is not None:
+            raise RuntimeError("the system did not become ready")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _status(base_url: str, path: str) -> int:
+    url = urlsplit(base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=2)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return 0
+    finally:
+        conn.close()
+
+
+class _Monitor:
+    """CPU and memory of every process of the system, the servers and this load generator,
+    grouped by Procfile name (honcho puts HONCHO_PROCESS_NAME in each one's environment)."""
+
+    def __init__(self, honcho_pid: int, server_pids: dict[str, int]) -> None:
+        self.honcho_pid = honcho_pid
+        self.server_pids = server_pids
+        self._cpu_at_start: dict[int, float] = {}
+        self._started = 0.0
+
+    def _processes(self) -> list[tuple[str, psutil.Process]]:
+        found: list[tuple[str, psutil.Process]] = [("bench load generator", psutil.Process())]
+        roots = [("honcho", self.honcho_pid), *self.server_pids.items()]
+        for label, pid in roots:
+            try:
+                root = psutil.Process(pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            found.extend((_label(proc, label), proc) for proc in tree)
+        return found
+
+    def _cpu(self) -> dict[int, tuple[str, float]]:
+        seconds: dict[int, tuple[str, float]] = {}
+        for label, proc in self._processes():
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue  # it ended in between
+            seconds[proc.pid] = (label, times.user + times.system)
+        return seconds
+
+    def begin(self) -> None:
+        self._cpu_at_start = {pid: cpu for pid, (_label, cpu) in self._cpu().items()}
+        self._started = time.perf_counter()
+        psutil.cpu_percent(interval=None)  # the next call reports the time since this one
+
+    def end(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self._started
+        system = psutil.cpu_percent(interval=None)
+        per_label: dict[str, float] = defaultdict(float)
+        for pid, (label, cpu) in self._cpu().items():
+            per_label[label] += cpu - self._cpu_at_start.get(pid, 0.0)
+        cpu = {label: 100 * s / wall for label, s in sorted(per_label.items())}
+        # the machine's other load in the same units: a shared machine skews every figure
+        cpu[OTHER_LOAD] = max(system * (psutil.cpu_count() or 1) - sum(cpu.values()), 0.0)
+        return {"system_cpu_percent": system, "cpu_percent": cpu}  # in % of one core, as top
+
+    def memory_mb(self) -> dict[str, dict[str, float]]:
+        """RSS and PSS summed per group. RSS counts pages shared between forked workers (and
+        PostgreSQL's shared buffers) once per process; PSS splits them among the sharers."""
+        memory: dict[str, dict[str, float]] = defaultdict(lambda: {"rss": 0.0, "pss": 0.0})
+        for label, proc in self._processes():
+            try:
+                info = proc.memory_full_info()
+            except psutil.Error:
+                continue
+            memory[label]["rss"] += info.rss / 2**20
+            memory[label]["pss"] += getattr(info, "pss", 0) / 2**20  # Linux only
+        return dict(sorted(memory.items()))
+
+
+def _label(proc: psutil.Process, default: str) -> str:
+    try:
+        name = proc.environ().get("HONCHO_PROCESS_NAME")
+    except psutil.Error:
+        name = None
+    return name.rsplit(".", 1)[0] if name else default

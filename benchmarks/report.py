@@ -1,0 +1,265 @@
+"""Ratios against the raw limits, the issue's targets met or missed, and the printed table."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Results = dict[str, Any]
+_FIGURE = re.compile(r"^(-?[\d,.]+[x%]?|n/a|-)$")
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    goal: float
+    at_least: bool  # met when measured >= goal; otherwise when measured <= goal
+    measured: Callable[[Results], float | None]
+    percent: bool = False
+
+
+def _get(results: Results, *path: str | int) -> Any:
+    value: Any = results
+    for key in path:
+        try:
+            value = value[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return value
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
+def _e2e_at(results: Results, rate: float, percentile: str) -> float | None:
+    for step in _get(results, "end_to_end", "steps") or ():
+        if step["rate"] == rate and step["confirmed"] == step["orders"]:
+            return step["latency_ms"][percentile]
+    return None  # not run at that rate, or not every order was confirmed
+
+
+def _relay_p99(results: Results) -> float | None:
+    latency = results.get("relay_latency") or {}
+    # a row that never arrived has no latency: a p99 over the others would flatter
+    return None if latency.get("missing", 1) else _get(latency, "latency_ms", "p99")
+
+
+TARGETS = (
+    Target("relay drain >= 30,000 events/s", 30_000, True,
+           lambda r: _get(r, "relay_drain", "events_per_s")),
+    Target("relay drain >= 50% of pipelined XADD", 0.5, True,
+           lambda r: _get(r, "ratios", "relay_drain_vs_xadd_pipelined"), percent=True),
+    Target("relay p99 <= 25 ms at 1,000 rows/s", 25, False, _relay_p99),
+    Target("one consumer >= 5,000 events/s", 5_000, True,
+           lambda r: _get(r, "consumer_throughput", "events_per_s")),
+    Target("saga p50 <= 50 ms at 100 orders/s", 50, False, lambda r: _e2e_at(r, 100, "p50")),
+    Target("saga p99 <= 250 ms at 100 orders/s", 250, False, lambda r: _e2e_at(r, 100, "p99")),
+    Target(">= 300 confirmed orders/s sustained", 300, True,
+           lambda r: _get(r, "end_to_end", "highest_sustained_rate")),
+)  # fmt: skip
+
+
+def evaluate(results: Results) -> Results:
+    """Add `ratios` (against the raw limits of the same run) and `checks` (the targets)."""
+    drain = _get(results, "relay_drain", "events_per_s")
+    consumer = _get(results, "consumer_throughput", "events_per_s")
+    pipelined = _get(results, "raw_limits", "xadd_pipelined_per_s")
+    single = _get(results, "raw_limits", "xadd_single_per_s")
+    commit = _get(results, "raw_limits", "pg_commit_per_s", "1")
+    results["ratios"] = {
+        "relay_drain_vs_xadd_pipelined": _ratio(drain, pipelined),
+        "consumer_vs_xadd_single": _ratio(consumer, single),
+        "consumer_vs_xadd_pipelined": _ratio(consumer, pipelined),
+        "consumer_vs_pg_commit_1_connection": _ratio(consumer, commit),
+    }
+    checks = []
+    for target in TARGETS:
+        measured = target.measured(results)
+        met = None
+        if measured is not None:
+            met = measured >= target.goal if target.at_least else measured <= target.goal
+        checks.append(
+            {
+                "target": target.text,
+                "goal": target.goal,
+                "measured": measured,
+                # > 1 means better than the goal whichever way the goal points
+                "vs_goal": _ratio(measured, target.goal)
+                if target.at_least
+                else _ratio(target.goal, measured),
+                "met": met,  # None: not measured
+                "percent": target.percent,
+            }
+        )
+    results["checks"] = checks
+    return results
+
+
+def render(results: Results) -> str:
+    env = results.get("environment", {})
+    parts = [
+        f"saga bench {results.get('started_at', '')}: {env.get('mode', '')}; "
+        f"{env.get('cpus')} CPUs, load average {env.get('load_before')} before, "
+        f"{env.get('load_after')} after; PostgreSQL {env.get('postgres', '?')}, "
+        f"Redis {env.get('redis', '?')}",
+    ]
+    if "raw_limits" in results:
+        parts.append(_raw_section(results["raw_limits"]))
+    if {"relay_drain", "relay_latency", "consumer_throughput"} & results.keys():
+        parts.append(_component_section(results))
+    e2e = results.get("end_to_end")
+    if e2e and "error" not in e2e:
+        parts += [_e2e_section(e2e), _process_section(e2e)]
+    elif e2e:
+        parts.append(f"End to end: error: {e2e['error']}")
+    parts.append(_targets_section(results))
+    return "\n\n".join(parts)
+
+
+def _raw_section(raw: Results) -> str:
+    if "error" in raw:
+        return f"Raw limits: error: {raw['error']}"
+    rows = [
+        ["Redis XADD, one at a time", _n(raw["xadd_single_per_s"])],
+        [f"Redis XADD, pipelined (batch {raw['pipeline_batch']})",
+         _n(raw["xadd_pipelined_per_s"])],
+        *([f"PostgreSQL insert+commit, {n} connection(s)", _n(rate)]
+          for n, rate in raw["pg_commit_per_s"].items()),
+    ]  # fmt: skip
+    return "Raw limits\n" + _table(["measurement", "per second"], rows)
+
+
+def _component_section(results: Results) -> str:
+    ratios = results.get("ratios", {})
+    rows = []
+    drain = results.get("relay_drain")
+    if drain and "error" not in drain:
+        rows.append(
+            [
+                f"relay drain ({drain['rows']:,} rows, batch {drain['batch_size']})",
+                f"{_n(drain['events_per_s'])} events/s",
+                f"{_pct(ratios.get('relay_drain_vs_xadd_pipelined'))} of pipelined XADD",
+            ]
+        )
+    latency = results.get("relay_latency")
+    if latency and "error" not in latency:
+        ms = latency["latency_ms"]
+        rows.append(
+            [
+                f"relay latency ({_n(latency['rate'])} rows/s for {latency['seconds']:g} s)",
+                f"p50 {ms['p50']:.1f} / p95 {ms['p95']:.1f} / p99 {ms['p99']:.1f} ms",
+                f"achieved {_n(latency['achieved_rate'])} rows/s, {latency['missing']} missing",
+            ]
+        )
+    consumer = results.get("consumer_throughput")
+    if consumer and "error" not in consumer:
+        rows.append(
+            [
+                f"one consumer ({consumer['entries']:,} entries, inbox, no-op handler)",
+                f"{_n(consumer['events_per_s'])} events/s",
+                f"{_pct(ratios.get('consumer_vs_pg_commit_1_connection'))} of 1-connection "
+                f"commits, {_pct(ratios.get('consumer_vs_xadd_pipelined'))} of pipelined XADD",
+            ]
+        )
+    errors = [
+        f"{name}: error: {results[name]['error']}"
+        for name in ("relay_drain", "relay_latency", "consumer_throughput")
+        if "error" in (results.get(name) or {})
+    ]
+    table = _table(["measurement", "result", "against raw limits"], rows) if rows else ""
+    return "\n".join(["Relay and consumer", table, *errors])
+
+
+def _e2e_section(e2e: Results) -> str:
+    rows = [
+        [
+            _n(step["rate"]),
+            step["orders"],
+            step["confirmed"],
+            step["errors"],
+            f"{step['latency_ms']['p50']:.0f}",
+            f"{step['latency_ms']['p95']:.0f}",
+            f"{step['latency_ms']['p99']:.0f}",
+            _n(step["confirmed_per_s"]),
+            step["backlog_at_end"],
+            f"{step['send_lag_ms']['p99']:.0f}",
+            f"{step.get('system_cpu_percent', 0):.0f}",
+            "yes" if step["kept_up"] else "NO",
+        ]
+        for step in e2e["steps"]
+    ]
+    headers = ["offered/s", "orders", "confirmed", "errors", "p50 ms", "p95 ms", "p99 ms",
+               "confirmed/s", "backlog", "lag p99 ms", "CPU %", "kept up"]  # fmt: skip
+    return (
+        f"End to end (POST to OrderConfirmed seen on {e2e['step_seconds']:g} s steps, "
+        f"open loop, {e2e['senders']} senders; highest rate kept up: "
+        f"{_n(e2e['highest_sustained_rate'])}/s)\n"
+        "  backlog: orders not yet confirmed when the schedule ended (kept up: none lost and at\n"
+        "  most a second's worth); lag: how late POSTs left against the schedule; CPU: machine\n"
+        + _table(headers, rows)
+    )
+
+
+def _process_section(e2e: Results) -> str:
+    steps, memory = e2e["steps"], e2e["memory_mb_at_end"]
+    labels = sorted({label for s in steps for label in s.get("cpu_percent", {})} | set(memory))
+    rows = [
+        [
+            label,
+            *(f"{s.get('cpu_percent', {}).get(label, 0):.0f}" for s in steps),
+            *(f"{memory[label][kind]:.0f}" if label in memory else "-" for kind in ("rss", "pss")),
+        ]
+        for label in labels
+    ]
+    headers = ["process", *(f"CPU% @{_n(s['rate'])}/s" for s in steps), "RSS MB", "PSS MB"]
+    return (
+        "Processes (CPU in % of one core while sending; memory at the end, summed over each\n"
+        "group's processes: RSS counts shared pages in every process, PSS splits them)\n"
+        + _table(headers, rows)
+    )
+
+
+def _targets_section(results: Results) -> str:
+    rows = [
+        [
+            check["target"],
+            _pct(check["measured"]) if check["percent"] else _n(check["measured"], 2),
+            "n/a" if check["vs_goal"] is None else f"{check['vs_goal']:.2f}x",
+            {True: "met", False: "MISSED", None: "not measured"}[check["met"]],
+        ]
+        for check in results.get("checks", [])
+    ]
+    return "Targets (vs goal > 1.00x is better than the goal)\n" + _table(
+        ["target", "measured", "vs goal", ""], rows
+    )
+
+
+def _n(value: float | None, decimals: int = 0) -> str:
+    if value is None:
+        return "n/a"
+    if abs(value) < 10 and value != int(value):
+        return f"{value:.{max(decimals, 2)}f}"
+    return f"{value:,.0f}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(c) for c in headers], *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        # text left, figures right
+        return "  ".join(
+            c.rjust(w) if _FIGURE.match(c) else c.ljust(w) for c, w in zip(row, widths, strict=True)
+        ).rstrip()
+
+    return "\n".join(
+        ["  " + line(cells[0]), "  " + "  ".join("-" * w for w in widths)]
+        + ["  " + line(row) for row in cells[1:]]
+    )

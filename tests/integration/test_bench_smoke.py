@@ -1,0 +1,90 @@
+"""`saga bench` at toy sizes against the test servers: every figure is there and sane.
+
+No figure is compared with a target here (DESIGN.md §9: measure with the benchmark command,
+never with timed assertions); these tests only keep the measurements runnable.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import (
+    consumer_throughput,
+    end_to_end,
+    raw_limits,
+    relay_drain,
+    relay_latency,
+    report,
+)
+
+
+def assert_percentiles(figures: dict) -> None:
+    assert 0 < figures["p50"] <= figures["p95"] <= figures["p99"] <= figures["max"]
+
+
+def test_relay_and_consumer_measurements(clean_state):
+    orders, inventory = clean_state.db_urls["orders"], clean_state.db_urls["inventory"]
+    redis_url = clean_state.redis_url
+    results = {
+        "raw_limits": raw_limits.measure(
+            orders, redis_url, xadd_single=50, xadd_pipelined=1_000, pg_commits=40
+        ),
+        "relay_drain": relay_drain.measure(orders, redis_url, rows=200, batch_size=50),
+        "relay_latency": relay_latency.measure(orders, redis_url, rate=50, seconds=1),
+        "consumer_throughput": consumer_throughput.measure(inventory, redis_url, entries=200),
+    }
+
+    raw = results["raw_limits"]
+    assert raw["xadd_single_per_s"] > 0 and raw["xadd_pipelined_per_s"] > 0
+    assert set(raw["pg_commit_per_s"]) == {"1", "4"}
+    assert all(rate > 0 for rate in raw["pg_commit_per_s"].values())
+
+    drain = results["relay_drain"]
+    assert drain["events_per_s"] > 0 and drain["fill_rows_per_s"] > 0
+    assert drain["stream_length"] == 200  # every row published, none twice
+
+    latency = results["relay_latency"]
+    assert latency["rows"] == 50 and latency["missing"] == 0
+    assert latency["achieved_rate"] > 0
+    assert_percentiles(latency["latency_ms"])
+
+    consumer = results["consumer_throughput"]
+    assert consumer["events_per_s"] > 0
+    assert consumer["inbox_rows"] == 200 and consumer["left_pending"] == 0
+
+    report.evaluate(results)
+    ratios = results["ratios"]
+    assert all(value > 0 for value in ratios.values()), ratios
+    checks = {check["target"]: check for check in results["checks"]}
+    for target in report.TARGETS[:4]:  # the ones these measurements feed
+        assert checks[target.text]["measured"] > 0
+        assert checks[target.text]["met"] in (True, False)
+    table = report.render(results)
+    assert all(target.text in table for target in report.TARGETS)
+
+
+@pytest.mark.e2e
+def test_end_to_end_measurement(clean_state):
+    result = end_to_end.measure(
+        clean_state.db_urls,
+        clean_state.redis_url,
+        rates=(5,),
+        step_seconds=2,
+        rise_by=0,
+        senders=4,
+    )
+
+    [step] = result["steps"]
+    assert step["orders"] == 10 and step["errors"] == 0
+    assert step["confirmed"] == 10
+    assert_percentiles(step["latency_ms"])
+    assert step["confirmed_per_s"] > 0
+    assert 0 <= step["system_cpu_percent"] <= 100
+    # every Procfile process is watched, and so is the load generator
+    for name in ("orders-web", "orders-relay", "orders-consumer", "bench load generator"):
+        assert step["cpu_percent"][name] >= 0
+        assert result["memory_mb_at_end"][name]["rss"] > 0
+    assert result["highest_sustained_rate"] in (0, 5)  # kept up or not: timing, not judged
+
+    results = report.evaluate({"end_to_end": result})
+    assert "5" in report.render(results)
