@@ -10,7 +10,8 @@ import logging
 import time
 from collections.abc import Iterable
 
-from flask import Flask, Response, current_app, g, jsonify, request
+import swagger_ui_bundle
+from flask import Flask, Response, current_app, g, jsonify, request, send_from_directory
 from flask.views import MethodView
 from flask_smorest import Api, Blueprint
 from marshmallow import Schema, fields
@@ -43,7 +44,8 @@ def create_service_app(
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/swagger-ui",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        # Served from the swagger-ui-bundle wheel: the page works on a machine offline.
+        OPENAPI_SWAGGER_UI_URL="/swagger-ui-assets/",
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         SERVICE_NAME=name,
     )
@@ -56,7 +58,12 @@ def create_service_app(
         api.register_blueprint(blueprint)
     _register_error_handlers(app, api)
     _register_metrics(app, name)
+    app.add_url_rule("/swagger-ui-assets/<path:filename>", view_func=_swagger_asset)
     return app
+
+
+def _swagger_asset(filename: str) -> Response:
+    return send_from_directory(swagger_ui_bundle.swagger_ui_path, filename)
 
 
 def db_pool() -> ConnectionPool:

@@ -285,7 +285,10 @@ def test_health_ready_openapi_and_swagger(api):
         assert requests.get(f"{url}/ready").json()["status"] == "ready"
         spec = requests.get(f"{url}/openapi.json").json()
         assert spec["openapi"].startswith("3.")
-        assert "swagger-ui" in requests.get(f"{url}/swagger-ui").text.lower()
+        page = requests.get(f"{url}/swagger-ui").text
+        assert "/swagger-ui-assets/swagger-ui-bundle.js" in page  # served locally, no CDN
+        asset = requests.get(f"{url}/swagger-ui-assets/swagger-ui-bundle.js")
+        assert asset.status_code == 200 and "SwaggerUIBundle" in asset.text
 
 
 def test_listing_filters_and_paginates(shop):
