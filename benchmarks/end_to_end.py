@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,9 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from benchmarks.sample import percentiles, reset
+from benchmarks.sample import follow_stream, percentiles, reset
 from contracts import ORDERS_EVENTS
 from devstack.osutil import free_port, tail, wait_until
-from service_runtime.redis_client import connect as redis_connect
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("orders", "inventory", "billing")
@@ -69,7 +68,11 @@ def measure(
     system = _System(db_urls, redis_url, workdir)
     outcomes: dict[str, tuple[str, float]] = {}
     stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(redis_url, outcomes, stop), daemon=True)
+    follower = threading.Thread(
+        target=follow_stream,
+        args=(redis_url, ORDERS_EVENTS, _record_outcome(outcomes), stop),
+        daemon=True,
+    )
     follower.start()
     try:
         system.wait_ready()
@@ -235,18 +238,12 @@ def _settle(order_ids: list[str], outcomes: dict[str, tuple[str, float]]) -> Non
         time.sleep(0.1)
 
 
-def _follow(redis_url: str, outcomes: dict[str, tuple[str, float]], stop: threading.Event) -> None:
-    client = redis_connect(redis_url)
-    last = "0-0"
-    while not stop.is_set():
-        reply = client.xread({ORDERS_EVENTS: last}, count=1_000, block=100)
-        seen = time.perf_counter()
-        for _stream, entries in reply or ():
-            for entry_id, fields in entries:
-                last = entry_id
-                if fields["event_type"] in OUTCOMES:
-                    outcomes.setdefault(fields["aggregate_id"], (fields["event_type"], seen))
-    client.close()
+def _record_outcome(outcomes: dict[str, tuple[str, float]]) -> Callable:
+    def record(fields: dict[str, str], seen: float) -> None:
+        if fields["event_type"] in OUTCOMES:
+            outcomes.setdefault(fields["aggregate_id"], (fields["event_type"], seen))
+
+    return record
 
 
 def _seed(urls: dict[str, str]) -> None:

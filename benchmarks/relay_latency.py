@@ -9,9 +9,17 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from benchmarks.sample import OUTBOX_COLUMNS, outbox_row, percentiles, reset, wake_relay
+from benchmarks.sample import (
+    OUTBOX_COLUMNS,
+    follow_stream,
+    outbox_row,
+    percentiles,
+    reset,
+    wake_relay,
+)
 from service_runtime.db import connect
 from service_runtime.redis_client import connect as redis_connect
 
@@ -36,7 +44,14 @@ def measure(
     arrivals: dict[str, float] = {}
     stop_reader = threading.Event()
     reader = threading.Thread(
-        target=_read_stream, args=(redis_url, arrivals, stop_reader), daemon=True
+        target=follow_stream,
+        args=(
+            redis_url,
+            STREAM,
+            _stamp_arrival(arrivals),
+            stop_reader,
+        ),
+        daemon=True,
     )
     relay.start()
     reader.start()
@@ -101,22 +116,16 @@ def _warm_up(conn: Any, arrivals: dict[str, float]) -> None:
         time.sleep(0.01)
 
 
-def _read_stream(redis_url: str, arrivals: dict[str, float], stop: threading.Event) -> None:
-    client = redis_connect(redis_url)
-    last = "0-0"
-    while not stop.is_set():
-        reply = client.xread({STREAM: last}, count=1_000, block=100)
-        seen = time.perf_counter()
-        for _stream, entries in reply or ():
-            for entry_id, fields in entries:
-                arrivals[fields["event_id"]] = seen
-                last = entry_id
-    client.close()
-
-
 def _run_relay(db_url: str, redis_url: str, batch_size: int, stop: Any) -> None:
     from outbox_relay.relay import Relay, RelaySettings
 
     settings = RelaySettings(producer="orders", stream=STREAM, batch_size=batch_size)
     # a multiprocessing Event has the is_set/wait the relay loop uses
     Relay(db_url, redis_connect(redis_url), settings).run(stop)
+
+
+def _stamp_arrival(arrivals: dict[str, float]) -> Callable[[dict[str, str], float], None]:
+    def stamp(fields: dict[str, str], seen: float) -> None:
+        arrivals[fields["event_id"]] = seen
+
+    return stamp

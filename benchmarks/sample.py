@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 
 import psycopg
@@ -14,6 +16,7 @@ import redis
 
 from contracts import Envelope, encode_entry
 from service_runtime.db import connect
+from service_runtime.redis_client import connect as redis_connect
 
 OUTBOX_COLUMNS = (
     "event_id, aggregate_type, aggregate_id, event_type, event_version, payload, correlation_id"
@@ -101,3 +104,22 @@ def chunks(count: int, size: int) -> Iterator[int]:
     """Sizes of the batches that make up `count` items."""
     for start in range(0, count, size):
         yield min(size, count - start)
+
+
+def follow_stream(
+    redis_url: str,
+    stream: str,
+    on_entry: Callable[[dict[str, str], float], None],
+    stop: threading.Event,
+) -> None:
+    """Read `stream` from its start until stopped; each entry with the time its batch arrived
+    (time.perf_counter), for measuring how long an event took to get there."""
+    client = redis_connect(redis_url)
+    last = "0-0"
+    while not stop.is_set():
+        reply = client.xread({stream: last}, count=1_000, block=100)
+        seen = time.perf_counter()
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                last = entry_id
+                on_entry(fields, seen)
