@@ -48,7 +48,7 @@ class Orders(MethodView):
         extra = {"Location": location}
         if placed.replayed:
             extra["Idempotent-Replayed"] = "true"
-        return _load(placed.order_id), 201, extra
+        return placed.order or _load(placed.order_id), 201, extra
 
     @blp.arguments(schemas.OrderQuery, location="query")
     @blp.response(200, schemas.Order(many=True))

@@ -26,6 +26,7 @@ class NotCancellable(Exception):
 class Placed:
     order_id: str
     replayed: bool
+    order: dict | None = None  # the new order as stored; None for a replay (read it)
 
 
 def place_order(
@@ -46,7 +47,7 @@ def place_order(
                 raise IdempotencyConflict(idempotency_key)
             return Placed(known_order, replayed=True)
         deadline = datetime.now(UTC) + timedelta(seconds=payment_timeout_s)
-        storage.insert_order(uow.conn, order_id, customer_id, items, deadline)
+        order = storage.insert_order(uow.conn, order_id, customer_id, items, deadline)
         uow.emit(
             "OrderPlaced",
             aggregate_type="order",
@@ -57,7 +58,7 @@ def place_order(
                 "items": [{"sku": i["sku"], "quantity": i["quantity"]} for i in items],
             },
         )
-    return Placed(order_id, replayed=False)
+    return Placed(order_id, replayed=False, order=order)
 
 
 def cancel_order(pool: ConnectionPool, order_id: str) -> bool | None:

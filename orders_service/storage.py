@@ -18,18 +18,26 @@ def insert_order(
     customer_id: str,
     items: list[dict],
     payment_deadline: datetime,
-) -> None:
-    conn.execute(
-        """INSERT INTO orders (order_id, customer_id, status, payment_deadline)
-           VALUES (%s, %s, 'pending', %s)""",
-        (order_id, customer_id, payment_deadline),
+) -> dict:
+    """Insert a pending order; returns it as `get_order` would, without reading it back."""
+    order = (
+        conn.cursor(row_factory=dict_row)
+        .execute(
+            f"""INSERT INTO orders (order_id, customer_id, status, payment_deadline)
+                VALUES (%s, %s, 'pending', %s) RETURNING {_ORDER_COLUMNS}""",
+            (order_id, customer_id, payment_deadline),
+        )
+        .fetchone()
     )
     with conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO order_lines (order_id, line_no, sku, quantity) VALUES (%s, %s, %s, %s)",
             [(order_id, n, item["sku"], item["quantity"]) for n, item in enumerate(items, 1)],
         )
-    add_history(conn, order_id, status="pending")
+    at = add_history(conn, order_id, status="pending")
+    order["items"] = [{"sku": i["sku"], "quantity": i["quantity"]} for i in items]
+    order["history"] = [{"status": "pending", "event": None, "reason": None, "at": at}]
+    return order
 
 
 def add_history(
@@ -39,11 +47,12 @@ def add_history(
     status: str | None = None,
     event: str | None = None,
     reason: str | None = None,
-) -> None:
-    conn.execute(
-        "INSERT INTO order_history (order_id, status, event, reason) VALUES (%s, %s, %s, %s)",
+) -> datetime:
+    return conn.execute(
+        """INSERT INTO order_history (order_id, status, event, reason) VALUES (%s, %s, %s, %s)
+           RETURNING at""",
         (order_id, status, event, reason),
-    )
+    ).fetchone()[0]
 
 
 def lock_order(conn: psycopg.Connection, order_id: str) -> dict | None:

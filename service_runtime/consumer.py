@@ -339,7 +339,8 @@ class StreamConsumer:
             return False  # stays pending: retried after a backoff by retry_failed_once
         outcome = "processed" if first_time else "duplicate"
         self._count(outcome, event_type, started)
-        log.debug("%s %s", outcome, event_type, extra=_log_context(envelope, stream))
+        if log.isEnabledFor(logging.DEBUG):  # spare building the context on the hot path
+            log.debug("%s %s", outcome, event_type, extra=_log_context(envelope, stream))
         return True
 
     def _handler_failed(
