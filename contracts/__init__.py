@@ -4,7 +4,7 @@ Pure: no I/O. Producers validate before writing an outbox row, consumers before 
 """
 
 from contracts.envelope import ENVELOPE_FIELDS, ContractError, Envelope, decode_entry, encode_entry
-from contracts.events import EVENT_SCHEMAS, validate_payload
+from contracts.events import EVENT_SCHEMAS, EVENT_TYPES, validate_payload
 from contracts.streams import (
     BILLING_EVENTS,
     INVENTORY_EVENTS,
@@ -20,6 +20,7 @@ __all__ = [
     "BILLING_EVENTS",
     "ENVELOPE_FIELDS",
     "EVENT_SCHEMAS",
+    "EVENT_TYPES",
     "INVENTORY_EVENTS",
     "ORDERS_EVENTS",
     "STREAM_OF_PRODUCER",

@@ -128,6 +128,8 @@ EVENT_SCHEMAS: dict[tuple[str, int], Schema] = {
     ("PaymentRefunded", 1): PaymentRefundedV1(),
 }
 
+EVENT_TYPES = frozenset(event_type for event_type, _version in EVENT_SCHEMAS)
+
 
 def validate_payload(event_type: str, version: int, payload: dict[str, Any]) -> dict[str, Any]:
     """Check a payload against its schema; returns it unchanged (JSON-ready) when valid."""

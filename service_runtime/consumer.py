@@ -18,7 +18,14 @@ from datetime import UTC, datetime
 import redis
 from psycopg_pool import ConnectionPool
 
-from contracts import ContractError, Envelope, dead_letter_stream, decode_entry, redrive_stream
+from contracts import (
+    EVENT_TYPES,
+    ContractError,
+    Envelope,
+    dead_letter_stream,
+    decode_entry,
+    redrive_stream,
+)
 from service_runtime.db import DB_OUTAGE_ERRORS
 from service_runtime.faults import no_faults
 from service_runtime.metrics import CONSUMER_EVENTS, CONSUMER_LATENCY
@@ -86,6 +93,7 @@ class StreamConsumer:
         self.stats = Stats()
         self._on_outcome = on_outcome or (lambda _type, _outcome, _seconds: None)
         self.fault = fault
+        self._not_ours = EVENT_TYPES - set(handlers)
 
     # -- setup -------------------------------------------------------------------------
 
@@ -228,9 +236,21 @@ class StreamConsumer:
 
     def _handle_entries(self, stream: str, entries: Iterable[Entry], attempt: int | None) -> int:
         entries = list(entries)
-        done = self._handle_together(stream, entries, attempt)
+        # Events of a known type this group has no handler for are most of what it reads:
+        # acknowledge them without the cost of validating a payload nobody here will use.
+        # An unknown type still goes through validation, and so to the dead letters.
+        ours: list[Entry] = []
+        ignored: list[str] = []
+        for entry_id, fields in entries:
+            if fields.get("event_type") in self._not_ours:
+                ignored.append(entry_id)
+                self._count("ignored", fields["event_type"], time.perf_counter())
+            else:
+                ours.append((entry_id, fields))
+        done = self._handle_together(stream, ours, attempt)
         if done is None:
-            done = self._handle_each(stream, entries, attempt)
+            done = self._handle_each(stream, ours, attempt)
+        done = ignored + done
         if done:
             self.fault("after_commit")
             self.redis.xack(stream, self.settings.group, *done)

@@ -341,8 +341,9 @@ def test_dead_letters_list_show_and_redrive_to_the_failing_group_only(shop):
 
 
 def test_redrive_all_takes_only_what_is_there_now(shop):
-    # An entry that breaks its contract: every group dead-letters it at once.
-    shop.redis.xadd(ORDERS_EVENTS, {"event_type": "OrderPlaced", "payload": "{not json"})
+    # An entry that breaks its contract: every group that handles its type dead-letters it
+    # at once (inventory and billing both react to OrderCancelled).
+    shop.redis.xadd(ORDERS_EVENTS, {"event_type": "OrderCancelled", "payload": "{not json"})
     assert shop.deliver("inventory") == 1 and shop.deliver("billing") == 1
     letters = saga_json("dead-letters", "list")
     assert letters["totals"] == {"orders": 0, "inventory": 1, "billing": 1}

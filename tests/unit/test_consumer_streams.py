@@ -446,12 +446,15 @@ def test_outcomes_are_reported(r):
     publish(r, envelope("OrderConfirmed"))
     r.xadd(STREAM, {"event_type": "OrderPlaced"})
     consumer.read_new_once()
-    assert seen == [
-        ("OrderPlaced", "processed"),
-        ("OrderPlaced", "duplicate"),
-        ("OrderConfirmed", "ignored"),
-        ("OrderPlaced", "dead_lettered"),
-    ]
+    # Ignored types are settled before the rest of a read, so compare without order.
+    assert sorted(seen) == sorted(
+        [
+            ("OrderPlaced", "processed"),
+            ("OrderPlaced", "duplicate"),
+            ("OrderConfirmed", "ignored"),
+            ("OrderPlaced", "dead_lettered"),
+        ]
+    )
 
 
 def test_redriven_entries_are_consumed_from_the_groups_redrive_stream(r):
