@@ -272,11 +272,12 @@ class StreamConsumer:
         """Handle a read's entries in one transaction; the ids that may be acknowledged.
 
         A transaction per event costs a pool checkout, BEGIN and a COMMIT each: sharing
-        them more than doubles what one consumer keeps up with under load. Each event's effects, outbox rows and inbox row still commit together, and
-        XACK still follows the commit. None, having done nothing, for a single entry or one
-        off contract. When a handler fails, all is rolled back, that entry's failure is
-        recorded as for one entry (retry or dead letter; its handler is not run again) and
-        the others are handled one transaction each.
+        them more than doubles what one consumer keeps up with under load. Each event's
+        effects, outbox rows and inbox row still commit together, and XACK still follows the
+        commit. None, having done nothing, for a single entry or one off contract. When a
+        handler fails, all is rolled back, that entry's failure is recorded as for one entry
+        (retry or dead letter; its handler is not run again) and the others are handled one
+        transaction each.
         """
         if len(entries) < 2:
             return None
