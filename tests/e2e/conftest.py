@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,6 +86,7 @@ def system(pg_admin_url: str, redis_server_url: str) -> Iterator[RunningSystem]:
     redis_url = _next_redis_db(redis_server_url)
     redis.Redis.from_url(redis_url).flushdb()
     ports = {service: free_port() for service in SERVICES}
+    scratch = Path(tempfile.mkdtemp(prefix="saga-e2e-"))  # run dir and process logs
     metrics_base = _free_port_block(14)
     env = {
         **os.environ,
@@ -92,11 +94,11 @@ def system(pg_admin_url: str, redis_server_url: str) -> Iterator[RunningSystem]:
         **{f"{s.upper()}_PORT": str(port) for s, port in ports.items()},
         "REDIS_URL": redis_url,
         "METRICS_PORT_BASE": str(metrics_base),
-        "SAGA_RUN_DIR": tempfile.mkdtemp(prefix="saga-e2e-run-"),
+        "SAGA_RUN_DIR": str(scratch / "run"),
         "CONSUMER_CLAIM_IDLE_MS": "5000",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    log_path = Path(tempfile.mkstemp(prefix="saga-e2e-", suffix=".log")[1])
+    log_path = scratch / "processes.log"
     honcho = Path(sys.executable).parent / "honcho"
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -130,3 +132,4 @@ def system(pg_admin_url: str, redis_server_url: str) -> Iterator[RunningSystem]:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         drop(pg_admin_url, SERVICES, prefix=prefix)
+        shutil.rmtree(scratch, ignore_errors=True)
