@@ -5,6 +5,7 @@ from __future__ import annotations
 from orders_service import commands, storage
 from service_runtime.config import database_url
 from service_runtime.db import connect
+from service_runtime.metrics import JOBS_RUN
 from service_runtime.unit_of_work import UnitOfWork, count_emitted
 
 
@@ -22,4 +23,5 @@ def sweep_payment_deadlines(limit: int = 500, url: str | None = None) -> int:
             for order_id in overdue:
                 commands.cancel(uow, order_id, "payment_timeout")
         count_emitted("orders", uow.emitted)
+    JOBS_RUN.labels("sweep_payment_deadlines").inc()
     return len(overdue)

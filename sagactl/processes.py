@@ -29,6 +29,7 @@ from service_runtime.db import create_pool
 from service_runtime.faults import crash_at_configured_point
 from service_runtime.logs import setup_logging
 from service_runtime.metrics import serve as serve_metrics
+from service_runtime.metrics import serve_multiprocess as serve_multiprocess_metrics
 
 RQ_QUEUE = "saga"
 
@@ -40,6 +41,12 @@ def _stop_on_signals() -> threading.Event:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     return stop
+
+
+# Worker metrics ports, as offsets from METRICS_PORT_BASE: + index of the service.
+RELAY_METRICS_OFFSET = 1
+CONSUMER_METRICS_OFFSET = 11
+WORKER_METRICS_OFFSET = 21
 
 
 def _metrics_port(offset: int) -> int | None:
@@ -85,7 +92,7 @@ def relay(service: str) -> None:
         poll_seconds=tunables.relay_poll_seconds,
         standby_retry_seconds=tunables.relay_standby_retry_seconds,
     )
-    serve_metrics(_metrics_port(1 + SERVICES.index(service)))
+    serve_metrics(_metrics_port(RELAY_METRICS_OFFSET + SERVICES.index(service)))
     relay_ = Relay(
         database_url(service),
         redis_client.connect(redis_url()),
@@ -117,7 +124,7 @@ def consume(service: str, name: str | None) -> None:
         retry_base_ms=tunables.consumer_retry_base_ms,
         max_deliveries=tunables.consumer_max_deliveries,
     )
-    serve_metrics(_metrics_port(11 + SERVICES.index(service)))
+    serve_metrics(_metrics_port(CONSUMER_METRICS_OFFSET + SERVICES.index(service)))
     pool = create_pool(
         database_url(service), name=f"{service}-consumer", max_size=2, check_on_checkout=False
     )
@@ -188,9 +195,15 @@ def worker() -> None:
         "service_runtime.rq_settings",
         RQ_QUEUE,
     ]
+    # rq runs each job in a forked process: they write their metrics to files, served here.
+    metrics_dir = run_dir() / "metrics" / "worker"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    serve_multiprocess_metrics(_metrics_port(WORKER_METRICS_OFFSET), str(metrics_dir))
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     client = redis_client.connect(redis_url())
     while not stop.is_set():
-        code = subprocess.run(command, preexec_fn=_die_with_parent).returncode
+        code = subprocess.run(command, env=env, preexec_fn=_die_with_parent).returncode
         if stop.is_set():
             return
         log.warning("rq worker exited with %s; restarting it once Redis answers", code)

@@ -66,6 +66,7 @@ CONSUMER_LATENCY = Histogram(
     ["group", "event_type"],
     buckets=_LATENCY_BUCKETS,
 )
+JOBS_RUN = Counter("saga_jobs_total", "rq jobs finished, by job", ["job"])
 
 
 def exposition() -> tuple[bytes, str]:
@@ -84,6 +85,18 @@ def serve(port: int | None) -> None:
     try:
         start_http_server(port, addr="127.0.0.1")
         log.info("metrics on http://127.0.0.1:%s/metrics", port)
+    except OSError as err:
+        log.warning("metrics endpoint not started on port %s: %s", port, err)
+
+
+def serve_multiprocess(port: int | None, directory: str) -> None:
+    """Expose what other processes (rq's forked job processes) write to `directory`."""
+    if not port:
+        return
+    registry = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(registry, path=directory)
+    try:
+        start_http_server(port, addr="127.0.0.1", registry=registry)
     except OSError as err:
         log.warning("metrics endpoint not started on port %s: %s", port, err)
 

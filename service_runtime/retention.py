@@ -17,6 +17,7 @@ import redis
 from contracts import STREAM_OF_PRODUCER
 from service_runtime.config import SERVICES, database_url, redis_url, setting
 from service_runtime.db import connect
+from service_runtime.metrics import JOBS_RUN
 from service_runtime.redis_client import connect as redis_connect
 
 log = logging.getLogger(__name__)
@@ -117,4 +118,5 @@ def run_retention() -> dict[str, int | list[str]]:
         report[f"{stream}.trimmed"] = trimmed
         report[f"{stream}.groups_behind"] = behind
     log.info("retention: %s", report)
+    JOBS_RUN.labels("run_retention").inc()
     return report

@@ -25,6 +25,11 @@ from sagactl.chaos import load, observe
 from sagactl.chaos.faults import KINDS, FaultInjector
 from sagactl.chaos.servers import ChaosServers
 from sagactl.chaos.supervisor import Supervisor, parse_procfile, with_standby_relays
+from sagactl.processes import (
+    CONSUMER_METRICS_OFFSET,
+    RELAY_METRICS_OFFSET,
+    WORKER_METRICS_OFFSET,
+)
 from service_runtime.config import PROJECT_ROOT, SERVICES, run_dir
 
 # Short timeouts so that a soak of a few minutes exercises the slow paths too: stuck orders
@@ -36,9 +41,6 @@ SOAK_SETTINGS = {
     "RELAY_POLL_SECONDS": "0.5",
     "RELAY_STANDBY_RETRY_SECONDS": "0.5",
 }
-# where sagactl.processes puts the metrics endpoints: relays base + 1.., consumers base + 11..
-RELAY_METRICS_OFFSET = 1
-CONSUMER_METRICS_OFFSET = 11
 
 HOW_DUPLICATES_ARE_COUNTED = (
     "duplicates_absorbed: deliveries whose inbox row already existed, i.e. the consumers' "
@@ -352,7 +354,7 @@ def _free_metrics_base() -> int:
     a running `make run-all` may hold those)."""
     rng = random.Random()
     offsets = [RELAY_METRICS_OFFSET + i for i in range(3)]
-    offsets += [CONSUMER_METRICS_OFFSET + i for i in range(3)]
+    offsets += [CONSUMER_METRICS_OFFSET + i for i in range(3)] + [WORKER_METRICS_OFFSET]
     for _ in range(100):
         base = rng.randrange(20_000, 60_000)
         if all(_port_free(base + offset) for offset in offsets):

@@ -31,7 +31,7 @@ SERVICES = ("orders", "inventory", "billing")
 @dataclass(frozen=True)
 class RunningSystem:
     urls: dict[str, str]  # service -> base URL
-    metrics_base: int  # relays at base+1.., consumers at base+11.. (service order)
+    metrics_base: int  # relays at base+1.., consumers at base+11.., the rq worker at base+21
     db_urls: dict[str, str]
     redis_url: str
     log_path: Path
@@ -87,7 +87,7 @@ def system(pg_admin_url: str, redis_server_url: str) -> Iterator[RunningSystem]:
     redis.Redis.from_url(redis_url).flushdb()
     ports = {service: free_port() for service in SERVICES}
     scratch = Path(tempfile.mkdtemp(prefix="saga-e2e-"))  # run dir and process logs
-    metrics_base = _free_port_block(14)
+    metrics_base = _free_port_block(22)
     env = {
         **os.environ,
         **{f"{s.upper()}_DATABASE_URL": url for s, url in db_urls.items()},
