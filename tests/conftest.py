@@ -12,6 +12,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,45 +36,44 @@ class CleanState:
         return env
 
 
-@pytest.fixture(scope="session")
-def pg_admin_url() -> Iterator[str]:
-    """A superuser URL: the given server, or an embedded PostgreSQL for this session."""
-    given = os.environ.get("SAGA_TEST_PG_ADMIN_URL")
-    if given:
-        yield given
-        return
+@contextmanager
+def _embedded(server_class: type, prefix: str) -> Iterator:
+    """A started embedded server on a free port in a fresh temporary directory (a short path
+    under /tmp: PostgreSQL's unix socket lives in there too), stopped and removed after."""
     from devstack.osutil import free_port
-    from devstack.postgres import EmbeddedPostgres
 
-    # short path under /tmp: the unix socket lives in there too
-    run_dir = Path(tempfile.mkdtemp(prefix="saga-pg-"))
-    server = EmbeddedPostgres(run_dir, free_port())
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    server = server_class(run_dir, free_port())
     try:
         server.start()
-        yield server.admin_url
+        yield server
     finally:
         server.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """A superuser URL: the given server, or an embedded PostgreSQL for this session."""
+    if given := os.environ.get("SAGA_TEST_PG_ADMIN_URL"):
+        yield given
+        return
+    from devstack.postgres import EmbeddedPostgres
+
+    with _embedded(EmbeddedPostgres, "saga-pg-") as server:
+        yield server.admin_url
 
 
 @pytest.fixture(scope="session")
 def redis_server_url() -> Iterator[str]:
     """A Redis URL: the given server, or an embedded Redis for this session."""
-    given = os.environ.get("SAGA_TEST_REDIS_URL")
-    if given:
+    if given := os.environ.get("SAGA_TEST_REDIS_URL"):
         yield given
         return
-    from devstack.osutil import free_port
     from devstack.redis import EmbeddedRedis
 
-    run_dir = Path(tempfile.mkdtemp(prefix="saga-redis-"))
-    server = EmbeddedRedis(run_dir, free_port())
-    try:
-        server.start()
+    with _embedded(EmbeddedRedis, "saga-redis-") as server:
         yield server.url
-    finally:
-        server.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
