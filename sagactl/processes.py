@@ -23,7 +23,14 @@ import redis
 from contracts import STREAM_OF_PRODUCER, SUBSCRIPTIONS
 from outbox_relay.relay import Relay, RelaySettings
 from service_runtime import redis_client
-from service_runtime.config import SERVICES, Tunables, database_url, http_port, redis_url, run_dir
+from service_runtime.config import (
+    SERVICES,
+    database_url,
+    from_env,
+    http_port,
+    redis_url,
+    run_dir,
+)
 from service_runtime.consumer import ConsumerSettings, StreamConsumer
 from service_runtime.db import create_pool
 from service_runtime.faults import crash_at_configured_point
@@ -84,13 +91,8 @@ def web(service: str) -> None:
 def relay(service: str) -> None:
     """Publish SERVICE's outbox to its stream (standby while another relay is active)."""
     setup_logging(service, "relay")
-    tunables = Tunables.from_env()
-    settings = RelaySettings(
-        producer=service,
-        stream=STREAM_OF_PRODUCER[service],
-        batch_size=tunables.relay_batch_size,
-        poll_seconds=tunables.relay_poll_seconds,
-        standby_retry_seconds=tunables.relay_standby_retry_seconds,
+    settings = from_env(
+        RelaySettings, "RELAY_", producer=service, stream=STREAM_OF_PRODUCER[service]
     )
     serve_metrics(_metrics_port(RELAY_METRICS_OFFSET + SERVICES.index(service)))
     relay_ = Relay(
@@ -112,17 +114,13 @@ def relay(service: str) -> None:
 def consume(service: str, name: str | None) -> None:
     """React to the events SERVICE subscribes to."""
     setup_logging(service, "consumer")
-    tunables = Tunables.from_env()
     handlers = importlib.import_module(f"{service}_service.reactions").HANDLERS
-    settings = ConsumerSettings(
+    settings = from_env(
+        ConsumerSettings,
+        "CONSUMER_",
         group=service,
         consumer=name or os.environ.get("CONSUMER_NAME") or f"{service}-1",
         streams=SUBSCRIPTIONS[service],
-        batch_size=tunables.consumer_batch_size,
-        block_ms=tunables.consumer_block_ms,
-        claim_idle_ms=tunables.consumer_claim_idle_ms,
-        retry_base_ms=tunables.consumer_retry_base_ms,
-        max_deliveries=tunables.consumer_max_deliveries,
     )
     serve_metrics(_metrics_port(CONSUMER_METRICS_OFFSET + SERVICES.index(service)))
     pool = create_pool(

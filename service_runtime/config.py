@@ -7,9 +7,12 @@ terminal see the same servers as `make run-all`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 SERVICES = ("orders", "inventory", "billing")
 DEFAULT_PORTS = {"orders": 8001, "inventory": 8002, "billing": 8003}
@@ -66,37 +69,23 @@ def http_port(service: str) -> int:
     return int(setting(f"{service.upper()}_PORT") or DEFAULT_PORTS[service])
 
 
-@dataclass(frozen=True)
-class Tunables:
-    """Knobs of the messaging plumbing; defaults suit a laptop, tests shrink them."""
+DEFAULT_PAYMENT_TIMEOUT_SECONDS = 30
 
-    relay_batch_size: int = 500
-    relay_poll_seconds: float = 1.0
-    relay_standby_retry_seconds: float = 1.0
-    consumer_batch_size: int = 100
-    consumer_block_ms: int = 1000
-    consumer_claim_idle_ms: int = 30_000
-    consumer_retry_base_ms: int = 500
-    consumer_max_deliveries: int = 5
-    payment_timeout_seconds: int = 30
 
-    @classmethod
-    def from_env(cls) -> Tunables:
-        def num(name: str, default: float, kind: type = int):
-            raw = setting(name)
-            return kind(raw) if raw not in (None, "") else default
+def payment_timeout_seconds() -> int:
+    return int(setting("PAYMENT_TIMEOUT_SECONDS") or DEFAULT_PAYMENT_TIMEOUT_SECONDS)
 
-        d = cls()
-        return cls(
-            relay_batch_size=num("RELAY_BATCH_SIZE", d.relay_batch_size),
-            relay_poll_seconds=num("RELAY_POLL_SECONDS", d.relay_poll_seconds, float),
-            relay_standby_retry_seconds=num(
-                "RELAY_STANDBY_RETRY_SECONDS", d.relay_standby_retry_seconds, float
-            ),
-            consumer_batch_size=num("CONSUMER_BATCH_SIZE", d.consumer_batch_size),
-            consumer_block_ms=num("CONSUMER_BLOCK_MS", d.consumer_block_ms),
-            consumer_claim_idle_ms=num("CONSUMER_CLAIM_IDLE_MS", d.consumer_claim_idle_ms),
-            consumer_retry_base_ms=num("CONSUMER_RETRY_BASE_MS", d.consumer_retry_base_ms),
-            consumer_max_deliveries=num("CONSUMER_MAX_DELIVERIES", d.consumer_max_deliveries),
-            payment_timeout_seconds=num("PAYMENT_TIMEOUT_SECONDS", d.payment_timeout_seconds),
-        )
+
+def from_env(cls: type[T], prefix: str, **given: Any) -> T:
+    """A dataclass of knobs; each field not given comes from the variable PREFIX + FIELD
+    (e.g. CONSUMER_BATCH_SIZE for ConsumerSettings.batch_size), else its default.
+
+    The defaults live once, on the dataclass; this only reads overrides."""
+    values = dict(given)
+    for field in dataclasses.fields(cls):
+        if field.name in values:
+            continue
+        raw = setting(f"{prefix}{field.name.upper()}")
+        if raw not in (None, ""):
+            values[field.name] = type(field.default)(raw)
+    return cls(**values)

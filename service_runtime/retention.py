@@ -15,7 +15,7 @@ import psycopg
 import redis
 
 from contracts import STREAM_OF_PRODUCER
-from service_runtime.config import SERVICES, database_url, redis_url, setting
+from service_runtime.config import SERVICES, database_url, from_env, redis_url
 from service_runtime.db import connect
 from service_runtime.metrics import JOBS_RUN
 from service_runtime.redis_client import connect as redis_connect
@@ -27,18 +27,11 @@ _PRUNE_BATCH = 5_000
 
 @dataclass(frozen=True)
 class Windows:
-    outbox_hours: float = 24
-    inbox_hours: float = 72
-    stream_hours: float = 24
+    """Read from OUTBOX_RETENTION_HOURS, INBOX_RETENTION_HOURS, STREAM_RETENTION_HOURS."""
 
-    @classmethod
-    def from_env(cls) -> Windows:
-        d = cls()
-        return cls(
-            outbox_hours=float(setting("OUTBOX_RETENTION_HOURS") or d.outbox_hours),
-            inbox_hours=float(setting("INBOX_RETENTION_HOURS") or d.inbox_hours),
-            stream_hours=float(setting("STREAM_RETENTION_HOURS") or d.stream_hours),
-        )
+    outbox_retention_hours: float = 24.0
+    inbox_retention_hours: float = 72.0
+    stream_retention_hours: float = 24.0
 
 
 def prune_outbox(conn: psycopg.Connection, older_than_hours: float) -> int:
@@ -106,15 +99,15 @@ def _after(entry_id: str) -> str:
 
 def run_retention() -> dict[str, int | list[str]]:
     """rq job: prune every service's outbox and inbox, trim the event streams."""
-    windows = Windows.from_env()
+    windows = from_env(Windows, "")
     report: dict[str, int | list[str]] = {}
     for service in SERVICES:
         with connect(database_url(service)) as conn:
-            report[f"{service}.outbox_pruned"] = prune_outbox(conn, windows.outbox_hours)
-            report[f"{service}.inbox_pruned"] = prune_inbox(conn, windows.inbox_hours)
+            report[f"{service}.outbox_pruned"] = prune_outbox(conn, windows.outbox_retention_hours)
+            report[f"{service}.inbox_pruned"] = prune_inbox(conn, windows.inbox_retention_hours)
     client = redis_connect(redis_url())
     for stream in STREAM_OF_PRODUCER.values():
-        trimmed, behind = trim_stream(client, stream, windows.stream_hours)
+        trimmed, behind = trim_stream(client, stream, windows.stream_retention_hours)
         report[f"{stream}.trimmed"] = trimmed
         report[f"{stream}.groups_behind"] = behind
     log.info("retention: %s", report)
