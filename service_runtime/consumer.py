@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import psycopg
 import redis
 from psycopg_pool import ConnectionPool
 
@@ -281,46 +282,33 @@ class StreamConsumer:
         """
         if len(entries) < 2:
             return None
-        started, s = time.perf_counter(), self.settings
+        started = time.perf_counter()
         try:
             envelopes = [decode_entry(fields) for _entry_id, fields in entries]
         except ContractError:
             return None
-        outcomes: list[tuple[str, str]] = []
+        settled: list[tuple[str, Envelope]] = []
         emitted: list[str] = []
-        running: int | None = None  # the entry whose handler runs: the culprit if one raises
+        current = 0  # the entry being applied: the culprit if something raises
         try:
             with self.pool.connection() as conn, conn.transaction():
-                for i, (entry_id, _fields) in enumerate(entries):
-                    envelope = envelopes[i]
-                    handler = self.handlers.get(envelope.event_type)
-                    if handler is None:
-                        outcomes.append(("ignored", envelope.event_type))
-                        continue
-                    inbox = (s.group, envelope.event_id, envelope.event_type, stream, entry_id)
-                    first_time = conn.execute(_INSERT_INBOX, inbox).fetchone()
-                    if first_time:
-                        running = i
-                        uow = UnitOfWork(conn, cause=envelope)
-                        handler(uow, envelope)
-                        self.fault("mid_handler")
-                        running = None
-                        emitted += uow.emitted
-                    outcomes.append(
-                        ("processed" if first_time else "duplicate", envelope.event_type)
-                    )
+                for current, (entry_id, _fields) in enumerate(entries):
+                    outcome, new_events = self._apply(conn, stream, entry_id, envelopes[current])
+                    settled.append((outcome, envelopes[current]))
+                    emitted += new_events
         except DB_OUTAGE_ERRORS:
             raise  # as for one entry: the run loop backs off, the entries stay pending
         except Exception as err:
-            if running is None:  # not a handler (the commit, say): no culprit to single out
+            if len(settled) == len(entries):  # the commit failed: no culprit to single out
                 return self._handle_each(stream, entries, attempt)
-            entry_id, fields = entries[running]
-            failed = envelopes[running]
-            self._handler_failed(stream, entry_id, fields, failed, attempt, err, started)
+            entry_id, fields = entries[current]
+            self._handler_failed(
+                stream, entry_id, fields, envelopes[current], attempt, err, started
+            )
             return self._handle_each(stream, entries, attempt, skip=entry_id)
-        count_emitted(s.group, emitted)
-        for outcome, event_type in outcomes:
-            self._count(outcome, event_type, started)
+        count_emitted(self.settings.group, emitted)
+        for outcome, envelope in settled:
+            self._settled(outcome, envelope, stream, started)
         return [entry_id for entry_id, _fields in entries]
 
     def handle_entry(
@@ -335,33 +323,39 @@ class StreamConsumer:
             self._dead_letter(stream, entry_id, fields, f"contract: {err}", attempt or 1)
             self._count("dead_lettered", event_type, started)
             return False  # acknowledged atomically with the dead letter
-        handler = self.handlers.get(envelope.event_type)
-        if handler is None:
-            self._count("ignored", event_type, started)
-            return True
         try:
-            uow = None
             with self.pool.connection() as conn, conn.transaction():
-                first_time = conn.execute(
-                    _INSERT_INBOX,
-                    (self.settings.group, envelope.event_id, envelope.event_type, stream, entry_id),
-                ).fetchone()
-                if first_time:
-                    uow = UnitOfWork(conn, cause=envelope)
-                    handler(uow, envelope)
-                    self.fault("mid_handler")
-            if uow:
-                count_emitted(self.settings.group, uow.emitted)
+                outcome, emitted = self._apply(conn, stream, entry_id, envelope)
         except DB_OUTAGE_ERRORS:
             raise  # not the handler's fault: the run loop backs off; the entry stays pending
         except Exception as err:
             self._handler_failed(stream, entry_id, fields, envelope, attempt, err, started)
             return False  # stays pending: retried after a backoff by retry_failed_once
-        outcome = "processed" if first_time else "duplicate"
-        self._count(outcome, event_type, started)
-        if log.isEnabledFor(logging.DEBUG):  # spare building the context on the hot path
-            log.debug("%s %s", outcome, event_type, extra=_log_context(envelope, stream))
+        count_emitted(self.settings.group, emitted)
+        self._settled(outcome, envelope, stream, started)
         return True
+
+    def _apply(
+        self, conn: psycopg.Connection, stream: str, entry_id: str, envelope: Envelope
+    ) -> tuple[str, list[str]]:
+        """Inside the caller's transaction: the inbox row, then the handler unless the event
+        was seen before. Returns the outcome and the event types the handler emitted."""
+        handler = self.handlers.get(envelope.event_type)
+        if handler is None:
+            return "ignored", []
+        inbox = (self.settings.group, envelope.event_id, envelope.event_type, stream, entry_id)
+        if not conn.execute(_INSERT_INBOX, inbox).fetchone():
+            return "duplicate", []
+        uow = UnitOfWork(conn, cause=envelope)
+        handler(uow, envelope)
+        self.fault("mid_handler")
+        return "processed", uow.emitted
+
+    def _settled(self, outcome: str, envelope: Envelope, stream: str, started: float) -> None:
+        """After the commit: count the outcome, and log it at DEBUG."""
+        self._count(outcome, envelope.event_type, started)
+        if log.isEnabledFor(logging.DEBUG):  # spare building the context on the hot path
+            log.debug("%s %s", outcome, envelope.event_type, extra=_log_context(envelope, stream))
 
     def _handler_failed(
         self,
