@@ -5,6 +5,7 @@ from __future__ import annotations
 from billing_service import storage
 from billing_service.domain import decline_reason
 from contracts import Envelope
+from service_runtime.locks import lock_order
 from service_runtime.unit_of_work import UnitOfWork
 
 
@@ -13,7 +14,7 @@ def on_stock_reserved(uow: UnitOfWork, event: Envelope) -> None:
     order_id = event.payload["order_id"]
     customer_id = event.payload["customer_id"]
     amount = event.payload["total_cents"]
-    storage.lock_order(uow.conn, order_id)
+    lock_order(uow.conn, order_id)  # capture vs. cancellation
     if storage.get_payment(uow.conn, order_id) or storage.is_cancelled(uow.conn, order_id):
         return  # decided already, or cancelled first: never charge
     reason = decline_reason(storage.lock_balance(uow.conn, customer_id), amount)
@@ -43,7 +44,7 @@ def on_stock_reserved(uow: UnitOfWork, event: Envelope) -> None:
 def on_order_cancelled(uow: UnitOfWork, event: Envelope) -> None:
     """Refund a capture; with nothing captured yet, remember so a late StockReserved is ignored."""
     order_id = event.payload["order_id"]
-    storage.lock_order(uow.conn, order_id)
+    lock_order(uow.conn, order_id)  # capture vs. cancellation
     storage.remember_cancellation(uow.conn, order_id, event.payload["reason"])
     payment = storage.get_payment(uow.conn, order_id)
     if payment and payment["status"] == "captured":

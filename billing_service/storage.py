@@ -13,11 +13,6 @@ _PAYMENT_COLUMNS = (
 )
 
 
-def lock_order(conn: psycopg.Connection, order_id: str) -> None:
-    """Serialise everything billing does for one order (capture vs. cancellation)."""
-    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (order_id,))
-
-
 def set_account(conn: psycopg.Connection, customer_id: str, balance: int) -> tuple[dict, bool]:
     cur = conn.cursor(row_factory=dict_row)
     before = cur.execute(

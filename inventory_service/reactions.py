@@ -5,6 +5,7 @@ from __future__ import annotations
 from contracts import Envelope
 from inventory_service import storage
 from inventory_service.domain import merge_items, plan_reservation
+from service_runtime.locks import lock_order
 from service_runtime.unit_of_work import UnitOfWork
 
 
@@ -12,7 +13,8 @@ def on_order_placed(uow: UnitOfWork, event: Envelope) -> None:
     """Reserve every line or none."""
     order_id = event.payload["order_id"]
     customer_id = event.payload["customer_id"]
-    if storage.lock_reservation(uow.conn, order_id):
+    lock_order(uow.conn, order_id)  # vs. a release of the same order, also before any row exists
+    if storage.find_reservation(uow.conn, order_id):
         return  # decided already (or cancelled before we got here)
     wanted = merge_items(event.payload["items"])
     plan = plan_reservation(wanted, storage.lock_stock(uow.conn, wanted))
@@ -48,7 +50,8 @@ def on_order_placed(uow: UnitOfWork, event: Envelope) -> None:
 def release(uow: UnitOfWork, event: Envelope) -> None:
     """Give back whatever this order still holds (PaymentDeclined, OrderCancelled)."""
     order_id = event.payload["order_id"]
-    if storage.lock_reservation(uow.conn, order_id) is None:
+    lock_order(uow.conn, order_id)  # vs. the reservation of the same order
+    if storage.find_reservation(uow.conn, order_id) is None:
         # The cancellation overtook the order: remember it so OrderPlaced reserves nothing.
         storage.insert_reservation(uow.conn, order_id, None, "released", event.event_type, 0, [])
         return

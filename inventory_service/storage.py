@@ -79,10 +79,12 @@ def lock_stock(conn: psycopg.Connection, skus: Iterable[str]) -> dict[str, Stock
     return {sku: StockLevel(sku, available, price) for sku, available, price in rows}
 
 
-def lock_reservation(conn: psycopg.Connection, order_id: str) -> dict | None:
+def find_reservation(conn: psycopg.Connection, order_id: str) -> dict | None:
+    """The order's reservation row. Callers hold the order's lock (service_runtime.locks), which
+    also covers the moment before the row exists, when FOR UPDATE would lock nothing."""
     return (
         conn.cursor(row_factory=dict_row)
-        .execute("SELECT * FROM reservations WHERE order_id = %s FOR UPDATE", (order_id,))
+        .execute("SELECT * FROM reservations WHERE order_id = %s", (order_id,))
         .fetchone()
     )
 

@@ -64,7 +64,7 @@ def place_order(
 def cancel_order(pool: ConnectionPool, order_id: str) -> bool | None:
     """None if no such order; True if cancelled now, False if it already was."""
     with unit_of_work(pool, service="orders") as uow:
-        order = storage.lock_order(uow.conn, order_id)
+        order = storage.lock_order_row(uow.conn, order_id)
         if order is None:
             return None
         if order["status"] == domain.CANCELLED:

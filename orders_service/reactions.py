@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def _locked_order(uow: UnitOfWork, event: Envelope) -> dict | None:
-    order = storage.lock_order(uow.conn, event.payload["order_id"])
+    order = storage.lock_order_row(uow.conn, event.payload["order_id"])
     if order is None:
         log.warning("%s for unknown order %s", event.event_type, event.payload["order_id"])
         return None

@@ -55,7 +55,7 @@ def add_history(
     ).fetchone()[0]
 
 
-def lock_order(conn: psycopg.Connection, order_id: str) -> dict | None:
+def lock_order_row(conn: psycopg.Connection, order_id: str) -> dict | None:
     return (
         conn.cursor(row_factory=dict_row)
         .execute(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE order_id = %s FOR UPDATE", (order_id,))

@@ -1,4 +1,8 @@
-"""One relay step: publish a batch of unpublished outbox rows, then mark them published."""
+"""One relay step: publish a batch of unpublished outbox rows, then mark them published.
+
+Each row goes to its order's partition stream (contracts.partition_of on the aggregate id,
+which is the order id for every event), so one order's events keep their outbox order.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from datetime import UTC, datetime
 import psycopg
 import redis
 
+from contracts import STREAM_OF_PRODUCER, partition_of, partition_stream
 from service_runtime.faults import no_faults
 from service_runtime.metrics import RELAY_BATCH_SIZE, RELAY_LATENCY, RELAY_PUBLISHED
 
@@ -32,12 +37,13 @@ def publish_batch(
     conn: psycopg.Connection,
     redis_client: redis.Redis,
     *,
-    stream: str,
     producer: str,
+    partitions: int,
     batch_size: int,
     fault: FaultPoint = no_faults,
 ) -> int:
-    """Publish up to batch_size rows in id order with one pipelined XADD round trip.
+    """Publish up to batch_size rows in id order with one pipelined XADD round trip (per
+    Redis node, on a cluster: redis-py's cluster pipeline groups the commands by node).
 
     A crash after XADD and before the UPDATE commits leaves the rows unpublished: they are
     published again (a duplicate the consumers' inbox absorbs), never lost.
@@ -46,6 +52,7 @@ def publish_batch(
         rows = conn.execute(_CLAIM_BATCH, (batch_size,)).fetchall()
         if not rows:
             return 0
+        base = STREAM_OF_PRODUCER[producer]
         pipe = redis_client.pipeline(transaction=False)
         for (
             _id,
@@ -60,7 +67,7 @@ def publish_batch(
             payload,
         ) in rows:
             pipe.xadd(
-                stream,
+                partition_stream(base, partition_of(agg_id, partitions)),
                 {
                     "event_id": event_id,
                     "event_type": event_type,

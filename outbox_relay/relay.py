@@ -18,23 +18,22 @@ from datetime import UTC, datetime
 import psycopg
 import redis
 
-from contracts import relay_status_key
+from contracts import DEFAULT_PARTITIONS, relay_status_key
 from outbox_relay.publisher import FaultPoint, publish_batch
 from service_runtime.db import DB_OUTAGE_ERRORS, connect
+from service_runtime.failures import is_outage
+from service_runtime.locks import RELAY_LOCK_KEY
 from service_runtime.faults import no_faults
 from service_runtime.metrics import RELAY_BACKLOG
-from service_runtime.redis_client import REDIS_OUTAGE_ERRORS
 
 log = logging.getLogger(__name__)
 
-# Advisory locks are per database, so one constant key means "the relay of this outbox".
-RELAY_LOCK_KEY = 7_310_002
 
 
 @dataclass(frozen=True)
 class RelaySettings:
     producer: str
-    stream: str
+    partitions: int = DEFAULT_PARTITIONS
     batch_size: int = 500
     poll_seconds: float = 1.0
     standby_retry_seconds: float = 1.0
@@ -92,12 +91,14 @@ class Relay:
                 sent = publish_batch(
                     conn,
                     self.redis,
-                    stream=self.settings.stream,
                     producer=self.settings.producer,
+                    partitions=self.settings.partitions,
                     batch_size=self.settings.batch_size,
                     fault=self.fault,
                 )
-            except REDIS_OUTAGE_ERRORS as err:
+            except redis.RedisError as err:
+                if not is_outage(err):  # OOM, READONLY, LOADING... are outages too
+                    raise
                 # Keep the lock; the outbox buffers until Redis is back.
                 log.warning("relay %s: redis unavailable: %s", self.settings.producer, err)
                 stop.wait(redis_delay)

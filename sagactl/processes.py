@@ -20,23 +20,26 @@ from pathlib import Path
 import click
 import redis
 
-from contracts import STREAM_OF_PRODUCER, SUBSCRIPTIONS
 from outbox_relay.relay import Relay, RelaySettings
 from service_runtime import redis_client
 from service_runtime.config import (
     SERVICES,
+    ConfigError,
     database_url,
     from_env,
     http_port,
     redis_url,
     run_dir,
+    stream_partitions,
 )
-from service_runtime.consumer import ConsumerSettings, StreamConsumer
-from service_runtime.db import create_pool
+from service_runtime.consumer import ConsumerSettings
+from service_runtime.consumer_group import StreamConsumer
+from service_runtime.db import connect, create_pool
 from service_runtime.faults import crash_at_configured_point
 from service_runtime.logs import setup_logging
 from service_runtime.metrics import serve as serve_metrics
 from service_runtime.metrics import serve_multiprocess as serve_multiprocess_metrics
+from service_runtime.partitions import check_partition_count
 
 RQ_QUEUE = "saga"
 
@@ -92,7 +95,7 @@ def relay(service: str) -> None:
     """Publish SERVICE's outbox to its stream (standby while another relay is active)."""
     setup_logging(service, "relay")
     settings = from_env(
-        RelaySettings, "RELAY_", producer=service, stream=STREAM_OF_PRODUCER[service]
+        RelaySettings, "RELAY_", producer=service, partitions=_checked_partitions(service)
     )
     serve_metrics(_metrics_port(RELAY_METRICS_OFFSET + SERVICES.index(service)))
     relay_ = Relay(
@@ -108,23 +111,29 @@ def relay(service: str) -> None:
 @service_argument
 @click.option(
     "--name",
-    help="Consumer name in the group; stable across restarts "
-    "so this consumer re-reads its own pending entries. Default: SERVICE-1.",
+    help="Consumer name in the group, unique among its live consumers. "
+    "Default: SERVICE-HOST-PID.",
 )
 def consume(service: str, name: str | None) -> None:
-    """React to the events SERVICE subscribes to."""
+    """React to the events SERVICE subscribes to, on the partitions this consumer owns."""
     setup_logging(service, "consumer")
     handlers = importlib.import_module(f"{service}_service.reactions").HANDLERS
     settings = from_env(
         ConsumerSettings,
         "CONSUMER_",
         group=service,
-        consumer=name or os.environ.get("CONSUMER_NAME") or f"{service}-1",
-        streams=SUBSCRIPTIONS[service],
+        consumer=name
+        or os.environ.get("CONSUMER_NAME")
+        or f"{service}-{socket.gethostname()}-{os.getpid()}",
+        partitions=_checked_partitions(service),
     )
     serve_metrics(_metrics_port(CONSUMER_METRICS_OFFSET + SERVICES.index(service)))
+    # Workers hold a connection only for a transaction; beyond a few they would just queue.
     pool = create_pool(
-        database_url(service), name=f"{service}-consumer", max_size=2, check_on_checkout=False
+        database_url(service),
+        name=f"{service}-consumer",
+        max_size=min(settings.partitions, 4) + 1,
+        check_on_checkout=False,
     )
     consumer = StreamConsumer(
         redis_client.connect(redis_url()),
@@ -137,6 +146,17 @@ def consume(service: str, name: str | None) -> None:
         consumer.run(_stop_on_signals())
     finally:
         pool.close()
+
+
+def _checked_partitions(service: str) -> int:
+    """STREAM_PARTITIONS, refused (exit with the reason) if the deployment has another."""
+    partitions = stream_partitions()
+    try:
+        with connect(database_url(service)) as conn:
+            check_partition_count(conn, partitions, service)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from err
+    return partitions
 
 
 @click.command()

@@ -69,6 +69,27 @@ def http_port(service: str) -> int:
     return int(setting(f"{service.upper()}_PORT") or DEFAULT_PORTS[service])
 
 
+def stream_partitions() -> int:
+    """STREAM_PARTITIONS: the partition count of the whole deployment (DESIGN.md §6a)."""
+    from contracts.streams import DEFAULT_PARTITIONS, MAX_PARTITIONS
+
+    raw = setting("STREAM_PARTITIONS") or str(DEFAULT_PARTITIONS)
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PARTITIONS:
+        raise ConfigError(f"STREAM_PARTITIONS must be a whole number from 1 to {MAX_PARTITIONS}")
+    return int(raw)
+
+
+DEFAULT_CONSUMERS_PER_SERVICE = 2
+
+
+def consumers_per_service() -> int:
+    """CONSUMERS_PER_SERVICE: consumer processes per group under `make run-all`."""
+    raw = setting("CONSUMERS_PER_SERVICE") or str(DEFAULT_CONSUMERS_PER_SERVICE)
+    if not raw.isdigit() or not 1 <= int(raw) <= 64:
+        raise ConfigError("CONSUMERS_PER_SERVICE must be a whole number from 1 to 64")
+    return int(raw)
+
+
 DEFAULT_PAYMENT_TIMEOUT_SECONDS = 30
 
 

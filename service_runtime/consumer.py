@@ -1,9 +1,14 @@
-"""Stream consumer: consumer groups, idempotent inbox, retries with backoff, dead letters.
+"""One owned partition of a consumer group: read, commit, acknowledge (DESIGN.md §6, §6a).
 
-Each entry is handled in a local transaction that also writes the inbox row keyed by
-(group, event_id); a duplicate delivery finds the row and changes nothing. XACK happens only
-after that commit, so a crash in between means a redelivery, which the inbox absorbs.
-The entries of one read share that transaction as long as none fails.
+A PartitionWorker runs while its consumer holds the partition's lease (consumer_group.py).
+It has one path: a fenced XREADGROUP over the partition's streams (first its own pending
+entries, then new ones), then the entries' effects, outbox rows and inbox rows in one
+transaction that starts with the lease fence, then XACK. A duplicate delivery finds its inbox
+row and changes nothing; a crash between commit and XACK means a redelivery, absorbed the same
+way. Nothing is acknowledged that this worker did not finish (committed, or dead-lettered).
+
+Order: the partition is the unit that waits. When an entry's handler fails, nothing after it in
+the partition is handled until it succeeds or is dead-lettered (`Retry`, below).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -21,22 +26,32 @@ from psycopg_pool import ConnectionPool
 
 from contracts import (
     EVENT_TYPES,
+    PRODUCER_OF_EVENT,
+    STREAM_OF_PRODUCER,
     ContractError,
     Envelope,
+    base_of,
     dead_letter_stream,
     decode_entry,
-    redrive_stream,
+    group_streams,
 )
-from service_runtime.db import DB_OUTAGE_ERRORS
+from contracts.streams import DEFAULT_PARTITIONS
+from service_runtime.failures import FailureKind, classify
 from service_runtime.faults import no_faults
-from service_runtime.metrics import CONSUMER_EVENTS, CONSUMER_LATENCY
-from service_runtime.redis_client import REDIS_OUTAGE_ERRORS
+from service_runtime.metrics import (
+    CONSUMER_CONFLICTS,
+    CONSUMER_EVENTS,
+    CONSUMER_LATENCY,
+    CONSUMER_OUTAGES,
+)
+from service_runtime.ownership import Lease, LostOwnership, fence
+from service_runtime.stream_fence import Fenced, StreamFence
 from service_runtime.unit_of_work import UnitOfWork, count_emitted
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[UnitOfWork, Envelope], None]
-Entry = tuple[str, dict[str, str]]
+OutcomeHook = Callable[[str, str, float], None]
 
 _INSERT_INBOX = """
 INSERT INTO inbox (consumer_group, event_id, event_type, stream, entry_id)
@@ -44,62 +59,108 @@ VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT DO NOTHING
 RETURNING 1
 """
+_COUNT_FAILURE = """
+INSERT INTO delivery_failures (consumer_group, stream, entry_id, event_id, attempts, last_error)
+VALUES (%s, %s, %s, %s, 1, %s)
+ON CONFLICT (consumer_group, stream, entry_id) DO UPDATE
+SET attempts = delivery_failures.attempts + 1, last_error = EXCLUDED.last_error,
+    updated_at = clock_timestamp()
+RETURNING attempts
+"""
+_FORGET_FAILURES = """
+DELETE FROM delivery_failures WHERE consumer_group = %s AND stream = %s AND entry_id = %s
+"""
+_PRODUCER_OF_STREAM = {stream: producer for producer, stream in STREAM_OF_PRODUCER.items()}
+_PENDING = "0"  # XREADGROUP cursor: this consumer's own pending entries, from the start
+_NEW = ">"
 
 
 @dataclass(frozen=True)
 class ConsumerSettings:
+    """Read from CONSUMER_<FIELD> (e.g. CONSUMER_LEASE_MS); see docs/architecture.md."""
+
     group: str
     consumer: str
-    streams: tuple[str, ...]
+    partitions: int = DEFAULT_PARTITIONS
     batch_size: int = 100
     block_ms: int = 1000
-    claim_idle_ms: int = 30_000
+    lease_ms: int = 5000
+    heartbeat_ms: int = 1000
     retry_base_ms: int = 500
     retry_max_ms: int = 60_000
     max_deliveries: int = 5
-    maintenance_interval_s: float = 0.5
+    conflict_retries: int = 5
+    outage_max_backoff_ms: int = 5000
 
-    @property
-    def all_streams(self) -> tuple[str, ...]:
-        """The subscribed streams plus this group's own re-drive stream."""
-        return (*self.streams, redrive_stream(self.group))
-
-    def backoff_ms(self, deliveries: int) -> int:
-        return min(self.retry_base_ms * 2 ** max(deliveries - 1, 0), self.retry_max_ms)
+    def backoff_ms(self, attempts: int) -> int:
+        return min(self.retry_base_ms * 2 ** max(attempts - 1, 0), self.retry_max_ms)
 
 
-@dataclass
-class Stats:
-    processed: int = 0
-    duplicates: int = 0
-    ignored: int = 0
-    failed: int = 0
-    dead_lettered: int = 0
+@dataclass(frozen=True)
+class Item:
+    """One entry read from the partition, with what it turned out to be."""
+
+    stream: str
+    entry_id: str
+    fields: dict[str, str]
+    envelope: Envelope | None = None  # decoded when this group handles its type
 
 
-class StreamConsumer:
+@dataclass(frozen=True)
+class Retry:
+    """The entry whose handler failed: the partition waits for it until `due`."""
+
+    stream: str
+    entry_id: str
+    attempts: int
+    due: float  # time.monotonic()
+
+
+class _Failed(Exception):
+    """A transaction of a batch failed; `index` is the entry whose handler raised, if known."""
+
+    def __init__(self, index: int | None, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
+
+
+class PartitionWorker:
+    """Handles one partition of one group while `lease` is this consumer's."""
+
     def __init__(
         self,
         redis_client: redis.Redis,
+        fence_ops: StreamFence,
         pool: ConnectionPool,
         settings: ConsumerSettings,
         handlers: Mapping[str, Handler],
-        on_outcome: Callable[[str, str, float], None] | None = None,
+        lease: Lease,
+        *,
+        on_outcome: OutcomeHook | None = None,
         fault: Callable[[str], None] = no_faults,
     ) -> None:
         self.redis = redis_client
+        self.fence = fence_ops
         self.pool = pool
         self.settings = settings
         self.handlers = handlers
-        self.stats = Stats()
+        self.lease = lease
+        self.streams = group_streams(settings.group, lease.partition)
+        self.cursors = dict.fromkeys(self.streams, _PENDING)
+        self.retry: Retry | None = None
         self._on_outcome = on_outcome or (lambda _type, _outcome, _seconds: None)
         self.fault = fault
         self._not_ours = EVENT_TYPES - set(handlers)
 
-    # -- setup -------------------------------------------------------------------------
+    @property
+    def partition(self) -> int:
+        return self.lease.partition
+
+    # -- start: groups, and the previous owners' pending entries -------------------------------
 
     def ensure_groups(self) -> None:
-        for stream in self.settings.all_streams:
+        for stream in self.streams:
             try:
                 # From "0": events published before this group first existed are not lost.
                 self.redis.xgroup_create(stream, self.settings.group, id="0", mkstream=True)
@@ -107,243 +168,221 @@ class StreamConsumer:
                 if "BUSYGROUP" not in str(err):
                     raise
 
-    # -- one step each; none of them blocks unless asked to ------------------------------
-
-    def read_own_pending_once(self) -> int:
-        """Re-read entries delivered to this consumer name but never acknowledged (restart).
-
-        One pass over this consumer's pending entries, page by page: an entry that fails again
-        stays pending for retry_failed_once (backoff, dead letter), and is not re-read here.
-        """
-        s = self.settings
-        handled = 0
-        cursors = {stream: "0" for stream in s.all_streams}
-        while cursors:
-            reply = self.redis.xreadgroup(s.group, s.consumer, cursors, count=s.batch_size)
-            cursors = {}
-            for stream, entries in _as_pairs(reply):
-                if not entries:
+    def take_over_pending(self) -> int:
+        """Claim every entry of this partition still pending with another consumer (a previous
+        owner). Called after the fence carries our epoch, so no other consumer can read more;
+        the claimed entries are then read, in id order, with our own pending ones."""
+        me, group, claimed = self.settings.consumer, self.settings.group, 0
+        for stream in self.streams:
+            summary = self.redis.xpending(stream, group)
+            for holder in summary.get("consumers") or []:
+                if holder["name"] == me:
                     continue
-                cursors[stream] = entries[-1][0]  # the next page starts after this entry
-                live = [entry for entry in entries if entry[1]]
-                handled += self._handle_entries(stream, live, attempt=None)
-        return handled
-
-    def read_new_once(self, block_ms: int | None = None) -> int:
-        return self._read({stream: ">" for stream in self.settings.all_streams}, block_ms)
-
-    def retry_failed_once(self) -> int:
-        """Retry this consumer's failed entries whose backoff has elapsed."""
-        handled = 0
-        s = self.settings
-        for stream in s.all_streams:
-            pending = self.redis.xpending_range(
-                stream,
-                s.group,
-                min="-",
-                max="+",
-                count=s.batch_size,
-                consumername=s.consumer,
-                idle=s.retry_base_ms,
+                while ids := [
+                    info["message_id"]
+                    for info in self.redis.xpending_range(
+                        stream, group, min="-", max="+", count=500, consumername=holder["name"]
+                    )
+                ]:
+                    self.redis.xclaim(
+                        stream, group, me, min_idle_time=0, message_ids=ids, justid=True
+                    )
+                    claimed += len(ids)
+        self.cursors = dict.fromkeys(self.streams, _PENDING)
+        if claimed:
+            log.info(
+                "%s partition %s: took over %d pending entries", group, self.partition, claimed
             )
-            for info in pending:
-                deliveries = info["times_delivered"]
-                if info["time_since_delivered"] < s.backoff_ms(deliveries):
-                    continue
-                claimed = self.redis.xclaim(
-                    stream,
-                    s.group,
-                    s.consumer,
-                    min_idle_time=s.backoff_ms(deliveries),
-                    message_ids=[info["message_id"]],
-                )
-                handled += self._handle_claimed(
-                    stream, [info["message_id"]], claimed, deliveries + 1
-                )
-        return handled
+        return claimed
 
-    def claim_abandoned_once(self) -> int:
-        """Take over entries left pending by consumers that died (XAUTOCLAIM after an idle time)."""
-        handled = 0
-        s = self.settings
-        for stream in s.all_streams:
-            reply = self.redis.xautoclaim(
-                stream,
-                s.group,
-                s.consumer,
-                min_idle_time=s.claim_idle_ms,
-                start_id="0-0",
-                count=s.batch_size,
-            )
-            claimed = [entry for entry in reply[1] if entry and entry[1] is not None]
-            handled += self._handle_entries(stream, claimed, attempt=None)
-        return handled
-
-    # -- the loop ------------------------------------------------------------------------
+    # -- the loop ------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        """Until stopped or the partition is lost. Outages back off; nothing else stops it."""
         delay = 0.1
         started = False
-        last_maintenance = 0.0
         while not stop.is_set():
             try:
                 if not started:
                     self.ensure_groups()
-                    self.read_own_pending_once()
+                    self.take_over_pending()
                     started = True
-                self.read_new_once(block_ms=self.settings.block_ms)
-                if time.monotonic() - last_maintenance >= self.settings.maintenance_interval_s:
-                    self.retry_failed_once()
-                    self.claim_abandoned_once()
-                    last_maintenance = time.monotonic()
+                if self.retry and (wait := self.retry.due - time.monotonic()) > 0:
+                    stop.wait(min(wait, 0.5))  # the partition waits for its failed entry
+                    continue
+                self.step(block_ms=self.settings.block_ms)
                 delay = 0.1
-            except (*REDIS_OUTAGE_ERRORS, *DB_OUTAGE_ERRORS) as err:
-                log.warning("consumer %s waiting for dependencies: %s", self.settings.group, err)
-                stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+            except (LostOwnership, Fenced) as err:
+                log.warning("%s partition %s lost: %s", self.settings.group, self.partition, err)
+                return
             except redis.ResponseError as err:
-                if "NOGROUP" not in str(err):
+                if "NOGROUP" not in str(err) and classify(err) is not FailureKind.OUTAGE:
                     raise
-                # The stream or group vanished (Redis lost its data): recreate and go on.
-                log.warning("consumer group missing, recreating: %s", err)
+                # Redis lost the stream or group (restart without data), or is refusing work.
+                log.warning("consumer %s waiting for redis: %s", self.settings.group, err)
                 started = False
+                delay = self._back_off(stop, delay)
+            except Exception as err:
+                if classify(err) is not FailureKind.OUTAGE:
+                    raise
+                log.warning("consumer %s waiting for dependencies: %s", self.settings.group, err)
+                delay = self._back_off(stop, delay)
 
-    # -- internals -----------------------------------------------------------------------
+    def _back_off(self, stop: threading.Event, delay: float) -> float:
+        """An outage costs no delivery attempt: re-read our pending entries afterwards."""
+        CONSUMER_OUTAGES.labels(self.settings.group).inc()
+        self.cursors = dict.fromkeys(self.streams, _PENDING)
+        stop.wait(delay)
+        return min(delay * 2, self.settings.outage_max_backoff_ms / 1000)
 
-    def _read(self, streams: dict[str, str], block_ms: int | None) -> int:
-        reply = self.redis.xreadgroup(
-            self.settings.group,
-            self.settings.consumer,
-            streams,
-            count=self.settings.batch_size,
-            block=block_ms,
+    def step(self, block_ms: int | None = None) -> int:
+        """One fenced read and its handling; the number of entries read. With `block_ms`, an
+        empty read waits up to that long for new entries (XREAD BLOCK, without taking them)."""
+        if self.retry and self.retry.due > time.monotonic():
+            return 0  # the partition waits for its failed entry
+        s = self.settings
+        reading_pending = any(cursor != _NEW for cursor in self.cursors.values())
+        pairs, last_ids = self.fence.read(
+            s.group, s.consumer, self.partition, self.lease.epoch, self.cursors, s.batch_size
         )
-        handled = 0
-        for stream, entries in _as_pairs(reply):
-            live = [entry for entry in entries if entry[1]]
-            handled += self._handle_entries(
-                stream, live, attempt=1 if streams[stream] == ">" else None
-            )
-        return handled
+        items: list[Item] = []
+        gone: list[tuple[str, str]] = []
+        for stream, entries in pairs:
+            if self.cursors[stream] != _NEW:  # paging through our pending entries
+                self.cursors[stream] = entries[-1][0] if entries else _NEW
+            for entry_id, fields in entries:
+                if fields is None:
+                    gone.append((stream, entry_id))
+                else:
+                    items.append(Item(stream, entry_id, fields))
+        if not items and not gone and reading_pending:
+            return self.step(block_ms)  # our pending entries are done: on to new ones
+        if gone:
+            self._ack_gone(gone)
+        if items:
+            self.handle(items)
+        elif block_ms and last_ids and all(c == _NEW for c in self.cursors.values()):
+            self.redis.xread(last_ids, count=1, block=block_ms)
+        return len(items) + len(gone)
 
-    def _handle_claimed(
-        self, stream: str, ids: list[str], claimed: list[Entry], attempt: int
-    ) -> int:
-        present = {entry_id for entry_id, fields in claimed if fields}
-        gone = [entry_id for entry_id in ids if entry_id not in present]
-        if gone:  # trimmed away while pending: nothing left to deliver
-            self.redis.xack(stream, self.settings.group, *gone)
-        return self._handle_entries(stream, [e for e in claimed if e[1]], attempt)
+    # -- handling --------------------------------------------------------------------------------
 
-    def _handle_entries(self, stream: str, entries: Iterable[Entry], attempt: int | None) -> int:
-        entries = list(entries)
-        # Events of a known type this group has no handler for are most of what it reads:
-        # acknowledge them without the cost of validating a payload nobody here will use.
-        # An unknown type still goes through validation, and so to the dead letters.
-        ours: list[Entry] = []
-        ignored: list[str] = []
-        for entry_id, fields in entries:
-            if fields.get("event_type") in self._not_ours:
-                ignored.append(entry_id)
-                self._count("ignored", fields["event_type"], time.perf_counter())
-            else:
-                ours.append((entry_id, fields))
-        done = self._handle_together(stream, ours, attempt)
-        if done is None:
-            done = self._handle_each(stream, ours, attempt)
-        done = ignored + done
-        if done:
-            self.fault("after_commit")
-            self.redis.xack(stream, self.settings.group, *done)
-        return len(entries)
+    def handle(self, items: list[Item]) -> None:
+        """Settle the items in order; stop at one whose handler failed and must be retried."""
+        ignored: list[Item] = []
+        work: list[Item] = []
+        for item in items:
+            event_type = item.fields.get("event_type", "?")
+            if event_type in self._not_ours:
+                # Most of what a group reads is for others: acknowledged without the cost of
+                # validating a payload nobody here will use.
+                ignored.append(item)
+                continue
+            try:
+                envelope = decode_entry(item.fields)
+                self._check_producer(item, envelope)
+            except ContractError as err:
+                self._dead_letter(item, f"contract: {err}", attempts=1)
+                continue
+            work.append(Item(item.stream, item.entry_id, item.fields, envelope))
+        if ignored:
+            for item in ignored:
+                self._count("ignored", item.fields["event_type"], time.perf_counter())
+            self._ack(ignored)
+        finished = self._commit_in_order(work)
+        if finished < len(work):
+            # Blocked on work[finished]: what was read after it is re-read, in order, later.
+            self.cursors = dict.fromkeys(self.streams, _PENDING)
 
-    def _handle_each(
-        self, stream: str, entries: list[Entry], attempt: int | None, skip: str = ""
-    ) -> list[str]:
-        """One transaction per entry; the ids that may be acknowledged."""
-        return [
-            entry_id
-            for entry_id, fields in entries
-            if entry_id != skip and self.handle_entry(stream, entry_id, fields, attempt)
-        ]
+    def _check_producer(self, item: Item, envelope: Envelope) -> None:
+        """An event only comes from its owner's stream (a re-driven one: from its original)."""
+        stream = item.fields.get("original_stream", item.stream)
+        producer = _PRODUCER_OF_STREAM.get(base_of(stream))
+        if PRODUCER_OF_EVENT.get(envelope.event_type) != producer:
+            raise ContractError(f"{envelope.event_type} is not published on {base_of(stream)}")
 
-    def _handle_together(
-        self, stream: str, entries: list[Entry], attempt: int | None
-    ) -> list[str] | None:
-        """Handle a read's entries in one transaction; the ids that may be acknowledged.
+    def _commit_in_order(self, items: list[Item]) -> int:
+        """Commit the items in order in as few transactions as possible; the number finished
+        (committed, or dead-lettered) from the front. Stops at an entry that will be retried.
 
-        A transaction per event costs a pool checkout, BEGIN and a COMMIT each: sharing
-        them more than doubles what one consumer keeps up with under load. Each event's
-        effects, outbox rows and inbox row still commit together, and XACK still follows the
-        commit. None, having done nothing, for a single entry or one off contract. When a
-        handler fails, all is rolled back, that entry's failure is recorded as for one entry
-        (retry or dead letter; its handler is not run again) and the others are handled one
-        transaction each.
+        Normally one transaction holds them all. A conflict (deadlock, serialization) is
+        retried at once, one entry per transaction. A handler's error first commits the
+        entries before it, then counts a failed attempt for that entry alone.
         """
-        if len(entries) < 2:
-            return None
+        finished, size, conflicts = 0, len(items), 0
+        while finished < len(items):
+            batch = items[finished : finished + size]
+            try:
+                self._transaction(batch)
+            except _Failed as failed:
+                kind = classify(failed.error)
+                if kind is FailureKind.OUTAGE or isinstance(failed.error, LostOwnership):
+                    raise failed.error from None
+                if kind is FailureKind.CONFLICT and conflicts < self.settings.conflict_retries:
+                    conflicts += 1
+                    CONSUMER_CONFLICTS.labels(self.settings.group).inc()
+                    log.info("conflict, retrying alone: %s", failed.error)
+                    size = 1
+                    continue
+                if failed.index is None and len(batch) > 1:
+                    size = 1  # the commit failed: find the culprit one entry at a time
+                    continue
+                if failed.index:
+                    size = failed.index  # the entries before the culprit did nothing wrong
+                    continue
+                if not self._failed_attempt(batch[0], failed.error):
+                    return finished
+                finished += 1  # dead-lettered
+                size, conflicts = len(items) - finished, 0
+                continue
+            finished += len(batch)
+            size = len(items) - finished
+        return finished
+
+    def _transaction(self, batch: list[Item]) -> None:
+        """The batch's inbox rows and effects in one fenced transaction, then XACK."""
         started = time.perf_counter()
-        try:
-            envelopes = [decode_entry(fields) for _entry_id, fields in entries]
-        except ContractError:
-            return None
-        settled: list[tuple[str, Envelope]] = []
+        outcomes: list[str] = []
         emitted: list[str] = []
-        current = 0  # the entry being applied: the culprit if something raises
         try:
             with self.pool.connection() as conn, conn.transaction():
-                for current, (entry_id, _fields) in enumerate(entries):
-                    outcome, new_events = self._apply(conn, stream, entry_id, envelopes[current])
-                    settled.append((outcome, envelopes[current]))
+                fence(conn, self.settings.group, self.lease)
+                for index, item in enumerate(batch):
+                    try:
+                        outcome, new_events = self._apply(conn, item)
+                    except Exception as err:
+                        raise _Failed(index, err) from err
+                    outcomes.append(outcome)
                     emitted += new_events
-        except DB_OUTAGE_ERRORS:
-            raise  # as for one entry: the run loop backs off, the entries stay pending
-        except Exception as err:
-            if len(settled) == len(entries):  # the commit failed: no culprit to single out
-                return self._handle_each(stream, entries, attempt)
-            entry_id, fields = entries[current]
-            self._handler_failed(
-                stream, entry_id, fields, envelopes[current], attempt, err, started
-            )
-            return self._handle_each(stream, entries, attempt, skip=entry_id)
+                if self.retry and any(self._is_retry(item) for item in batch):
+                    conn.execute(
+                        _FORGET_FAILURES,
+                        (self.settings.group, self.retry.stream, self.retry.entry_id),
+                    )
+        except _Failed:
+            raise
+        except Exception as err:  # the fence, the pool, or the commit itself
+            raise _Failed(None, err) from err
+        if self.retry and any(self._is_retry(item) for item in batch):
+            self.retry = None
         count_emitted(self.settings.group, emitted)
-        for outcome, envelope in settled:
-            self._settled(outcome, envelope, stream, started)
-        return [entry_id for entry_id, _fields in entries]
+        for outcome, item in zip(outcomes, batch, strict=True):
+            self._settled(outcome, item, started)
+        self.fault("after_commit")
+        self._ack(batch)
 
-    def handle_entry(
-        self, stream: str, entry_id: str, fields: dict[str, str], attempt: int | None
-    ) -> bool:
-        """Handle one entry; True when it may be acknowledged."""
-        started = time.perf_counter()
-        event_type = fields.get("event_type", "?")
-        try:
-            envelope = decode_entry(fields)
-        except ContractError as err:
-            self._dead_letter(stream, entry_id, fields, f"contract: {err}", attempt or 1)
-            self._count("dead_lettered", event_type, started)
-            return False  # acknowledged atomically with the dead letter
-        try:
-            with self.pool.connection() as conn, conn.transaction():
-                outcome, emitted = self._apply(conn, stream, entry_id, envelope)
-        except DB_OUTAGE_ERRORS:
-            raise  # not the handler's fault: the run loop backs off; the entry stays pending
-        except Exception as err:
-            self._handler_failed(stream, entry_id, fields, envelope, attempt, err, started)
-            return False  # stays pending: retried after a backoff by retry_failed_once
-        count_emitted(self.settings.group, emitted)
-        self._settled(outcome, envelope, stream, started)
-        return True
-
-    def _apply(
-        self, conn: psycopg.Connection, stream: str, entry_id: str, envelope: Envelope
-    ) -> tuple[str, list[str]]:
-        """Inside the caller's transaction: the inbox row, then the handler unless the event
-        was seen before. Returns the outcome and the event types the handler emitted."""
-        handler = self.handlers.get(envelope.event_type)
-        if handler is None:
-            return "ignored", []
-        inbox = (self.settings.group, envelope.event_id, envelope.event_type, stream, entry_id)
+    def _apply(self, conn: psycopg.Connection, item: Item) -> tuple[str, list[str]]:
+        """Inside the transaction: the inbox row, then the handler unless seen before."""
+        envelope = item.envelope
+        assert envelope is not None
+        handler = self.handlers[envelope.event_type]
+        inbox = (
+            self.settings.group,
+            envelope.event_id,
+            envelope.event_type,
+            item.stream,
+            item.entry_id,
+        )
         if not conn.execute(_INSERT_INBOX, inbox).fetchone():
             return "duplicate", []
         uow = UnitOfWork(conn, cause=envelope)
@@ -351,66 +390,102 @@ class StreamConsumer:
         self.fault("mid_handler")
         return "processed", uow.emitted
 
-    def _settled(self, outcome: str, envelope: Envelope, stream: str, started: float) -> None:
-        """After the commit: count the outcome, and log it at DEBUG."""
-        self._count(outcome, envelope.event_type, started)
-        if log.isEnabledFor(logging.DEBUG):  # spare building the context on the hot path
-            log.debug("%s %s", outcome, envelope.event_type, extra=_log_context(envelope, stream))
-
-    def _handler_failed(
-        self,
-        stream: str,
-        entry_id: str,
-        fields: dict[str, str],
-        envelope: Envelope,
-        attempt: int | None,
-        err: Exception,
-        started: float,
-    ) -> None:
-        """Log and count a handler's failure; after the last delivery, dead-letter the entry."""
-        log.exception(
-            "handler failed for %s %s (attempt %s)",
-            envelope.event_type,
-            envelope.event_id,
-            attempt,
-            extra=_log_context(envelope, stream),
+    def _is_retry(self, item: Item) -> bool:
+        return self.retry is not None and (item.stream, item.entry_id) == (
+            self.retry.stream,
+            self.retry.entry_id,
         )
-        if attempt is not None and attempt >= self.settings.max_deliveries:
-            self._dead_letter(stream, entry_id, fields, f"{type(err).__name__}: {err}", attempt)
-            self._count("dead_lettered", envelope.event_type, started)
-        else:
-            self._count("failed", envelope.event_type, started)
 
-    def _dead_letter(
-        self, stream: str, entry_id: str, fields: dict[str, str], error: str, attempts: int
-    ) -> None:
+    def _failed_attempt(self, item: Item, error: BaseException) -> bool:
+        """Count a failed delivery (across owners, in the database); True if that was the
+        last allowed one and the entry is now a dead letter, False if it waits for a retry."""
+        assert item.envelope is not None
+        started = time.perf_counter()
+        message = f"{type(error).__name__}: {error}"[:2000]
+        with self.pool.connection() as conn, conn.transaction():
+            fence(conn, self.settings.group, self.lease)
+            attempts = conn.execute(
+                _COUNT_FAILURE,
+                (self.settings.group, item.stream, item.entry_id, item.envelope.event_id, message),
+            ).fetchone()[0]
+        log.error(
+            "handler failed for %s %s (attempt %d of %d)",
+            item.envelope.event_type,
+            item.envelope.event_id,
+            attempts,
+            self.settings.max_deliveries,
+            exc_info=error,
+            extra=_log_context(item.envelope, item.stream),
+        )
+        if attempts >= self.settings.max_deliveries:
+            self._dead_letter(item, message, attempts)
+            if self._is_retry(item):
+                self.retry = None
+            return True
+        self._count("failed", item.envelope.event_type, started)
+        due = time.monotonic() + self.settings.backoff_ms(attempts) / 1000
+        self.retry = Retry(item.stream, item.entry_id, attempts, due)
+        return False
+
+    def _dead_letter(self, item: Item, error: str, attempts: int) -> None:
+        """Record the entry as a dead letter and acknowledge it, in one fenced Redis script."""
+        group = self.settings.group
         record = {
-            **fields,
-            "original_stream": stream,
-            "original_id": entry_id,
-            "group": self.settings.group,
+            **item.fields,
+            "original_stream": item.fields.get("original_stream", item.stream),
+            "original_id": item.fields.get("original_id", item.entry_id),
+            "group": group,
             "error": error[:2000],
             "attempts": str(attempts),
             "dead_lettered_at": datetime.now(UTC).isoformat(),
         }
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(dead_letter_stream(self.settings.group), record)
-        pipe.xack(stream, self.settings.group, entry_id)
+        self.fence.dead_letter(
+            group,
+            self.partition,
+            self.lease.epoch,
+            dead_letter_stream(group, self.partition),
+            item.stream,
+            item.entry_id,
+            record,
+        )
+        self._count("dead_lettered", item.fields.get("event_type", "?"), time.perf_counter())
+        log.error("dead-lettered %s from %s: %s", item.entry_id, item.stream, error)
+
+    def _ack(self, items: list[Item]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for item in items:
+            by_stream.setdefault(item.stream, []).append(item.entry_id)
+        # One slot (the partition's hash tag): one round trip, on a cluster too.
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, self.settings.group, *ids)
         pipe.execute()
-        log.error("dead-lettered %s from %s: %s", entry_id, stream, error)
+
+    def _ack_gone(self, gone: list[tuple[str, str]]) -> None:
+        """Pending entries whose data was trimmed away: nothing left to handle. Never silent."""
+        for stream, entry_id in gone:
+            log.error(
+                "pending entry %s of %s no longer exists; acknowledged unhandled", entry_id, stream
+            )
+            self._count("gone", "?", time.perf_counter())
+        self._ack([Item(stream, entry_id, {}) for stream, entry_id in gone])
+
+    def _settled(self, outcome: str, item: Item, started: float) -> None:
+        assert item.envelope is not None
+        self._count(outcome, item.envelope.event_type, started)
+        if log.isEnabledFor(logging.DEBUG):  # spare building the context on the hot path
+            log.debug(
+                "%s %s",
+                outcome,
+                item.envelope.event_type,
+                extra=_log_context(item.envelope, item.stream),
+            )
 
     def _count(self, outcome: str, event_type: str, started: float) -> None:
-        attr = "duplicates" if outcome == "duplicate" else outcome
-        setattr(self.stats, attr, getattr(self.stats, attr) + 1)
         seconds = time.perf_counter() - started
         CONSUMER_EVENTS.labels(self.settings.group, event_type, outcome).inc()
         CONSUMER_LATENCY.labels(self.settings.group, event_type).observe(seconds)
         self._on_outcome(event_type, outcome, seconds)
-
-
-def _as_pairs(reply: object) -> list[tuple[str, list[Entry]]]:
-    """XREADGROUP's RESP2 reply: a list of [stream, entries], or None when nothing came."""
-    return [(stream, entries) for stream, entries in reply] if reply else []
 
 
 def _log_context(envelope: Envelope, stream: str) -> dict[str, str]:

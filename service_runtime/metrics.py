@@ -57,7 +57,7 @@ RELAY_LATENCY = Histogram(
 RELAY_BACKLOG = Gauge("saga_relay_unpublished_rows", "Unpublished outbox rows", ["service"])
 CONSUMER_EVENTS = Counter(
     "saga_consumer_events_total",
-    "Entries handled by outcome (processed, duplicate, ignored, failed, dead_lettered)",
+    "Entries handled by outcome (processed, duplicate, ignored, failed, dead_lettered, gone)",
     ["group", "event_type", "outcome"],
 )
 CONSUMER_LATENCY = Histogram(
@@ -65,6 +65,24 @@ CONSUMER_LATENCY = Histogram(
     "Time to handle one entry",
     ["group", "event_type"],
     buckets=_LATENCY_BUCKETS,
+)
+CONSUMER_CONFLICTS = Counter(
+    "saga_consumer_conflicts_total",
+    "Transactions aborted by a deadlock or serialization failure and retried at once",
+    ["group"],
+)
+CONSUMER_OUTAGES = Counter(
+    "saga_consumer_outages_total",
+    "Times a consumer backed off because PostgreSQL or Redis was unavailable",
+    ["group"],
+)
+PARTITION_CHANGES = Counter(
+    "saga_partition_ownership_changes_total",
+    "Partition leases acquired, released (rebalance, shutdown) or lost (expired, fenced)",
+    ["group", "change"],
+)
+PARTITIONS_OWNED = Gauge(
+    "saga_partitions_owned", "Partitions this consumer owns", ["group", "consumer"]
 )
 JOBS_RUN = Counter("saga_jobs_total", "rq jobs finished, by job", ["job"])
 

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 
 import psycopg
 
-_LOCK_KEY = 7_310_001  # serialises concurrent migrators on one database
+from service_runtime.locks import MIGRATIONS_LOCK_KEY
+
 
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -32,7 +33,7 @@ def apply(conn: psycopg.Connection, migrations: Iterable[tuple[str, str]]) -> li
     """Apply the migrations not yet recorded; returns the names applied now."""
     applied_now: list[str] = []
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATIONS_LOCK_KEY,))
         conn.execute(_LEDGER)
         done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
         for name, sql in migrations:

@@ -41,3 +41,10 @@ def order_placed_payload(order_id: str | None = None, customer_id: str = "alice"
         "customer_id": customer_id,
         "items": [{"sku": "SKU-1", "quantity": 1}],
     }
+
+
+def stream_total(client: Any, base: str, partitions: int = 8) -> int:
+    """Entries in all partition streams of `base` (e.g. "orders.events")."""
+    from contracts import partition_stream
+
+    return sum(client.xlen(partition_stream(base, p)) for p in range(partitions))

@@ -8,25 +8,32 @@ DESIGN.md §3 are staged deterministically.
 from __future__ import annotations
 
 import importlib
+from collections import Counter
+from collections.abc import Iterable
 
 import psycopg
 import redis
 
 from billing_service.app import create_app as billing_app
-from contracts import STREAM_OF_PRODUCER, SUBSCRIPTIONS
+from contracts import DEFAULT_PARTITIONS
 from inventory_service.app import create_app as inventory_app
 from orders_service.app import create_app as orders_app
 from outbox_relay.publisher import publish_batch
-from service_runtime.consumer import ConsumerSettings, StreamConsumer
+from service_runtime.consumer import ConsumerSettings, PartitionWorker
 from service_runtime.db import create_pool
+from service_runtime.ownership import assignment
+from tests.partition_steps import drain, own_partitions
 
 SERVICES = ("orders", "inventory", "billing")
+
+
 
 
 class SagaDriver:
     def __init__(
         self, db_urls: dict[str, str], redis_client: redis.Redis, payment_timeout_s: int = 30
     ) -> None:
+        self.partitions = DEFAULT_PARTITIONS  # as the spawned `saga` processes use
         self.db_urls = db_urls
         self.redis = redis_client
         self.pools = {s: create_pool(db_urls[s], name=f"test-{s}", max_size=6) for s in SERVICES}
@@ -34,16 +41,41 @@ class SagaDriver:
         self.orders = orders_app(self.pools["orders"], config).test_client()
         self.inventory = inventory_app(self.pools["inventory"], config).test_client()
         self.billing = billing_app(self.pools["billing"], config).test_client()
+        self.outcomes = {s: Counter() for s in SERVICES}  # per service: outcome -> entries
         self.consumers = {s: self.consumer(s, f"{s}-1") for s in SERVICES}
 
-    def consumer(self, service: str, name: str, batch_size: int = 100) -> StreamConsumer:
+    def consumer(
+        self,
+        service: str,
+        name: str,
+        batch_size: int = 100,
+        partitions: Iterable[int] | None = None,
+    ) -> list[PartitionWorker]:
+        """The workers of one consumer of SERVICE's group owning `partitions` (all)."""
         handlers = importlib.import_module(f"{service}_service.reactions").HANDLERS
         settings = ConsumerSettings(
-            group=service, consumer=name, streams=SUBSCRIPTIONS[service], batch_size=batch_size
+            group=service, consumer=name, partitions=self.partitions, batch_size=batch_size
         )
-        consumer = StreamConsumer(self.redis, self.pools[service], settings, handlers)
-        consumer.ensure_groups()
-        return consumer
+
+        def count(_event_type: str, outcome: str, _seconds: float) -> None:
+            self.outcomes[service][outcome] += 1
+
+        return own_partitions(
+            self.redis, self.pools[service], settings, handlers, partitions, on_outcome=count
+        )
+
+    def split(self, service: str, count: int, batch_size: int = 100) -> list[list[PartitionWorker]]:
+        """Replace SERVICE's one consumer by `count` consumers sharing the partitions as live
+        members do (service_runtime.ownership.assignment); returns each one's workers."""
+        with self.pools[service].connection() as conn:
+            conn.execute("DELETE FROM partition_leases WHERE consumer_group = %s", (service,))
+        names = [f"{service}-{i}" for i in range(count)]
+        consumers = [
+            self.consumer(service, name, batch_size, assignment(names, self.partitions, name))
+            for name in names
+        ]
+        self.consumers[service] = [worker for workers in consumers for worker in workers]
+        return consumers
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -58,8 +90,8 @@ class SagaDriver:
             while sent := publish_batch(
                 conn,
                 self.redis,
-                stream=STREAM_OF_PRODUCER[service],
                 producer=service,
+                partitions=self.partitions,
                 batch_size=100,
             ):
                 total += sent
@@ -67,10 +99,7 @@ class SagaDriver:
 
     def deliver(self, service: str) -> int:
         """Let service's consumer handle everything new on its streams."""
-        total = 0
-        while handled := self.consumers[service].read_new_once():
-            total += handled
-        return total
+        return drain(self.consumers[service])
 
     def settle(self, max_rounds: int = 20) -> None:
         """Publish and deliver everywhere until nothing moves."""

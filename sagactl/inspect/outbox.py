@@ -9,7 +9,7 @@ import click
 import psycopg
 
 from contracts import relay_status_key
-from outbox_relay.relay import RELAY_LOCK_KEY
+from service_runtime.locks import RELAY_LOCK_KEY
 from sagactl.inspect.common import (
     duration,
     friendly_errors,

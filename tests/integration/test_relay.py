@@ -9,7 +9,8 @@ import pytest
 
 from contracts import ENVELOPE_FIELDS, decode_entry
 from outbox_relay.publisher import publish_batch
-from outbox_relay.relay import RELAY_LOCK_KEY, Relay, RelaySettings
+from outbox_relay.relay import Relay, RelaySettings
+from service_runtime.locks import RELAY_LOCK_KEY
 from service_runtime.unit_of_work import UnitOfWork
 from tests.helpers import order_placed_payload, wait_until
 

@@ -1,0 +1,167 @@
+"""A consumer process in its service's group: membership, partition leases, one worker each.
+
+Every `heartbeat_ms` this consumer: says it is alive (consumer_members), renews the leases it
+holds, hands back the partitions that the current assignment gives to someone else, and takes
+the ones it gives to it when they are free. Each owned partition runs a PartitionWorker in its
+own thread (blocking reads of one partition's streams: one slot, on a cluster too). Timings and
+bounds: docs/architecture.md, "Partition ownership".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import redis
+from psycopg_pool import ConnectionPool
+
+from service_runtime.consumer import ConsumerSettings, Handler, OutcomeHook, PartitionWorker
+from service_runtime.failures import FailureKind, classify
+from service_runtime.faults import no_faults
+from service_runtime.metrics import PARTITION_CHANGES, PARTITIONS_OWNED
+from service_runtime.ownership import Lease, PartitionLeases, assignment
+from service_runtime.stream_fence import StreamFence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Running:
+    worker: PartitionWorker
+    thread: threading.Thread
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class StreamConsumer:
+    """One consumer process of a group: owns some partitions, runs a worker for each."""
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        pool: ConnectionPool,
+        settings: ConsumerSettings,
+        handlers: Mapping[str, Handler],
+        on_outcome: OutcomeHook | None = None,
+        fault: Callable[[str], None] = no_faults,
+    ) -> None:
+        self.redis = redis_client
+        self.pool = pool
+        self.settings = settings
+        self.handlers = handlers
+        self.on_outcome = on_outcome
+        self.fault = fault
+        self.fence = StreamFence(redis_client)
+        self.leases = PartitionLeases(settings.group, settings.consumer, settings.lease_ms / 1000)
+        self.running: dict[int, _Running] = {}
+        self._renewed_at = time.monotonic()
+
+    @property
+    def owned(self) -> list[int]:
+        return sorted(self.running)
+
+    def run(self, stop: threading.Event) -> None:
+        interval = self.settings.heartbeat_ms / 1000
+        try:
+            while not stop.is_set():
+                try:
+                    self.rebalance_once()
+                except Exception as err:
+                    if classify(err) is not FailureKind.OUTAGE:
+                        raise
+                    log.warning(
+                        "consumer %s: cannot reach the lease table: %s", self.settings.consumer, err
+                    )
+                    self._drop_all_if_expired()
+                stop.wait(interval)
+        finally:
+            self.shutdown()
+
+    def rebalance_once(self) -> None:
+        """One heartbeat: renew, hand back, take. Safe to call from a test, step by step."""
+        with self.pool.connection() as conn:
+            members = self.leases.heartbeat(conn)
+            target = assignment(members, self.settings.partitions, self.settings.consumer)
+            held = {lease.partition: lease for lease in self.leases.renew(conn, self._leases())}
+            self._renewed_at = time.monotonic()
+            for partition in list(self.running):
+                if partition not in held:
+                    self._stop(partition, "lost")
+                elif not self.running[partition].thread.is_alive():
+                    self._stop(partition, "released")  # its worker died of a bug: start afresh
+                    self.leases.release(conn, held.pop(partition))
+            for partition in sorted(set(held) - target):
+                self._stop(partition, "released")
+                self.leases.release(conn, held[partition])
+            for partition in sorted(target - set(held)):
+                lease = self.leases.acquire(conn, partition)
+                if lease is not None:
+                    self._start(lease)
+        PARTITIONS_OWNED.labels(self.settings.group, self.settings.consumer).set(len(self.running))
+
+    def shutdown(self) -> None:
+        """Stop every worker and hand their partitions back at once, then leave the group."""
+        leases = [self._stop(partition, "released") for partition in list(self.running)]
+        try:
+            with self.pool.connection() as conn:
+                for lease in leases:
+                    self.leases.release(conn, lease)
+                self.leases.leave(conn)
+        except Exception as err:  # the leases simply expire
+            log.warning("consumer %s: leases not handed back: %s", self.settings.consumer, err)
+
+    def _leases(self) -> list[Lease]:
+        return [running.worker.lease for running in self.running.values()]
+
+    def _start(self, lease: Lease) -> None:
+        if not self.fence.claim(self.settings.group, lease.partition, lease.epoch):
+            log.warning("partition %s: a newer owner already fenced it", lease.partition)
+            return
+        worker = PartitionWorker(
+            self.redis,
+            self.fence,
+            self.pool,
+            self.settings,
+            self.handlers,
+            lease,
+            on_outcome=self.on_outcome,
+            fault=self.fault,
+        )
+        running = _Running(worker, threading.Thread())
+        running.thread = threading.Thread(
+            target=self._run_worker,
+            args=(worker, running.stop),
+            name=f"{self.settings.group}-p{lease.partition}",
+            daemon=True,
+        )
+        self.running[lease.partition] = running
+        running.thread.start()
+        PARTITION_CHANGES.labels(self.settings.group, "acquired").inc()
+        log.info(
+            "%s owns partition %d (epoch %d)", self.settings.consumer, lease.partition, lease.epoch
+        )
+
+    def _run_worker(self, worker: PartitionWorker, stop: threading.Event) -> None:
+        try:
+            worker.run(stop)
+        except Exception:
+            log.exception("partition %s worker stopped by an error", worker.partition)
+
+    def _stop(self, partition: int, change: str) -> Lease:
+        """Stop a partition's worker; its lease, for the caller to hand back if it wants."""
+        running = self.running.pop(partition)
+        running.stop.set()
+        # A worker finishes its current batch (commit, XACK) first; a blocking read returns
+        # within block_ms. If it hangs longer, the fence keeps it from committing anyway.
+        running.thread.join(timeout=self.settings.lease_ms / 1000)
+        PARTITION_CHANGES.labels(self.settings.group, change).inc()
+        log.info("%s %s partition %d", self.settings.consumer, change, partition)
+        return running.worker.lease
+
+    def _drop_all_if_expired(self) -> None:
+        """Unable to renew for a whole lease period: the partitions are surely someone else's."""
+        if time.monotonic() - self._renewed_at >= self.settings.lease_ms / 1000:
+            for partition in list(self.running):
+                self._stop(partition, "lost")

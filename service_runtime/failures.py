@@ -1,0 +1,84 @@
+"""What kind of failure an exception is, decided once for every loop and request.
+
+- an outage: a server is unreachable or refusing work for a while (connection lost, pool
+  exhausted, Redis loading, out of memory, read-only replica after a failover). Back off and
+  try again; it costs no delivery attempt and is never the handler's fault.
+- a conflict: PostgreSQL aborted the transaction to break a deadlock (40P01) or a
+  serialization failure (40001). Retry at once, alone; it says nothing about the input.
+- anything else is the work's own error: counted as a failed attempt.
+
+psycopg makes DeadlockDetected and SerializationFailure subclasses of OperationalError, so
+"OperationalError means outage" is wrong; the SQLSTATE decides.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import psycopg
+import redis
+from psycopg import errors as pg_errors
+from psycopg_pool import PoolTimeout
+
+
+class FailureKind(enum.Enum):
+    OUTAGE = "outage"
+    CONFLICT = "conflict"
+    ERROR = "error"
+
+
+CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
+    pg_errors.DeadlockDetected,
+    pg_errors.SerializationFailure,
+)
+
+# Redis error replies that mean "this server can't take the command right now".
+_REDIS_OUTAGE_REPLIES = (
+    "OOM",
+    "MISCONF",
+    "READONLY",
+    "LOADING",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "NOREPLICAS",
+)
+
+_REDIS_OUTAGE_TYPES: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    redis.ReadOnlyError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.SlotNotCoveredError,
+)
+
+
+def classify(err: BaseException) -> FailureKind:
+    if isinstance(err, CONFLICT_ERRORS):
+        return FailureKind.CONFLICT
+    if isinstance(err, PoolTimeout):
+        return FailureKind.OUTAGE
+    if isinstance(err, psycopg.OperationalError):
+        # Connection-level trouble has no SQLSTATE or class 08 (connection exception),
+        # 57P0x (shutdown, cannot connect now), 53xxx (insufficient resources).
+        state = getattr(err, "sqlstate", None)
+        if state is None or state.startswith(("08", "57P", "53")):
+            return FailureKind.OUTAGE
+        return FailureKind.ERROR
+    if isinstance(err, _REDIS_OUTAGE_TYPES):
+        return FailureKind.OUTAGE
+    if isinstance(err, redis.ResponseError) and str(err).startswith(_REDIS_OUTAGE_REPLIES):
+        return FailureKind.OUTAGE
+    return FailureKind.ERROR
+
+
+def is_outage(err: BaseException) -> bool:
+    return classify(err) is FailureKind.OUTAGE
+
+
+def is_conflict(err: BaseException) -> bool:
+    return classify(err) is FailureKind.CONFLICT

@@ -1,0 +1,146 @@
+"""The Redis side of partition ownership: reads and dead letters fenced on the owner's epoch.
+
+The owner of a partition writes its lease epoch to the partition's fence key
+(contracts.owner_fence_key, same hash tag as the partition's streams, so one slot on a
+cluster). Every XREADGROUP and every dead letter of the partition runs in a Lua script that
+first checks that key: once a new owner has set its epoch, a consumer that lost the partition
+(paused, cut off, lease expired) can no longer take new entries into its pending list, so the
+new owner's takeover of the pending entries is complete and one order's events stay in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import redis
+
+from contracts import owner_fence_key
+
+Entry = tuple[str, dict[str, str] | None]  # (entry id, fields), fields None when trimmed
+
+FENCED = "FENCED"
+
+_SET_FENCE = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) >= current then
+    redis.call('SET', KEYS[1], ARGV[1])
+    return 1
+end
+return 0
+"""
+
+# KEYS: fence, stream...; ARGV: epoch, group, consumer, count, id per stream.
+# Returns {reply of XREADGROUP or false, {last entry id of each stream}}: the last ids only when
+# nothing was read, for an XREAD BLOCK that wakes on anything newer (no missed wake-up).
+_READ = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return redis.error_reply('FENCED by epoch ' .. tostring(redis.call('GET', KEYS[1])))
+end
+local args = {'XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4], 'STREAMS'}
+for i = 2, #KEYS do args[#args + 1] = KEYS[i] end
+for i = 5, #ARGV do args[#args + 1] = ARGV[i] end
+local reply = redis.call(unpack(args))
+local last = {}
+if not reply then
+    for i = 2, #KEYS do
+        local top = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+        last[#last + 1] = top[1] and top[1][1] or '0-0'
+    end
+end
+return {reply, last}
+"""
+
+# KEYS: fence, dead-letter stream, source stream; ARGV: epoch, group, entry id, field, value...
+_DEAD_LETTER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return redis.error_reply('FENCED by epoch ' .. tostring(redis.call('GET', KEYS[1])))
+end
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
+return id
+"""
+
+
+class Fenced(Exception):
+    """Redis refused: the partition's fence carries another owner's epoch."""
+
+
+class StreamFence:
+    """Fenced stream operations on one client (scripts are loaded once per client)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._set = client.register_script(_SET_FENCE)
+        self._read = client.register_script(_READ)
+        self._dead_letter = client.register_script(_DEAD_LETTER)
+
+    def claim(self, group: str, partition: int, epoch: int) -> bool:
+        """Set the fence to this epoch unless a newer owner already set a higher one."""
+        return bool(self._set(keys=[owner_fence_key(group, partition)], args=[epoch]))
+
+    def read(
+        self,
+        group: str,
+        consumer: str,
+        partition: int,
+        epoch: int,
+        cursors: Mapping[str, str],
+        count: int,
+    ) -> tuple[list[tuple[str, list[Entry]]], dict[str, str]]:
+        """XREADGROUP over the partition's streams at the given cursors ('>' or an id).
+        Returns (entries per stream, {stream: last entry id} when nothing was read)."""
+        streams = list(cursors)
+        try:
+            reply, last = self._read(
+                keys=[owner_fence_key(group, partition), *streams],
+                args=[epoch, group, consumer, count, *cursors.values()],
+            )
+        except redis.ResponseError as err:
+            if str(err).startswith(FENCED):
+                raise Fenced(str(err)) from err
+            raise
+        pairs = _stream_pairs(reply)
+        return pairs, dict(zip(streams, last or [], strict=False))
+
+    def dead_letter(
+        self,
+        group: str,
+        partition: int,
+        epoch: int,
+        target: str,
+        source: str,
+        entry_id: str,
+        record: Mapping[str, str],
+    ) -> str:
+        """XADD the record to the dead letters and XACK the source entry, atomically, fenced."""
+        flat = [item for pair in record.items() for item in pair]
+        try:
+            return self._dead_letter(
+                keys=[owner_fence_key(group, partition), target, source],
+                args=[epoch, group, entry_id, *flat],
+            )
+        except redis.ResponseError as err:
+            if str(err).startswith(FENCED):
+                raise Fenced(str(err)) from err
+            raise
+
+
+def _stream_pairs(reply: object) -> list[tuple[str, list[Entry]]]:
+    """XREADGROUP's reply as [(stream, [(id, fields or None)])]. Real Redis gives
+    [[stream, entries], ...]; fakeredis's Lua gives the flat [stream, entries, stream, ...]."""
+    if not reply:
+        return []
+    items = list(reply)  # type: ignore[call-overload]
+    if isinstance(items[0], str):
+        items = [items[i : i + 2] for i in range(0, len(items), 2)]
+    return [(stream, [(eid, _fields(raw)) for eid, raw in entries]) for stream, entries in items]
+
+
+def _fields(raw: Sequence[str] | Mapping[str, str] | None) -> dict[str, str] | None:
+    if not raw:
+        return None
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    return dict(zip(raw[::2], raw[1::2], strict=True))
