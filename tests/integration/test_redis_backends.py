@@ -292,3 +292,26 @@ def test_the_suites_redis_follows_saga_test_redis_cluster(clean_state):
     assert clean_state.env["REDIS_CLUSTER"] == ("1" if cluster_tests_enabled() else "0")
     rq_client = connect(clean_state.env["RQ_REDIS_URL"], cluster=False)
     assert rq_client.info("cluster")["cluster_enabled"] == 0
+
+
+def test_a_cluster_that_goes_away_is_an_outage(tmp_path):
+    """Once no node answers, commands and pipelines raise outage errors (redis-py's own
+    "cannot be connected" is a bare RedisClusterException; connect() reclassifies it)."""
+    from devstack.redis_cluster import EmbeddedRedisCluster
+
+    cluster = EmbeddedRedisCluster(tmp_path / "cluster")
+    cluster.start()
+    try:
+        client = connect(cluster.url, cluster=True)
+        client.xadd("x.events.{p0}", {"seq": "0"})
+    finally:
+        cluster.stop()
+    with pytest.raises(REDIS_OUTAGE_ERRORS):
+        client.xadd("x.events.{p0}", {"seq": "1"})
+    pipe = client.pipeline(transaction=False)
+    pipe.xadd("x.events.{p0}", {"seq": "1"})
+    pipe.xadd("x.events.{p5}", {"seq": "1"})
+    with pytest.raises(REDIS_OUTAGE_ERRORS):
+        pipe.execute()
+    with pytest.raises(REDIS_OUTAGE_ERRORS):
+        read_group(client, GROUP, "c1", {"x.events.{p0}": ">"})
