@@ -29,6 +29,7 @@ from service_runtime.config import (
     from_env,
     http_port,
     redis_url,
+    rq_redis_url,
     run_dir,
     stream_partitions,
 )
@@ -171,9 +172,10 @@ def cron() -> None:
     setup_logging("saga", "cron")
     # One enqueue a second would drown the log at INFO; failures still show.
     logging.getLogger("rq.cron").setLevel(logging.WARNING)
-    # rq stores pickled bytes: it needs a client that does not decode responses.
+    # rq stores pickled bytes: it needs a client that does not decode responses. And a plain
+    # Redis: rq does not support Redis Cluster (RQ_REDIS_URL, DESIGN.md §6a).
     scheduler = CronScheduler(
-        connection=redis.Redis.from_url(redis_url()), name=f"saga-cron:{socket.gethostname()}"
+        connection=redis.Redis.from_url(rq_redis_url()), name=f"saga-cron:{socket.gethostname()}"
     )
     scheduler.register(sweep_payment_deadlines, RQ_QUEUE, interval=1, job_timeout=60)
     scheduler.register(run_retention, RQ_QUEUE, interval=3600, job_timeout=1800)
@@ -208,7 +210,7 @@ def worker() -> None:
         "worker",
         "--with-scheduler",
         "--url",
-        redis_url(),
+        rq_redis_url(),
         "-c",
         "service_runtime.rq_settings",
         RQ_QUEUE,
@@ -219,7 +221,7 @@ def worker() -> None:
     metrics_dir.mkdir(parents=True)
     serve_multiprocess_metrics(_metrics_port(WORKER_METRICS_OFFSET), str(metrics_dir))
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    client = redis_client.connect(redis_url())
+    client = redis_client.connect(rq_redis_url(), cluster=False)  # the Redis rq waits for
     while not stop.is_set():
         code = subprocess.run(command, env=env, preexec_fn=_die_with_parent).returncode
         if stop.is_set():

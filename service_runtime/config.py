@@ -65,6 +65,28 @@ def redis_url() -> str:
     return url
 
 
+def redis_cluster() -> bool:
+    """REDIS_CLUSTER=1 (or true/yes/on): REDIS_URL names any node of a Redis Cluster."""
+    return (setting("REDIS_CLUSTER") or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def rq_redis_url() -> str:
+    """The plain Redis for rq (worker, cron, jobs): RQ_REDIS_URL, else REDIS_URL.
+
+    rq does not support Redis Cluster (its queues are many keys touched by one MULTI and by
+    Lua), so with REDIS_CLUSTER=1 rq needs a Redis of its own and falling back would be wrong.
+    """
+    url = setting("RQ_REDIS_URL")
+    if url:
+        return url
+    if redis_cluster():
+        raise ConfigError(
+            "REDIS_CLUSTER=1 but RQ_REDIS_URL is not set: rq does not support Redis Cluster,"
+            " set RQ_REDIS_URL to a plain (non-cluster) Redis for rq"
+        )
+    return redis_url()
+
+
 def http_port(service: str) -> int:
     return int(setting(f"{service.upper()}_PORT") or DEFAULT_PORTS[service])
 

@@ -1,23 +1,173 @@
-"""Redis connections for stream work."""
+"""Redis connections for stream work: one Redis, or a Redis Cluster with REDIS_CLUSTER=1.
+
+Callers stay cluster-neutral by using what is here instead of server-wide commands:
+`flush`, `scan_keys`, and `REDIS_OUTAGE_ERRORS` for "back off and retry". A pipeline needs
+nothing extra: redis-py's cluster pipeline (transaction=False) already groups the queued
+commands by node, writes every node's batch before reading any reply, and returns the
+replies in queue order. A MULTI pipeline (transaction=True) works on a cluster only when all
+its keys share one slot (a common hash tag such as `{p3}`), else CrossSlotTransactionError.
+"""
 
 from __future__ import annotations
 
-import redis
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeAlias
 
-# What "Redis is unreachable" looks like: back off and retry, never crash.
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    MovedError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.retry import Retry
+
+from service_runtime.config import redis_cluster
+
+RedisClient: TypeAlias = redis.Redis | redis.RedisCluster
+
+
+class ClusterUnreachableError(redis.ConnectionError):
+    """No node of the cluster answered (redis-py says so with a bare RedisClusterException,
+    the class it also uses for programming errors, so it is re-raised as this)."""
+
+
+# What "Redis is unreachable or not serving right now" looks like: back off and retry, never
+# crash, and never count it as a failed delivery. On a cluster that also covers a failover or
+# a reshard in flight:
+# - ClusterError: CLUSTERDOWN (and its MasterDownError), or redis-py's "TTL exhausted" after
+#   following MOVED/ASK redirections 16 times in a row (a topology change still settling);
+# - SlotNotCoveredError: the slot's master is gone and nobody serves it yet;
+# - TryAgainError: a multi-key command on a slot being migrated (redis-py retries it itself;
+#   inside a MULTI it surfaces);
+# - MovedError/AskError: they surface only from a MULTI pipeline whose retries ran out.
+# Not an outage, because retrying never helps: CROSSSLOT (ClusterCrossSlotError),
+# CrossSlotTransactionError and other RedisClusterExceptions (a bug in which keys we use).
 REDIS_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
-    redis.ConnectionError,
+    redis.ConnectionError,  # includes BusyLoadingError and ClusterUnreachableError
     redis.TimeoutError,
-    redis.BusyLoadingError,
+    ClusterError,
+    SlotNotCoveredError,
+    TryAgainError,
+    MovedError,
+    AskError,
 )
 
+# The socket timeout must outlast the longest XREADGROUP BLOCK we issue: a read that times
+# out is an outage to us, and on a cluster it also makes redis-py re-read the whole topology.
+SOCKET_TIMEOUT_S = 15
+SOCKET_CONNECT_TIMEOUT_S = 3
+HEALTH_CHECK_INTERVAL_S = 30
+# redis-py's cluster default is 10 attempts, each failed one re-reading the topology from
+# every node; 3 lets an outage reach our own back-off (and its log line) within seconds.
+CLUSTER_RETRIES = 3
 
-def connect(url: str) -> redis.Redis:
-    # The socket timeout must outlast the longest XREADGROUP BLOCK we issue.
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_connect_timeout=3,
-        socket_timeout=15,
-        health_check_interval=30,
-    )
+
+def connect(url: str, *, cluster: bool | None = None) -> RedisClient:
+    """A client for `url`: a RedisCluster when REDIS_CLUSTER=1 (or `cluster=True`), else a
+    Redis. Same timeouts and decoded (str) replies either way.
+
+    A plain Redis connects lazily; a RedisCluster reads the topology here, so on a cluster
+    this raises ClusterUnreachableError (an outage error) when no node answers.
+    """
+    common = {
+        "decode_responses": True,
+        "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_S,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+    }
+    if not (redis_cluster() if cluster is None else cluster):
+        return redis.Redis.from_url(url, **common)
+    try:
+        client = redis.RedisCluster.from_url(
+            url,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), CLUSTER_RETRIES),
+            **common,
+        )
+    except RedisClusterException as err:
+        raise _unreachable_or(err) from err
+    _classify_topology_errors(client)
+    return client
+
+
+def _unreachable_or(err: RedisClusterException) -> Exception:
+    """Outages: "cannot be connected" (raised from the last connection error) and "slots not
+    covered"; anything else (a bad URL, a node without cluster mode) is not one."""
+    if isinstance(err.__cause__, redis.ConnectionError | redis.TimeoutError) or (
+        "not covered" in str(err)
+    ):
+        return ClusterUnreachableError(str(err))
+    return err
+
+
+def _classify_topology_errors(client: redis.RedisCluster) -> None:
+    """Make the cluster client's topology refresh raise ClusterUnreachableError when no node
+    answers. redis-py refreshes the topology inside its error handling (after a
+    ConnectionError, a CLUSTERDOWN, too many MOVED), so an outage of the whole cluster would
+    reach the caller as a bare RedisClusterException; pipelines share this nodes manager."""
+    manager = client.nodes_manager
+    refresh = manager.initialize
+
+    def initialize(*args: object, **kwargs: object) -> None:
+        try:
+            refresh(*args, **kwargs)
+        except ClusterUnreachableError:
+            raise
+        except RedisClusterException as err:
+            raise _unreachable_or(err) from err
+
+    manager.initialize = initialize  # type: ignore[method-assign]
+
+
+def is_cluster(client: RedisClient) -> bool:
+    return isinstance(client, redis.RedisCluster)
+
+
+def read_group(
+    client: RedisClient,
+    group: str,
+    consumer: str,
+    streams: Mapping[str, str],
+    *,
+    count: int | None = None,
+    block: int | None = None,
+) -> Any:
+    """XREADGROUP over `streams` (name -> id), the same reply as `client.xreadgroup`.
+
+    On a cluster all the streams must share one slot (one hash tag, `{p3}`). redis-py asks a
+    server (COMMAND GETKEYS, twice) to find the keys of XREADGROUP before every call, since its
+    keys are "movable"; this routes it by the slot computed here instead, so a read is one
+    round trip as on a plain Redis. A MOVED reply is still followed by redis-py.
+    """
+    if not isinstance(client, redis.RedisCluster):
+        return client.xreadgroup(group, consumer, dict(streams), count=count, block=block)
+    slots = {client.keyslot(name) for name in streams}
+    if len(slots) != 1:
+        raise RedisClusterException(
+            f"XREADGROUP over {sorted(streams)}: the streams must share one hash tag"
+        )
+    node = client.nodes_manager.get_node_from_slot(slots.pop())
+    pieces: list[Any] = ["GROUP", group, consumer]
+    if count is not None:
+        pieces += ["COUNT", count]
+    if block is not None:
+        pieces += ["BLOCK", block]
+    pieces += ["STREAMS", *streams.keys(), *streams.values()]
+    return client.execute_command("XREADGROUP", *pieces, target_nodes=node)
+
+
+def flush(client: RedisClient) -> None:
+    """Empty the database, on every master of a cluster too (redis-py routes FLUSHDB to all
+    primaries; a plain per-node client would empty one node only)."""
+    client.flushdb()
+
+
+def scan_keys(client: RedisClient, pattern: str, *, type_: str | None = None) -> list[str]:
+    """Every key matching `pattern` (optionally of one type, e.g. "stream"), sorted, from
+    every master of a cluster (SCAN walks one node's keyspace; redis-py's cluster scan_iter
+    does visit each master, the sort makes the order the same on both backends)."""
+    keys: Iterator[str] = client.scan_iter(match=pattern, count=1000, _type=type_)
+    return sorted(set(keys))

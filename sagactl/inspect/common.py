@@ -19,7 +19,8 @@ import psycopg
 import redis
 
 from service_runtime import config
-from service_runtime.redis_client import REDIS_OUTAGE_ERRORS
+from service_runtime.redis_client import REDIS_OUTAGE_ERRORS, RedisClient
+from service_runtime.redis_client import connect as redis_connect
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,13 +63,12 @@ def _redis_where() -> str:
         return "?"
 
 
-def open_redis() -> redis.Redis:
-    """A decoding client; pinged at once so an unreachable server fails here, clearly."""
+def open_redis() -> RedisClient:
+    """A decoding client (a cluster client with REDIS_CLUSTER=1); pinged at once so an
+    unreachable server fails here, clearly."""
     url = config.redis_url()
-    client = redis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=3, socket_timeout=15
-    )
     try:
+        client = redis_connect(url)
         client.ping()
     except REDIS_OUTAGE_ERRORS as err:
         raise click.ClickException(f"cannot reach Redis at {_where(url)}: {err}") from err

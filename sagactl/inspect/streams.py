@@ -28,6 +28,7 @@ from sagactl.inspect.common import (
     short_time,
     table,
 )
+from service_runtime.redis_client import scan_keys
 
 EVENT_STREAMS = tuple(STREAM_OF_PRODUCER.values())
 GROUPS = tuple(SUBSCRIPTIONS)
@@ -49,7 +50,7 @@ def existing_streams(client: redis.Redis) -> list[str]:
     found = {
         key
         for pattern in ("*.dead-letters", "*.redrive")
-        for key in client.scan_iter(match=pattern, _type="stream", count=1000)
+        for key in scan_keys(client, pattern, type_="stream")  # every master of a cluster
     }
     return [*EVENT_STREAMS, *sorted(found)]
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import psycopg
 import pytest
-import redis
 
 from service_runtime.db import connect, create_pool
 from service_runtime.redis_client import connect as redis_connect
@@ -142,7 +141,7 @@ def make_saga(clean_state) -> Iterator[Callable[..., SagaDriver]]:
     def make(*, stocked: bool = False, payment_timeout_s: int = 30) -> SagaDriver:
         driver = SagaDriver(
             clean_state.db_urls,
-            redis.Redis.from_url(clean_state.redis_url, decode_responses=True),
+            redis_connect(clean_state.redis_url),  # a cluster client on a cluster
             payment_timeout_s=payment_timeout_s,
         )
         drivers.append(driver)

@@ -266,12 +266,12 @@ def test_sweeper_skips_an_order_a_payment_is_being_applied_to(impatient):
     assert sweep_payment_deadlines(url=impatient.db_urls["orders"]) == 1
 
 
-def test_sweeper_runs_as_an_rq_job(impatient, redis_server_url, monkeypatch):
+def test_sweeper_runs_as_an_rq_job(impatient, rq_redis_url, monkeypatch):
     from rq import Queue, SimpleWorker
 
     monkeypatch.setenv("ORDERS_DATABASE_URL", impatient.db_urls["orders"])
     order_id = impatient.place("alice", [("apple", 1)])
-    connection = redis_lib.Redis.from_url(redis_server_url)
+    connection = redis_lib.Redis.from_url(rq_redis_url)  # rq's own plain Redis
     queue = Queue("saga", connection=connection)
     job = queue.enqueue(sweep_payment_deadlines)
     SimpleWorker([queue], connection=connection).work(burst=True)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+import redis
+
 from outbox_relay.relay import RelaySettings
-from service_runtime.config import from_env
+from service_runtime.config import ConfigError, from_env, redis_cluster, rq_redis_url
 from service_runtime.consumer import ConsumerSettings
+from service_runtime.redis_client import connect
 
 
 def test_overrides_come_from_prefixed_variables(monkeypatch):
@@ -20,3 +24,48 @@ def test_given_values_win_over_the_environment(monkeypatch):
     monkeypatch.setenv("RELAY_STREAM", "ignored")
     settings = from_env(RelaySettings, "RELAY_", producer="orders", stream="orders.events")
     assert (settings.stream, settings.batch_size) == ("orders.events", 9)
+
+
+# -- rq's Redis beside a Redis Cluster (DESIGN.md §6a) --------------------------------------------
+
+
+@pytest.fixture
+def no_stack(monkeypatch, tmp_path):
+    """No embedded stack's stack.env to fall back on; no Redis variables set."""
+    monkeypatch.setenv("SAGA_RUN_DIR", str(tmp_path))
+    for name in ("REDIS_URL", "REDIS_CLUSTER", "RQ_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_rq_uses_redis_url_when_there_is_no_cluster(no_stack):
+    no_stack.setenv("REDIS_URL", "redis://streams:6379/0")
+    assert rq_redis_url() == "redis://streams:6379/0"
+
+
+def test_rq_redis_url_wins(no_stack):
+    no_stack.setenv("REDIS_URL", "redis://streams:6379/0")
+    no_stack.setenv("REDIS_CLUSTER", "1")
+    no_stack.setenv("RQ_REDIS_URL", "redis://rq:6379/0")
+    assert rq_redis_url() == "redis://rq:6379/0"
+
+
+def test_a_cluster_without_rq_redis_url_is_a_config_error(no_stack):
+    no_stack.setenv("REDIS_URL", "redis://streams:6379/0")
+    no_stack.setenv("REDIS_CLUSTER", "1")
+    with pytest.raises(ConfigError, match="RQ_REDIS_URL"):
+        rq_redis_url()
+
+
+@pytest.mark.parametrize(
+    ("value", "cluster"), [("1", True), ("yes", True), ("0", False), ("", False)]
+)
+def test_redis_cluster_setting(no_stack, value, cluster):
+    no_stack.setenv("REDIS_CLUSTER", value)
+    assert redis_cluster() is cluster
+
+
+def test_connect_without_redis_cluster_is_a_plain_lazy_redis(no_stack):
+    client = connect("redis://127.0.0.1:1/0")  # nothing listens: a plain client connects lazily
+    assert type(client) is redis.Redis
+    assert client.get_connection_kwargs()["decode_responses"] is True

@@ -1,0 +1,317 @@
+"""Contract tests: every Redis operation the system uses behaves the same on one Redis and on a
+Redis Cluster (real servers both: `redis_backend` runs each test once per backend).
+
+Stream names are the partitioned ones (`<producer>.events.{p3}`): the streams of one partition
+share a hash tag, so on a cluster they live in one slot and one command may touch them all.
+Where the cluster differs on purpose (a command across slots), the test says so.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+from redis.exceptions import CrossSlotTransactionError, RedisClusterException
+
+from service_runtime.redis_client import (
+    REDIS_OUTAGE_ERRORS,
+    ClusterUnreachableError,
+    RedisClient,
+    connect,
+    flush,
+    is_cluster,
+    read_group,
+    scan_keys,
+)
+from tests.conftest import cluster_tests_enabled
+from tests.helpers import wait_until
+
+GROUP = "inventory"
+PARTITION_STREAMS = [f"{name}.events.{{p3}}" for name in ("orders", "inventory", "billing")]
+
+
+def _group_on(client: RedisClient, streams: list[str]) -> None:
+    for stream in streams:
+        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+
+
+def _fill(client: RedisClient, streams: list[str], per_stream: int) -> dict[str, list[str]]:
+    ids: dict[str, list[str]] = {stream: [] for stream in streams}
+    for seq in range(per_stream):
+        for stream in streams:
+            ids[stream].append(client.xadd(stream, {"seq": str(seq)}))
+    return ids
+
+
+def test_connect_gives_the_backend_redis_cluster_asks_for(redis_backend: RedisClient, request):
+    expected = request.node.callspec.params["redis_backend"] == "cluster"
+    assert is_cluster(redis_backend) is expected
+    assert redis_backend.ping()
+
+
+def test_xgroup_create_mkstream_creates_the_stream_once(redis_backend: RedisClient):
+    stream = PARTITION_STREAMS[0]
+    assert redis_backend.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    assert redis_backend.exists(stream) == 1
+    with pytest.raises(redis.ResponseError, match="BUSYGROUP"):
+        redis_backend.xgroup_create(stream, GROUP, id="0", mkstream=True)
+
+
+def test_one_pipeline_xadds_to_every_partition_in_order(redis_backend: RedisClient):
+    """The relay's batch: XADDs to 8 partitions (8 slots, several nodes on a cluster) in one
+    non-transactional pipeline; replies come back in queue order, entries land in order."""
+    streams = [f"x.events.{{p{p}}}" for p in range(8)]
+    pipe = redis_backend.pipeline(transaction=False)
+    queued = []
+    for seq in range(5):
+        for stream in streams:
+            pipe.xadd(stream, {"seq": str(seq)})
+            queued.append(stream)
+    replies = pipe.execute()
+
+    assert len(replies) == len(queued)
+    for stream in streams:
+        entries = redis_backend.xrange(stream)
+        assert [fields["seq"] for _, fields in entries] == ["0", "1", "2", "3", "4"]
+        assert [entry_id for entry_id, _ in entries] == [
+            reply for reply, target in zip(replies, queued, strict=True) if target == stream
+        ]
+    if is_cluster(redis_backend):  # the batch really spanned nodes
+        nodes = {redis_backend.get_node_from_key(stream).name for stream in streams}
+        assert len(nodes) > 1
+
+
+@pytest.mark.parametrize("reader", ["read_group", "xreadgroup"])
+def test_one_xreadgroup_reads_every_stream_of_a_partition(redis_backend: RedisClient, reader):
+    _group_on(redis_backend, PARTITION_STREAMS)
+    ids = _fill(redis_backend, PARTITION_STREAMS, per_stream=3)
+    wanted = dict.fromkeys(PARTITION_STREAMS, ">")
+    if reader == "read_group":
+        reply = read_group(redis_backend, GROUP, "c1", wanted, count=2)
+    else:
+        reply = redis_backend.xreadgroup(GROUP, "c1", wanted, count=2)
+
+    got = {stream: [entry_id for entry_id, _ in entries] for stream, entries in reply}
+    assert got == {stream: ids[stream][:2] for stream in PARTITION_STREAMS}  # COUNT per stream
+
+
+def test_xreadgroup_across_hash_tags_is_refused_only_by_the_cluster(redis_backend: RedisClient):
+    streams = ["x.events.{p1}", "x.events.{p2}"]
+    _group_on(redis_backend, streams)
+    wanted = dict.fromkeys(streams, ">")
+    if not is_cluster(redis_backend):
+        assert redis_backend.xreadgroup(GROUP, "c1", wanted) == []
+        return
+    for read in (
+        lambda: redis_backend.xreadgroup(GROUP, "c1", wanted),
+        lambda: read_group(redis_backend, GROUP, "c1", wanted),
+    ):
+        with pytest.raises(RedisClusterException, match=r"slot|hash tag") as caught:
+            read()
+        assert not isinstance(caught.value, REDIS_OUTAGE_ERRORS)  # a bug, never retried
+
+
+def test_xreadgroup_block_returns_an_empty_reply_when_nothing_arrives(redis_backend):
+    _group_on(redis_backend, PARTITION_STREAMS)
+    wanted = dict.fromkeys(PARTITION_STREAMS, ">")
+    assert read_group(redis_backend, GROUP, "c1", wanted, count=10, block=50) == []
+    assert redis_backend.xreadgroup(GROUP, "c1", wanted, count=10, block=50) == []
+
+
+def test_xreadgroup_block_wakes_up_for_a_new_entry(redis_backend: RedisClient):
+    _group_on(redis_backend, PARTITION_STREAMS)
+    replies: list = []
+    reader = threading.Thread(
+        target=lambda: replies.append(
+            read_group(
+                redis_backend, GROUP, "c1", dict.fromkeys(PARTITION_STREAMS, ">"), block=10_000
+            )
+        )
+    )
+    reader.start()
+    # the reader is blocked once the server lists it as a blocked client
+    wait_until(lambda: _blocked_clients(redis_backend, PARTITION_STREAMS[1]) > 0)
+    entry_id = redis_backend.xadd(PARTITION_STREAMS[1], {"seq": "0"})
+    reader.join(timeout=15)
+    assert not reader.is_alive()
+    assert replies == [[[PARTITION_STREAMS[1], [(entry_id, {"seq": "0"})]]]]
+
+
+def _blocked_clients(client: RedisClient, key: str) -> int:
+    if is_cluster(client):
+        node = client.get_node_from_key(key)
+        info = client.info("clients", target_nodes=node)
+    else:
+        info = client.info("clients")
+    return int(info["blocked_clients"])
+
+
+def test_reading_id_0_gives_the_consumers_own_pending_entries(redis_backend: RedisClient):
+    _group_on(redis_backend, PARTITION_STREAMS)
+    ids = _fill(redis_backend, PARTITION_STREAMS, per_stream=2)
+    read_group(redis_backend, GROUP, "c1", dict.fromkeys(PARTITION_STREAMS, ">"))
+
+    own = read_group(redis_backend, GROUP, "c1", dict.fromkeys(PARTITION_STREAMS, "0"))
+    assert {s: [i for i, _ in entries] for s, entries in own} == ids
+    other = read_group(redis_backend, GROUP, "c2", dict.fromkeys(PARTITION_STREAMS, "0"))
+    assert {s: entries for s, entries in other} == {stream: [] for stream in PARTITION_STREAMS}
+
+    for stream in PARTITION_STREAMS:
+        assert redis_backend.xack(stream, GROUP, *ids[stream]) == 2
+    after = read_group(redis_backend, GROUP, "c1", dict.fromkeys(PARTITION_STREAMS, "0"))
+    assert {s: entries for s, entries in after} == {stream: [] for stream in PARTITION_STREAMS}
+
+
+def test_xpending_xclaim_and_xautoclaim(redis_backend: RedisClient):
+    stream = PARTITION_STREAMS[0]
+    _group_on(redis_backend, [stream])
+    ids = _fill(redis_backend, [stream], per_stream=3)[stream]
+    read_group(redis_backend, GROUP, "c1", {stream: ">"})
+
+    summary = redis_backend.xpending(stream, GROUP)
+    assert summary["pending"] == 3
+    assert summary["consumers"] == [{"name": "c1", "pending": 3}]
+    pending = redis_backend.xpending_range(stream, GROUP, min="-", max="+", count=10)
+    assert [(p["message_id"], p["consumer"], p["times_delivered"]) for p in pending] == [
+        (entry_id, "c1", 1) for entry_id in ids
+    ]
+
+    claimed = redis_backend.xclaim(stream, GROUP, "c2", min_idle_time=0, message_ids=[ids[0]])
+    assert [entry_id for entry_id, _ in claimed] == [ids[0]]
+
+    next_id, entries, *_deleted = redis_backend.xautoclaim(
+        stream, GROUP, "c3", min_idle_time=0, start_id="0-0", count=10
+    )
+    assert next_id == "0-0"
+    assert [entry_id for entry_id, _ in entries] == ids
+    owners = redis_backend.xpending_range(stream, GROUP, min="-", max="+", count=10)
+    assert {p["consumer"] for p in owners} == {"c3"}
+    assert {p["times_delivered"] for p in owners} == {2, 3}  # c1 read, c2 claimed (1st), c3
+
+
+def test_a_multi_pipeline_writes_a_dead_letter_and_acks_atomically(redis_backend: RedisClient):
+    """A dead letter: XADD to the group's dead-letter stream and XACK of the entry, in one
+    MULTI; both keys carry the partition's hash tag, so they share a slot on a cluster."""
+    events, dead_letters = "x.events.{p3}", f"{GROUP}.dead-letters.{{p3}}"
+    _group_on(redis_backend, [events])
+    entry_id = redis_backend.xadd(events, {"seq": "0"})
+    read_group(redis_backend, GROUP, "c1", {events: ">"})
+
+    pipe = redis_backend.pipeline(transaction=True)
+    pipe.xadd(dead_letters, {"entry_id": entry_id, "error": "boom"})
+    pipe.xack(events, GROUP, entry_id)
+    dead_id, acked = pipe.execute()
+
+    assert acked == 1
+    dead = [(dead_id, {"entry_id": entry_id, "error": "boom"})]
+    assert redis_backend.xrange(dead_letters) == dead
+    assert redis_backend.xpending(events, GROUP)["pending"] == 0
+
+
+def test_a_multi_across_hash_tags_is_refused_only_by_the_cluster(redis_backend: RedisClient):
+    pipe = redis_backend.pipeline(transaction=True)
+    pipe.xadd("x.events.{p1}", {"seq": "0"})
+    pipe.xadd("x.events.{p2}", {"seq": "0"})
+    if not is_cluster(redis_backend):
+        assert len(pipe.execute()) == 2
+        return
+    with pytest.raises(CrossSlotTransactionError) as caught:
+        pipe.execute()
+    assert not isinstance(caught.value, REDIS_OUTAGE_ERRORS)
+    assert redis_backend.exists("x.events.{p1}", "x.events.{p2}") == 0  # nothing half-written
+
+
+def test_xinfo_groups_stream_and_consumers(redis_backend: RedisClient):
+    stream = PARTITION_STREAMS[0]
+    _group_on(redis_backend, [stream])
+    ids = _fill(redis_backend, [stream], per_stream=2)[stream]
+    read_group(redis_backend, GROUP, "c1", {stream: ">"}, count=1)
+
+    [group] = redis_backend.xinfo_groups(stream)
+    assert (group["name"], group["consumers"], group["pending"]) == (GROUP, 1, 1)
+    assert group["last-delivered-id"] == ids[0]
+    info = redis_backend.xinfo_stream(stream)
+    assert (info["length"], info["groups"], info["last-generated-id"]) == (2, 1, ids[1])
+    assert info["first-entry"][0] == ids[0]
+    [consumer] = redis_backend.xinfo_consumers(stream, GROUP)
+    assert (consumer["name"], consumer["pending"]) == ("c1", 1)
+
+
+def test_xtrim_minid_drops_older_entries(redis_backend: RedisClient):
+    stream = PARTITION_STREAMS[0]
+    for ms in range(1, 6):
+        redis_backend.xadd(stream, {"seq": str(ms)}, id=f"{ms}-0")
+    assert redis_backend.xtrim(stream, minid="3-0", approximate=False) == 2
+    assert [entry_id for entry_id, _ in redis_backend.xrange(stream)] == ["3-0", "4-0", "5-0"]
+
+
+def test_hset_and_hgetall(redis_backend: RedisClient):
+    key = "inventory.owners.{p3}"
+    assert redis_backend.hset(key, mapping={"p3": "inventory-1", "epoch": "7"}) == 2
+    assert redis_backend.hgetall(key) == {"p3": "inventory-1", "epoch": "7"}
+
+
+def test_scan_keys_finds_streams_on_every_node(redis_backend: RedisClient):
+    streams = [f"{name}.events.{{p{p}}}" for name in ("orders", "billing") for p in range(8)]
+    for stream in streams:
+        redis_backend.xadd(stream, {"seq": "0"})
+    redis_backend.hset("orders.meta.{p0}", "partitions", "8")  # not a stream
+
+    assert scan_keys(redis_backend, "*.events.*", type_="stream") == sorted(streams)
+    assert scan_keys(redis_backend, "orders.*") == sorted(
+        [s for s in streams if s.startswith("orders.")] + ["orders.meta.{p0}"]
+    )
+    if is_cluster(redis_backend):
+        nodes = {redis_backend.get_node_from_key(stream).name for stream in streams}
+        assert len(nodes) == 3  # the keys really were spread over the three masters
+
+
+def test_flush_empties_every_node(redis_backend: RedisClient):
+    for p in range(8):
+        redis_backend.xadd(f"x.events.{{p{p}}}", {"seq": "0"})
+    flush(redis_backend)
+    assert scan_keys(redis_backend, "*") == []
+    assert redis_backend.dbsize() == 0  # on a cluster: redis-py sums every primary's reply
+
+
+def test_an_unreachable_cluster_is_an_outage():
+    from devstack.osutil import free_port
+
+    with pytest.raises(REDIS_OUTAGE_ERRORS) as caught:
+        connect(f"redis://127.0.0.1:{free_port()}/0", cluster=True)
+    assert isinstance(caught.value, ClusterUnreachableError)
+
+
+def test_the_suites_redis_follows_saga_test_redis_cluster(clean_state):
+    """With SAGA_TEST_REDIS_CLUSTER=1 the suite's Redis (and what the code under test
+    connects to) is the cluster, and rq gets a plain Redis of its own."""
+    client = connect(clean_state.redis_url)  # reads REDIS_CLUSTER, as the services do
+    assert is_cluster(client) is cluster_tests_enabled() is clean_state.redis_cluster
+    assert scan_keys(client, "*") == []  # clean_state emptied every master
+    assert clean_state.env["REDIS_CLUSTER"] == ("1" if cluster_tests_enabled() else "0")
+    rq_client = connect(clean_state.env["RQ_REDIS_URL"], cluster=False)
+    assert rq_client.info("cluster")["cluster_enabled"] == 0
+
+
+def test_a_cluster_that_goes_away_is_an_outage(tmp_path):
+    """Once no node answers, commands and pipelines raise outage errors (redis-py's own
+    "cannot be connected" is a bare RedisClusterException; connect() reclassifies it)."""
+    from devstack.redis_cluster import EmbeddedRedisCluster
+
+    cluster = EmbeddedRedisCluster(tmp_path / "cluster")
+    cluster.start()
+    try:
+        client = connect(cluster.url, cluster=True)
+        client.xadd("x.events.{p0}", {"seq": "0"})
+    finally:
+        cluster.stop()
+    with pytest.raises(REDIS_OUTAGE_ERRORS):
+        client.xadd("x.events.{p0}", {"seq": "1"})
+    pipe = client.pipeline(transaction=False)
+    pipe.xadd("x.events.{p0}", {"seq": "1"})
+    pipe.xadd("x.events.{p5}", {"seq": "1"})
+    with pytest.raises(REDIS_OUTAGE_ERRORS):
+        pipe.execute()
+    with pytest.raises(REDIS_OUTAGE_ERRORS):
+        read_group(client, GROUP, "c1", {"x.events.{p0}": ">"})
