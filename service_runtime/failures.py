@@ -20,6 +20,8 @@ import redis
 from psycopg import errors as pg_errors
 from psycopg_pool import PoolTimeout
 
+from service_runtime.redis_client import REDIS_OUTAGE_ERRORS
+
 
 class FailureKind(enum.Enum):
     OUTAGE = "outage"
@@ -32,7 +34,9 @@ CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
     pg_errors.SerializationFailure,
 )
 
-# Redis error replies that mean "this server can't take the command right now".
+# Redis error replies that mean "this server can't take the command right now" (issue: an
+# OOM or READONLY reply used to kill the relay and the consumers). READONLY comes from a
+# replica after a failover, LOADING from a restart, MISCONF from a failing disk.
 _REDIS_OUTAGE_REPLIES = (
     "OOM",
     "MISCONF",
@@ -42,18 +46,6 @@ _REDIS_OUTAGE_REPLIES = (
     "TRYAGAIN",
     "MASTERDOWN",
     "NOREPLICAS",
-)
-
-_REDIS_OUTAGE_TYPES: tuple[type[BaseException], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.BusyLoadingError,
-    redis.ReadOnlyError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.MasterDownError,
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.SlotNotCoveredError,
 )
 
 
@@ -69,7 +61,7 @@ def classify(err: BaseException) -> FailureKind:
         if state is None or state.startswith(("08", "57P", "53")):
             return FailureKind.OUTAGE
         return FailureKind.ERROR
-    if isinstance(err, _REDIS_OUTAGE_TYPES):
+    if isinstance(err, REDIS_OUTAGE_ERRORS):
         return FailureKind.OUTAGE
     if isinstance(err, redis.ResponseError) and str(err).startswith(_REDIS_OUTAGE_REPLIES):
         return FailureKind.OUTAGE

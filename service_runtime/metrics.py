@@ -36,6 +36,11 @@ HTTP_LATENCY = Histogram(
     ["service", "method", "route"],
     buckets=_LATENCY_BUCKETS,
 )
+HTTP_CONFLICTS_RETRIED = Counter(
+    "saga_http_conflicts_retried_total",
+    "Requests run again after a deadlock or serialization failure",
+    ["service"],
+)
 OUTBOX_WRITTEN = Counter(
     "saga_outbox_events_written_total",
     "Events committed to the outbox",

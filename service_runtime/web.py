@@ -6,9 +6,11 @@ knows about orders, stock or money.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import swagger_ui_bundle
 from flask import Flask, Response, current_app, g, jsonify, request, send_from_directory
@@ -20,7 +22,8 @@ from werkzeug.exceptions import HTTPException
 
 from service_runtime.config import database_url
 from service_runtime.db import DB_OUTAGE_ERRORS, create_pool
-from service_runtime.metrics import HTTP_LATENCY, HTTP_REQUESTS, exposition
+from service_runtime.failures import CONFLICT_ERRORS, is_conflict
+from service_runtime.metrics import HTTP_CONFLICTS_RETRIED, HTTP_LATENCY, HTTP_REQUESTS, exposition
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +60,37 @@ def create_service_app(
     for blueprint in blueprints:
         api.register_blueprint(blueprint)
     _register_error_handlers(app, api)
+    _retry_views_on_conflict(app)
     _register_metrics(app, name)
     app.add_url_rule("/swagger-ui-assets/<path:filename>", view_func=_swagger_asset)
     return app
+
+
+CONFLICT_RETRIES = 3
+
+
+def _retry_views_on_conflict(app: Flask) -> None:
+    """Run a request again when PostgreSQL aborted its transaction to break a deadlock or a
+    serialization failure: nothing of it was committed, and a second run usually succeeds.
+    Every view writes in one transaction (or is idempotent), so running it again is safe."""
+    for endpoint, view in list(app.view_functions.items()):
+        app.view_functions[endpoint] = _with_conflict_retries(view)
+
+
+def _with_conflict_retries(view: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(view)
+    def retrying(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            try:
+                return view(*args, **kwargs)
+            except CONFLICT_ERRORS as err:
+                if attempt == CONFLICT_RETRIES:
+                    raise
+                HTTP_CONFLICTS_RETRIED.labels(current_app.config["SERVICE_NAME"]).inc()
+                log.info("request conflicted (%s), running it again", err.sqlstate)
+        raise AssertionError("unreachable")
+
+    return retrying
 
 
 def _swagger_asset(filename: str) -> Response:
@@ -131,7 +162,21 @@ def _register_error_handlers(app: Flask, api: Api) -> None:
         out.headers.update(headers)
         return out
 
+    def conflicted(error: Exception):
+        log.warning("request still conflicting after %d runs: %s", CONFLICT_RETRIES, error)
+        out = jsonify(
+            code=409,
+            status="Conflict",
+            message="The request kept conflicting with concurrent requests for the same data "
+            "and was not applied; nothing was written. Retry it.",
+        )
+        out.status_code = 409
+        out.headers["Retry-After"] = "1"
+        return out
+
     def database_down(error: Exception):
+        if is_conflict(error):  # psycopg makes deadlocks OperationalErrors; they are not outages
+            return conflicted(error)
         log.warning("database unavailable: %s", error)
         out = jsonify(
             code=503,
@@ -149,6 +194,8 @@ def _register_error_handlers(app: Flask, api: Api) -> None:
         return out
 
     app.register_error_handler(HTTPException, http_error)
+    for error_type in CONFLICT_ERRORS:
+        app.register_error_handler(error_type, conflicted)
     for error_type in DB_OUTAGE_ERRORS:
         app.register_error_handler(error_type, database_down)
     app.register_error_handler(Exception, unexpected)
