@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run-all test test-unit test-integration test-e2e lint clean
+.PHONY: install run-all test test-cluster test-unit test-integration test-e2e lint clean
 
 install: $(STAMP)
 
@@ -19,6 +19,14 @@ run-all: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+	$(MAKE) test-cluster
+
+# The stream and saga suites again, on a real 3-master Redis Cluster the tests start themselves
+CLUSTER_SUITES := tests/integration/test_saga.py tests/integration/test_consumer.py \
+	tests/integration/test_relay.py tests/integration/test_crashes.py
+
+test-cluster: $(STAMP)
+	SAGA_TEST_REDIS_CLUSTER=1 $(BIN)/python -m pytest $(CLUSTER_SUITES)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
