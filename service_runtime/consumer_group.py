@@ -86,15 +86,13 @@ class StreamConsumer:
             target = assignment(members, self.settings.partitions, self.settings.consumer)
             held = {lease.partition: lease for lease in self.leases.renew(conn, self._leases())}
             self._renewed_at = time.monotonic()
-            for partition in list(self.running):
-                if partition not in held:
-                    self._stop(partition, "lost")
-                elif not self.running[partition].thread.is_alive():
-                    self._stop(partition, "released")  # its worker died of a bug: start afresh
-                    self.leases.release(conn, held.pop(partition))
-            for partition in sorted(set(held) - target):
-                self._stop(partition, "released")
-                self.leases.release(conn, held[partition])
+        self._stop_all([p for p in self.running if p not in held], "lost")
+        crashed = [p for p in held if not self.running[p].thread.is_alive()]  # a bug: restart
+        handed_back = self._stop_all([*crashed, *(set(held) - target - set(crashed))], "released")
+        with self.pool.connection() as conn:
+            for lease in handed_back:
+                self.leases.release(conn, lease)
+                del held[lease.partition]
             for partition in sorted(target - set(held)):
                 lease = self.leases.acquire(conn, partition)
                 if lease is not None:
@@ -103,7 +101,7 @@ class StreamConsumer:
 
     def shutdown(self) -> None:
         """Stop every worker and hand their partitions back at once, then leave the group."""
-        leases = [self._stop(partition, "released") for partition in list(self.running)]
+        leases = self._stop_all(list(self.running), "released")
         try:
             with self.pool.connection() as conn:
                 for lease in leases:
@@ -149,19 +147,23 @@ class StreamConsumer:
         except Exception:
             log.exception("partition %s worker stopped by an error", worker.partition)
 
-    def _stop(self, partition: int, change: str) -> Lease:
-        """Stop a partition's worker; its lease, for the caller to hand back if it wants."""
-        running = self.running.pop(partition)
-        running.stop.set()
-        # A worker finishes its current batch (commit, XACK) first; a blocking read returns
-        # within block_ms. If it hangs longer, the fence keeps it from committing anyway.
-        running.thread.join(timeout=self.settings.lease_ms / 1000)
-        PARTITION_CHANGES.labels(self.settings.group, change).inc()
-        log.info("%s %s partition %d", self.settings.consumer, change, partition)
-        return running.worker.lease
+    def _stop_all(self, partitions: list[int], change: str) -> list[Lease]:
+        """Stop these partitions' workers together; their leases, for the caller to hand back.
+
+        A worker finishes its current batch (commit, XACK) first, and a blocking read returns
+        within block_ms. One that hangs longer is left behind: the fence keeps it from
+        committing or reading anything once the partition has moved."""
+        stopping = [self.running.pop(partition) for partition in partitions]
+        for running in stopping:
+            running.stop.set()
+        deadline = time.monotonic() + self.settings.lease_ms / 1000 / 2
+        for running in stopping:
+            running.thread.join(timeout=max(deadline - time.monotonic(), 0))
+            PARTITION_CHANGES.labels(self.settings.group, change).inc()
+            log.info("%s %s partition %d", self.settings.consumer, change, running.worker.partition)
+        return [running.worker.lease for running in stopping]
 
     def _drop_all_if_expired(self) -> None:
         """Unable to renew for a whole lease period: the partitions are surely someone else's."""
         if time.monotonic() - self._renewed_at >= self.settings.lease_ms / 1000:
-            for partition in list(self.running):
-                self._stop(partition, "lost")
+            self._stop_all(list(self.running), "lost")
