@@ -30,7 +30,15 @@ SUPERUSER = "postgres"
 SYSTEM_USER = "pgserver"
 # a unix socket path must fit sun_path (108 bytes with the trailing NUL)
 SOCKET_PATH_MAX = 107
-SETTINGS = {"max_connections": "200"}
+SETTINGS = {
+    "max_connections": "200",
+    # the server side of the keepalives of service_runtime/db.py: a client that vanished
+    # loses its session (and any advisory lock) within about 25 s instead of hours
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "25000",
+}
 
 
 class EmbeddedPostgres:
