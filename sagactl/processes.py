@@ -187,8 +187,6 @@ def worker() -> None:
         str(Path(sys.executable).parent / "rq"),
         "worker",
         "--with-scheduler",
-        "--url",
-        redis_url(),
         "-c",
         "service_runtime.rq_settings",
         RQ_QUEUE,
@@ -198,7 +196,13 @@ def worker() -> None:
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     serve_multiprocess_metrics(_metrics_port(WORKER_METRICS_OFFSET), str(metrics_dir))
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    # the URL (and its password) through the environment: rq reads RQ_REDIS_URL for --url,
+    # and a command line is visible to every user of the machine (ps)
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "RQ_REDIS_URL": os.environ.get("RQ_REDIS_URL") or redis_url(),
+    }
     client = redis_client.connect(redis_url())
     while not stop.is_set():
         code = subprocess.run(command, env=env, preexec_fn=_die_with_parent).returncode

@@ -10,12 +10,13 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import click
 
 from devstack import stack as devstack
 from devstack.redis import redis_bin_dir
+from devstack.secrets import redact_url
 from sagactl.supervisor import Console, Supervisor, parse_procfile
 from service_runtime import config
 
@@ -33,7 +34,7 @@ def stack_up() -> None:
     click.echo(f"embedded PostgreSQL and Redis running (data in {config.run_dir()})")
     for key, value in env.items():
         if key.endswith("_URL"):
-            click.echo(f"  {key}={value}")
+            click.echo(f"  {key}={redact_url(value)}")
     click.echo(f"  {redis_cli_command(env['REDIS_URL'])}")
     click.echo('use them from a shell with: eval "$(saga stack env)"')
 
@@ -47,10 +48,15 @@ def stack_down() -> None:
 
 @stack.command("env")
 def stack_env() -> None:
-    """Print the running stack's settings as shell exports: eval "$(saga stack env)"."""
+    """Print the running stack's settings as shell exports: eval "$(saga stack env)".
+
+    The URLs carry the passwords, and REDISCLI_AUTH lets redis-cli in: this is the one command
+    that prints secrets, for `eval` in your own shell (never pipe it into a log)."""
     values = config.read_env_file(config.stack_env_file())
     if not values:
         raise click.ClickException("no embedded stack is running (try `saga stack up`)")
+    if password := urlsplit(values.get("REDIS_URL", "")).password:
+        values["REDISCLI_AUTH"] = unquote(password)  # redis-cli reads it, not its command line
     for key, value in values.items():
         click.echo(f"export {key}={shlex.quote(value)}")
 
@@ -107,7 +113,12 @@ def banner(env: dict[str, str], embedded: bool = True) -> str:
         lines.append(
             f"  {service:<10} {base}  swagger {base}/swagger-ui  openapi {base}/openapi.json"
         )
-    lines.append(f"  {'redis':<10} {env['REDIS_URL']}  ->  {redis_cli_command(env['REDIS_URL'])}")
+    url = env["REDIS_URL"]
+    lines.append(f"  {'redis':<10} {redact_url(url)}  ->  {redis_cli_command(url)}")
+    if urlsplit(url).password:
+        lines.append(
+            '  (passwords masked; eval "$(saga stack env)" exports them and REDISCLI_AUTH)'
+        )
     return "\n".join(lines)
 
 

@@ -192,6 +192,32 @@ def test_a_killed_relay_and_consumer_come_back_and_the_saga_completes(run_all: R
     _place_and_confirm(run_all.urls)
 
 
+def test_no_secret_in_the_output_or_on_any_command_line(run_all: RunAll) -> None:
+    secrets = {
+        path.name: path.read_text().strip() for path in (run_all.run_dir / "secrets").iterdir()
+    }
+    assert {"postgres-superuser", "redis", "postgres-orders_svc"} <= set(secrets)
+    assert all(len(value) >= 20 for value in secrets.values())
+    output = run_all.output()
+    assert "redis://:***@127.0.0.1:" in output  # the banner, masked
+    leaked = [name for name, value in secrets.items() if value in output]
+    assert leaked == [], f"secrets in run-all's output: {leaked}"
+
+    # the rq worker is up (its Redis URL used to be on its command line)
+    worker = wait_until(lambda: run_all.supervised("worker"), timeout=30)
+    assert wait_until(
+        lambda: [c for c in psutil.Process(worker).children() if "rq" in " ".join(c.cmdline())],
+        timeout=30,
+    )
+    on_command_lines = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        on_command_lines += [
+            f"{name} in {process.info['pid']}" for name, value in secrets.items() if value in line
+        ]
+    assert on_command_lines == []
+
+
 def test_ctrl_c_stops_every_process_and_the_embedded_servers(run_all: RunAll) -> None:
     run_all.tree()
     servers = run_all.server_pids()
