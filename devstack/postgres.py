@@ -15,9 +15,15 @@ import stat
 import subprocess
 import tempfile
 import warnings
+from functools import cached_property
 from pathlib import Path
+from urllib.parse import quote
+
+import psycopg
+from psycopg import sql
 
 from devstack.osutil import file_lock, tail
+from devstack.secrets import secret, write_private
 
 with warnings.catch_warnings():
     # importing pgserver computes a runtime dir for its own server manager, which we do not
@@ -30,7 +36,22 @@ SUPERUSER = "postgres"
 SYSTEM_USER = "pgserver"
 # a unix socket path must fit sun_path (108 bytes with the trailing NUL)
 SOCKET_PATH_MAX = 107
-SETTINGS = {"max_connections": "200"}
+SETTINGS = {
+    "max_connections": "200",
+    # the server side of the keepalives of service_runtime/db.py: a client that vanished
+    # loses its session (and any advisory lock) within about 25 s instead of hours
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "25000",
+}
+
+
+# what initdb --auth=scram-sha-256 writes, less the replication lines: nothing without a password
+HBA = """local all all scram-sha-256
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+"""
 
 
 class EmbeddedPostgres:
@@ -44,9 +65,15 @@ class EmbeddedPostgres:
         self._lock = self.run_dir / "postgres.lock"
         self._user = SYSTEM_USER if os.geteuid() == 0 else None
 
+    @cached_property
+    def password(self) -> str:
+        """The superuser's: scram-sha-256 for every connection, its own included (DESIGN §9)."""
+        return secret(self.run_dir, "postgres-superuser")
+
     @property
     def admin_url(self) -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/postgres"
+        password = quote(self.password, safe="")
+        return f"postgresql://{SUPERUSER}:{password}@127.0.0.1:{self.port}/postgres"
 
     def is_running(self) -> bool:
         return self._running_port() is not None
@@ -82,6 +109,7 @@ class EmbeddedPostgres:
                     f"PostgreSQL did not start on port {self.port}, log {self.log_file}:\n"
                     + tail(self.log_file)
                 ) from error
+            self._require_passwords()
             return True
 
     def stop(self) -> bool:
@@ -118,19 +146,50 @@ class EmbeddedPostgres:
         shutil.rmtree(self.data_dir)
         self.data_dir.mkdir(mode=0o700)
         self._own(self.data_dir)
-        initdb(
-            [
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--no-locale",
-                "-U",
-                SUPERUSER,
-                "--no-instructions",
-            ],
-            pgdata=self.data_dir,
-            user=self._user,
-            timeout=120,
-        )
+        # the password reaches initdb in a file (never its command line), removed right after
+        pwfile = self.run_dir / ".initdb-pwfile"  # where the postgres account can read it
+        write_private(pwfile, self.password + "\n")
+        self._own(pwfile)
+        try:
+            initdb(
+                [
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "--encoding=UTF8",
+                    "--no-locale",
+                    "-U",
+                    SUPERUSER,
+                    "--no-instructions",
+                ],
+                pgdata=self.data_dir,
+                user=self._user,
+                timeout=120,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def _require_passwords(self) -> None:
+        """A cluster made before passwords (trust in pg_hba.conf): set the superuser's, then
+        demand scram-sha-256 everywhere."""
+        hba = self.data_dir / "pg_hba.conf"
+        if not any(
+            line.split()[-1] == "trust"
+            for line in hba.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ):
+            return
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            verifier = conn.pgconn.encrypt_password(
+                self.password.encode(), SUPERUSER.encode(), b"scram-sha-256"
+            )
+            conn.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(SUPERUSER), sql.Literal(verifier.decode())
+                )
+            )
+            write_private(hba, HBA)
+            self._own(hba)
+            conn.execute("SELECT pg_reload_conf()")
 
     def _socket_dir(self) -> Path:
         """Unix sockets in the run dir, or a short dir under /tmp if that path is too long."""

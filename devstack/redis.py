@@ -6,13 +6,16 @@ import importlib.util
 import json
 import subprocess
 from contextlib import suppress
+from functools import cached_property
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from devstack.osutil import file_lock, tail, wait_until
+from devstack.secrets import secret, write_private
 
 
 def redis_bin_dir() -> Path:
@@ -35,9 +38,14 @@ class EmbeddedRedis:
         self.pid_file = self.data_dir / "redis.pid"
         self._lock = self.run_dir / "redis.lock"
 
+    @cached_property
+    def password(self) -> str:
+        """`requirepass`, given in the config file (never on redis-server's command line)."""
+        return secret(self.run_dir, "redis")
+
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
 
     def is_running(self) -> bool:
         return self._serves_our_data()
@@ -49,7 +57,7 @@ class EmbeddedRedis:
                 return False
             self.data_dir.mkdir(parents=True, exist_ok=True)
             config = self.data_dir / "redis.conf"
-            config.write_text(self._config())
+            write_private(config, self._config())  # it holds the password: mode 0600
             # daemonized: redis forks and calls setsid, so it survives us and a Ctrl-C
             subprocess.run(
                 [str(redis_bin_dir() / "redis-server"), str(config)], check=True, timeout=30
@@ -91,6 +99,7 @@ class EmbeddedRedis:
                 f"pidfile {quoted['pidfile']}",
                 f"logfile {quoted['logfile']}",
                 f"dir {quoted['dir']}",
+                f"requirepass {json.dumps(self.password)}",
                 "appendonly yes",
                 "appendfsync everysec",
                 'save ""',  # the AOF is the persistence, no RDB snapshots on top
@@ -104,6 +113,7 @@ class EmbeddedRedis:
         return redis.Redis(
             host="127.0.0.1",
             port=self.port,
+            password=self.password,
             socket_connect_timeout=1,
             socket_timeout=5,
             retry=Retry(NoBackoff(), 0),

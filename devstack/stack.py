@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 from devstack.postgres import EmbeddedPostgres
-from devstack.provision import ensure_database, provision
+from devstack.provision import ensure_database, names, provision
 from devstack.redis import EmbeddedRedis
+from devstack.secrets import secret, write_private
 from service_runtime import config
 from service_runtime.migrations import migrate
 
@@ -43,7 +44,11 @@ def _up(run_dir: Path | str | None) -> tuple[dict[str, str], bool]:
             started.append(postgres)
         if redis.start():
             started.append(redis)
-        urls = provision(postgres.admin_url, config.SERVICES)
+        passwords = {
+            role: secret(directory, f"postgres-{role}")
+            for role in (names(service)[0] for service in config.SERVICES)
+        }
+        urls = provision(postgres.admin_url, config.SERVICES, passwords=passwords)
     except BaseException:
         # half a stack (or a Ctrl-C while it comes up) must not leave servers behind
         for server in reversed(started):
@@ -98,6 +103,5 @@ def migrate_all(env: dict[str, str]) -> dict[str, list[str]]:
 
 
 def _write_env(path: Path, env: dict[str, str]) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text("".join(f"{key}={value}\n" for key, value in env.items()))
-    temporary.replace(path)  # readers never see a half-written file
+    # the URLs carry the passwords: mode 0600; replaced atomically, never seen half-written
+    write_private(path, "".join(f"{key}={value}\n" for key, value in env.items()))

@@ -2,6 +2,14 @@
 
 Only the holder of the lock publishes; a standby keeps trying to take it and becomes active
 the moment the active relay's session ends (crash, kill, lost connection).
+
+A session can also outlive its relay without ending: a relay cut off behind a proxy that is
+alive but frozen (or a network fault before TCP keepalives notice it) keeps its backend, and
+the lock, on the server. The active relay queries at least every `poll_seconds`, so its
+backend's `state_change` moves; a standby that sees the lock holder's backend without activity
+for longer than `takeover_after_seconds` terminates it (pg_terminate_backend: same role) and
+takes the lock. A standby is so locked out for at most about takeover_after_seconds +
+standby_retry_seconds. See docs/architecture.md, "Relay failover".
 """
 
 from __future__ import annotations
@@ -22,12 +30,26 @@ from contracts import DEFAULT_PARTITIONS, relay_status_key
 from outbox_relay.publisher import FaultPoint, publish_batch
 from service_runtime.db import DB_OUTAGE_ERRORS, connect
 from service_runtime.failures import is_outage
-from service_runtime.locks import RELAY_LOCK_KEY
 from service_runtime.faults import no_faults
+from service_runtime.locks import RELAY_LOCK_KEY
 from service_runtime.metrics import RELAY_BACKLOG
 
 log = logging.getLogger(__name__)
 
+# pg_try_advisory_lock(bigint) shows in pg_locks as classid = high 32 bits, objid = low 32
+_LOCK_CLASSID, _LOCK_OBJID = RELAY_LOCK_KEY >> 32, RELAY_LOCK_KEY & 0xFFFFFFFF
+
+# The holder's backend and how long it has been without a state change, terminated in the same
+# statement when that is past the bound (a holder that was just active again is left alone).
+_TERMINATE_STALE_HOLDER = """
+SELECT a.pid, extract(epoch FROM now() - coalesce(a.state_change, a.backend_start))::float8,
+       pg_terminate_backend(a.pid)
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.database = a.datid
+  AND a.datname = current_database() AND l.classid = %s AND l.objid = %s AND l.objsubid = 1
+  AND a.pid <> pg_backend_pid()
+  AND now() - coalesce(a.state_change, a.backend_start) > make_interval(secs => %s)
+"""
 
 
 @dataclass(frozen=True)
@@ -37,6 +59,17 @@ class RelaySettings:
     batch_size: int = 500
     poll_seconds: float = 1.0
     standby_retry_seconds: float = 1.0
+    # RELAY_TAKEOVER_AFTER_SECONDS: a lock holder idle this long is taken for dead (0: never)
+    takeover_after_seconds: float = 15.0
+
+    def __post_init__(self) -> None:
+        # an active relay is idle up to poll_seconds between queries (plus a batch and some
+        # scheduling noise): a bound that close to it would terminate healthy relays
+        if self.takeover_after_seconds and self.takeover_after_seconds < 3 * self.poll_seconds:
+            raise ValueError(
+                f"RELAY_TAKEOVER_AFTER_SECONDS ({self.takeover_after_seconds}) must be 0 or at"
+                f" least 3 x RELAY_POLL_SECONDS ({self.poll_seconds})"
+            )
 
 
 class Relay:
@@ -78,8 +111,41 @@ class Relay:
                 self.active.set()
                 self._report_status(active_since=_now(), published=0)
                 return True
+            if self._terminate_stale_holder(conn):
+                continue  # its lock goes with its session: try again at once
             stop.wait(self.settings.standby_retry_seconds)
         return False
+
+    def _terminate_stale_holder(self, conn: psycopg.Connection) -> bool:
+        """End the lock holder's session when its backend has been idle past the bound."""
+        after = self.settings.takeover_after_seconds
+        if not after:
+            return False
+        try:
+            params = (_LOCK_CLASSID, _LOCK_OBJID, after)
+            row = conn.execute(_TERMINATE_STALE_HOLDER, params).fetchone()
+        except psycopg.errors.InsufficientPrivilege as err:  # a holder of another role
+            log.warning("relay %s: cannot end a stale lock holder: %s", self.settings.producer, err)
+            return False
+        if row is None:
+            return False
+        pid, idle, terminated = row
+        log.warning(
+            "relay %s: the active relay's session (backend %s) shows no activity for %.1f s"
+            " (bound %.1f s): %s it to take over",
+            self.settings.producer,
+            pid,
+            idle,
+            after,
+            "terminated" if terminated else "could not terminate",
+        )
+        if terminated:
+            # pg_terminate_backend only signals: wait (bounded) for the session to go
+            wait_gone = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+            deadline = time.monotonic() + 5.0
+            while conn.execute(wait_gone, (pid,)).fetchone()[0] and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return bool(terminated)
 
     def _publish_while_active(self, conn: psycopg.Connection, stop: threading.Event) -> None:
         conn.execute("LISTEN outbox")

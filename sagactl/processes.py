@@ -179,8 +179,8 @@ def cron() -> None:
     )
     scheduler.register(sweep_payment_deadlines, RQ_QUEUE, interval=1, job_timeout=60)
     scheduler.register(run_retention, RQ_QUEUE, interval=3600, job_timeout=1800)
-    # rq's scheduler loop raises when Redis goes away; a dead cron would stop the whole
-    # Procfile under honcho, so wait for Redis to come back instead
+    # rq's scheduler loop raises when Redis goes away; rather than dying (and being restarted
+    # with backoff by the supervisor), wait for Redis to come back
     delay = 0.5
     while True:
         try:
@@ -199,18 +199,16 @@ def cron() -> None:
 def worker() -> None:
     """Run the rq worker (with its scheduler), restarted whenever it quits on its own.
 
-    rq's worker quits on an unexpected Redis error (an outage while it watches a job); under
-    honcho one exited process stops them all, so this waits for Redis and starts it again.
+    rq's worker quits on an unexpected Redis error (an outage while it watches a job); this
+    waits for Redis and starts it again, sooner than the supervisor's backoff would.
     """
     setup_logging("saga", "worker")
     log = logging.getLogger("saga.worker")
-    stop = _stop_on_signals()  # honcho signals the whole process group: rq gets it as well
+    stop = _stop_on_signals()  # the supervisor signals the whole process group: rq too
     command = [
         str(Path(sys.executable).parent / "rq"),
         "worker",
         "--with-scheduler",
-        "--url",
-        rq_redis_url(),
         "-c",
         "service_runtime.rq_settings",
         RQ_QUEUE,
@@ -220,7 +218,13 @@ def worker() -> None:
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     serve_multiprocess_metrics(_metrics_port(WORKER_METRICS_OFFSET), str(metrics_dir))
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    # the URL (and its password) through the environment: rq reads RQ_REDIS_URL for --url,
+    # and a command line is visible to every user of the machine (ps)
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "RQ_REDIS_URL": rq_redis_url(),
+    }
     client = redis_client.connect(rq_redis_url(), cluster=False)  # the Redis rq waits for
     while not stop.is_set():
         code = subprocess.run(command, env=env, preexec_fn=_die_with_parent).returncode

@@ -6,18 +6,18 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
-import time
-from contextlib import suppress
+import threading
 from pathlib import Path
 from types import FrameType
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import click
 
 from devstack import stack as devstack
 from devstack.redis import redis_bin_dir
+from devstack.secrets import redact_url
+from sagactl.supervisor import Console, Supervisor, parse_procfile
 from service_runtime import config
 
 
@@ -34,7 +34,7 @@ def stack_up() -> None:
     click.echo(f"embedded PostgreSQL and Redis running (data in {config.run_dir()})")
     for key, value in env.items():
         if key.endswith("_URL"):
-            click.echo(f"  {key}={value}")
+            click.echo(f"  {key}={redact_url(value)}")
     click.echo(f"  {redis_cli_command(env['REDIS_URL'])}")
     click.echo('use them from a shell with: eval "$(saga stack env)"')
 
@@ -48,109 +48,60 @@ def stack_down() -> None:
 
 @stack.command("env")
 def stack_env() -> None:
-    """Print the running stack's settings as shell exports: eval "$(saga stack env)"."""
+    """Print the running stack's settings as shell exports: eval "$(saga stack env)".
+
+    The URLs carry the passwords, and REDISCLI_AUTH lets redis-cli in: this is the one command
+    that prints secrets, for `eval` in your own shell (never pipe it into a log)."""
     values = config.read_env_file(config.stack_env_file())
     if not values:
         raise click.ClickException("no embedded stack is running (try `saga stack up`)")
+    if password := urlsplit(values.get("REDIS_URL", "")).password:
+        values["REDISCLI_AUTH"] = unquote(password)  # redis-cli reads it, not its command line
     for key, value in values.items():
         click.echo(f"export {key}={shlex.quote(value)}")
 
 
 @click.command("run-all")
 def run_all() -> None:
-    """Stack, migrations, then all services, relays, consumers and the worker (Ctrl-C stops)."""
-    env, started = devstack.resolve()
-    honcho = _Honcho(env)
-    stopping = False
+    """Stack, migrations, then all services, relays, consumers and the worker (Ctrl-C stops).
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if stopping:
-            return  # a second Ctrl-C must not cut the servers' shutdown short
-        if honcho.process is None:
+    A process that dies is restarted with backoff (see sagactl/supervisor.py); Ctrl-C, SIGTERM
+    or SIGHUP stop every process, then the embedded servers this command started."""
+    env, started = devstack.resolve()
+    specs = parse_procfile(config.PROJECT_ROOT / "Procfile")
+    supervisor = Supervisor(
+        specs,
+        _child_env(env),
+        Console([spec.name for spec in specs]),
+        cwd=config.PROJECT_ROOT,
+    )
+    stop = threading.Event()
+    supervising = False
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        if not supervising:
             raise KeyboardInterrupt  # still setting up: abort, the finally block cleans up
-        honcho.stop(signal.SIGTERM if signum == signal.SIGHUP else signum)
+        stop.set()  # a second Ctrl-C changes nothing: the shutdown is never cut short
 
     previous = {
         sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }
-    returncode = 1
     try:
         devstack.migrate_all(env)
         click.echo(banner(env, embedded=started))
-        honcho.start()
-        returncode = honcho.wait()
+        supervising = True
+        supervisor.start()
+        while not stop.wait(1.0):
+            pass
+        click.echo("stopping every process")
     finally:
-        stopping = True
-        if honcho.running():
-            honcho.stop(signal.SIGTERM)  # an error on our side
-            honcho.wait()
+        if supervising:
+            supervisor.stop()
         if started:
             devstack.down()
             click.echo("embedded PostgreSQL and Redis stopped")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    sys.exit(returncode)
-
-
-class _Honcho:
-    """honcho on the Procfile, in its own process group so that a signal reaches it once,
-    through us, and we know when to stop the servers."""
-
-    GRACE_SECONDS = 15.0  # honcho itself SIGKILLs its stragglers after 5 s
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.process: subprocess.Popen[bytes] | None = None
-        self._stop_requested: float | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [*_honcho(), "-f", str(config.PROJECT_ROOT / "Procfile"), "start"],
-            cwd=config.PROJECT_ROOT,
-            env=_child_env(self.env),
-            stdin=subprocess.DEVNULL,
-            process_group=0,
-        )
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, signum: int) -> None:
-        if self.process is not None and self.running():
-            self.process.send_signal(signum)  # honcho SIGTERMs every process group it started
-            if self._stop_requested is None:
-                self._stop_requested = time.monotonic()
-
-    def wait(self) -> int:
-        assert self.process is not None
-        while True:
-            try:
-                return self.process.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                overdue = self._stop_requested is not None and (
-                    time.monotonic() - self._stop_requested > self.GRACE_SECONDS
-                )
-                if overdue:
-                    # honcho can hang (e.g. its terminal went away and printing failed):
-                    # end its whole process tree ourselves, nothing may outlive run-all
-                    _kill_tree(self.process.pid)
-
-
-def _kill_tree(pid: int) -> None:
-    import psutil  # installed with pgserver; only needed on this rare path
-
-    try:
-        root = psutil.Process(pid)
-        processes = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return
-    for process in processes:
-        with suppress(psutil.NoSuchProcess):
-            process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=5)
-    for process in alive:
-        with suppress(psutil.NoSuchProcess):
-            process.kill()
 
 
 def banner(env: dict[str, str], embedded: bool = True) -> str:
@@ -162,7 +113,12 @@ def banner(env: dict[str, str], embedded: bool = True) -> str:
         lines.append(
             f"  {service:<10} {base}  swagger {base}/swagger-ui  openapi {base}/openapi.json"
         )
-    lines.append(f"  {'redis':<10} {env['REDIS_URL']}  ->  {redis_cli_command(env['REDIS_URL'])}")
+    url = env["REDIS_URL"]
+    lines.append(f"  {'redis':<10} {redact_url(url)}  ->  {redis_cli_command(url)}")
+    if urlsplit(url).password:
+        lines.append(
+            '  (passwords masked; eval "$(saga stack env)" exports them and REDISCLI_AUTH)'
+        )
     return "\n".join(lines)
 
 
@@ -179,11 +135,6 @@ def redis_cli_command(url: str) -> str:
     return shlex.join(command)
 
 
-def _honcho() -> list[str]:
-    executable = Path(sys.executable).parent / "honcho"
-    return [str(executable)] if executable.exists() else [sys.executable, "-m", "honcho"]
-
-
 def _child_env(env: dict[str, str]) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     return {
@@ -191,7 +142,7 @@ def _child_env(env: dict[str, str]) -> dict[str, str]:
         **env,
         # the Procfile runs saga, gunicorn and rq from this venv even when it is not activated
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-        "PYTHONUNBUFFERED": "1",  # log lines reach honcho as they are written
+        "PYTHONUNBUFFERED": "1",  # log lines reach the console as they are written
     }
 
 

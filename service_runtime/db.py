@@ -8,6 +8,20 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 # What "the database is unreachable" looks like to callers: answer 503 / back off, never crash.
 DB_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (psycopg.OperationalError, PoolTimeout)
 
+# libpq TCP keepalives on every connection: without them a session whose peer vanished (a cable,
+# a firewall dropping state) looks alive for hours (the kernel default is 2 h of idle before the
+# first probe), and a relay's advisory lock with it. Idle 10 s, then a probe every 5 s, dead
+# after 3 lost probes: a silent peer is noticed within about 25 s; tcp_user_timeout bounds the
+# wait for unacknowledged data the same way. Ignored on unix sockets. Keepalives cannot see a
+# proxy that is alive but frozen: the relay's takeover rule (outbox_relay/relay.py) covers that.
+KEEPALIVES: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 25_000,  # milliseconds
+}
+
 
 def create_pool(
     database_url: str,
@@ -30,7 +44,7 @@ def create_pool(
         name=name,
         timeout=timeout,
         open=False,
-        kwargs={"autocommit": True},
+        kwargs={"autocommit": True, **KEEPALIVES},
         check=ConnectionPool.check_connection if check_on_checkout else None,
     )
     pool.open(wait=False)
@@ -38,4 +52,6 @@ def create_pool(
 
 
 def connect(database_url: str, **kwargs: object) -> psycopg.Connection:
-    return psycopg.connect(database_url, autocommit=True, connect_timeout=5, **kwargs)
+    return psycopg.connect(
+        database_url, autocommit=True, connect_timeout=5, **{**KEEPALIVES, **kwargs}
+    )

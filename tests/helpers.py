@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import select
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -48,3 +52,90 @@ def stream_total(client: Any, base: str, partitions: int = 8) -> int:
     from contracts import partition_stream
 
     return sum(client.xlen(partition_stream(base, p)) for p in range(partitions))
+
+
+class FreezableProxy:
+    """A TCP forwarder between a client and a server that can stop forwarding without closing
+    any socket: both ends see a peer that is alive (the kernel still acknowledges) but silent,
+    like a hung proxy or NAT box. Keepalives cannot detect that; tests use it for what can."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port: int = self._listener.getsockname()[1]
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    @classmethod
+    def in_front_of(cls, database_url: str) -> FreezableProxy:
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = conninfo_to_dict(database_url)
+        return cls(str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432))
+
+    def url_for(self, database_url: str) -> str:
+        """The same connection string, through this proxy."""
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(database_url, host="127.0.0.1", port=str(self.port))
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._flowing.set()
+        with self._lock:
+            for sock in [self._listener, *self._sockets]:
+                with suppress(OSError):
+                    sock.close()
+
+    def __enter__(self) -> FreezableProxy:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while not self._closed.is_set():
+                if not self._flowing.wait(0.2):
+                    continue  # frozen: leave the bytes where they are, close nothing
+                readable, _, _ = select.select([src], [], [], 0.2)
+                if not readable or not self._flowing.is_set():
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

@@ -24,12 +24,12 @@ from sagactl.audit import run_audit
 from sagactl.chaos import load, observe
 from sagactl.chaos.faults import KINDS, FaultInjector
 from sagactl.chaos.servers import ChaosServers
-from sagactl.chaos.supervisor import Supervisor, parse_procfile, with_standby_relays
 from sagactl.processes import (
     CONSUMER_METRICS_OFFSET,
     RELAY_METRICS_OFFSET,
     WORKER_METRICS_OFFSET,
 )
+from sagactl.supervisor import Backoff, LogFiles, Supervisor, parse_procfile, with_standby_relays
 from service_runtime.config import PROJECT_ROOT, SERVICES, run_dir
 
 # Short timeouts so that a soak of a few minutes exercises the slow paths too: stuck orders
@@ -170,7 +170,8 @@ class Soak:
         self.supervisor = supervisor = Supervisor(
             with_standby_relays(parse_procfile(PROJECT_ROOT / "Procfile")),
             _process_env(env, ports, metrics_base, self.directory),
-            self.directory / "logs",
+            LogFiles(self.directory / "logs"),
+            Backoff(initial=0.5, maximum=5.0),  # a soak wants its processes back quickly
         )
         supervisor.start()
         urls = {s: f"http://127.0.0.1:{port}" for s, port in ports.items()}

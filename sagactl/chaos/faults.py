@@ -19,7 +19,7 @@ import redis
 
 from contracts import relay_status_key
 from sagactl.chaos.servers import ChaosServers
-from sagactl.chaos.supervisor import Supervisor
+from sagactl.supervisor import Supervisor
 from service_runtime.config import SERVICES
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ import click
 import psycopg
 
 from contracts import relay_status_key
-from service_runtime.locks import RELAY_LOCK_KEY
 from sagactl.inspect.common import (
     duration,
     friendly_errors,
@@ -23,6 +22,7 @@ from sagactl.inspect.common import (
     table,
 )
 from service_runtime.config import SERVICES
+from service_runtime.locks import RELAY_LOCK_KEY
 
 # pg_try_advisory_lock(bigint) shows in pg_locks as classid = high 32 bits, objid = low 32
 # bits, objsubid = 1; locks are per database, so only this database's row counts.

@@ -1,4 +1,5 @@
-"""The whole system as real processes: the Procfile under honcho, as `make run-all` runs it.
+"""The whole system as real processes: `saga run-all` on the test servers, as `make run-all`
+runs it (every Procfile process under its supervisor).
 
 Databases are provisioned for this package alone and Redis gets its own logical database,
 so the integration tests (which truncate and flush) never share state with running processes.
@@ -99,10 +100,10 @@ def system(pg_admin_url: str, redis_server_url: str) -> Iterator[RunningSystem]:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     log_path = scratch / "processes.log"
-    honcho = Path(sys.executable).parent / "honcho"
+    saga = Path(sys.executable).parent / "saga"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [str(honcho), "-f", "Procfile", "start"],
+            [str(saga), "run-all"],  # all four server URLs set: no embedded servers
             cwd=PROJECT_ROOT,
             env=env,
             stdout=log,

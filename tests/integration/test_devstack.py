@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -20,7 +21,8 @@ from redis.retry import Retry
 
 from devstack import stack
 from devstack.osutil import free_port
-from devstack.provision import SERVICES, drop, ensure_database, provision
+from devstack.postgres import EmbeddedPostgres
+from devstack.provision import SERVICES, drop, ensure_database, names, provision
 from devstack.redis import EmbeddedRedis
 
 
@@ -32,8 +34,19 @@ def prefix(pg_admin_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def urls(pg_admin_url: str, prefix: str) -> dict[str, str]:
-    return provision(pg_admin_url, prefix=prefix)
+def passwords(prefix: str) -> dict[str, str]:
+    return {names(service, prefix)[0]: secrets.token_urlsafe(16) for service in SERVICES}
+
+
+@pytest.fixture(scope="module")
+def urls(pg_admin_url: str, prefix: str, passwords: dict[str, str]) -> dict[str, str]:
+    return provision(pg_admin_url, prefix=prefix, passwords=passwords)
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = f"{parts.username or ''}@{parts.hostname}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _with_database(url: str, database: str) -> str:
@@ -56,8 +69,10 @@ def test_a_role_owns_its_own_database(urls: dict[str, str], prefix: str) -> None
         conn.execute("DROP TABLE probe")
 
 
-def test_provision_is_idempotent(pg_admin_url: str, urls: dict[str, str], prefix: str) -> None:
-    assert provision(pg_admin_url, prefix=prefix) == urls
+def test_provision_is_idempotent(
+    pg_admin_url: str, urls: dict[str, str], prefix: str, passwords: dict[str, str]
+) -> None:
+    assert provision(pg_admin_url, prefix=prefix, passwords=passwords) == urls
     with psycopg.connect(pg_admin_url) as conn:
         owners = dict(
             conn.execute(
@@ -114,6 +129,29 @@ def test_stack_up_and_down_can_be_repeated(run_dir: Path, monkeypatch: pytest.Mo
         with psycopg.connect(env["BILLING_DATABASE_URL"]) as conn:
             assert conn.execute("SELECT current_user").fetchone() == ("billing_svc",)
         assert redis.Redis.from_url(env["REDIS_URL"]).ping()
+
+        # the secrets were generated into the run folder, readable by their owner only
+        files = [run_dir / "stack.env", *(run_dir / "secrets").iterdir()]
+        assert {path.name for path in files} >= {
+            "stack.env",
+            "postgres-superuser",
+            "redis",
+            *(f"postgres-{s}_svc" for s in SERVICES),
+        }
+        assert {oct(path.stat().st_mode & 0o777) for path in files} == {"0o600"}
+        assert oct((run_dir / "secrets").stat().st_mode & 0o777) == "0o700"
+        redis_conf = run_dir / "redis" / "redis.conf"
+        assert oct(redis_conf.stat().st_mode & 0o777) == "0o600"
+
+        # nothing answers without its password over TCP: superuser, service role, Redis
+        admin_url = EmbeddedPostgres(run_dir, int(env["SAGA_PG_PORT"])).admin_url
+        for url in (admin_url, env["BILLING_DATABASE_URL"]):
+            with pytest.raises(psycopg.OperationalError, match="password"):
+                psycopg.connect(_without_password(url), connect_timeout=5).close()
+            with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+                psycopg.connect(url, password="wrong", connect_timeout=5).close()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(_without_password(env["REDIS_URL"])).ping()
     finally:
         stack.down(run_dir)
         stack.down(run_dir)

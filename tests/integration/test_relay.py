@@ -4,6 +4,7 @@ NOTIFY wake-up. Real PostgreSQL and Redis throughout."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -12,7 +13,7 @@ from outbox_relay.publisher import publish_batch
 from outbox_relay.relay import Relay, RelaySettings
 from service_runtime.locks import RELAY_LOCK_KEY
 from service_runtime.unit_of_work import UnitOfWork
-from tests.helpers import order_placed_payload, wait_until
+from tests.helpers import FreezableProxy, order_placed_payload, wait_until
 
 STREAM = "inventory.events"
 PRODUCER = "inventory"
@@ -246,7 +247,9 @@ def test_the_standby_takes_over_when_the_active_relays_session_is_killed(
     db_url, db, admin_db, redis_client, emit, background
 ):
     # A long poll: the active relay sleeps on LISTEN, so only the kill can end its session soon.
-    relays, runners = start_pair(db_url, redis_client, background, poll_seconds=30)
+    relays, runners = start_pair(
+        db_url, redis_client, background, poll_seconds=30, takeover_after_seconds=0
+    )
     first = emit()
     wait_until(lambda: outbox_ids(db, published=False) == [])
     index = next(n for n, relay in enumerate(relays) if relay.active.is_set())
@@ -287,11 +290,69 @@ def test_a_killed_relay_that_comes_back_becomes_the_standby(
     assert all(runner.error is None and not runner.finished.is_set() for runner in runners)
 
 
+# -- a relay cut off without its session ending (DESIGN.md §5; docs/architecture.md) -------------
+
+
+def test_a_standby_takes_over_from_a_relay_behind_a_frozen_proxy(
+    db_url, db, redis_client, emit, background
+):
+    bound = 3.0
+    with FreezableProxy.in_front_of(db_url) as proxy:
+        cut_off = Relay(proxy.url_for(db_url), redis_client, settings(takeover_after_seconds=bound))
+        background.start("relay-behind-proxy", cut_off.run)
+        wait_until(cut_off.active.is_set)
+        standby = Relay(db_url, redis_client, settings(takeover_after_seconds=bound))
+        background.start("standby", standby.run)
+        first = emit()
+        wait_until(lambda: stream_event_ids(redis_client) == [first])
+        [holder] = lock_holders(db)
+
+        # Both TCP connections stay open and acknowledged, nothing passes: the server keeps
+        # the frozen relay's session, and its lock, until someone ends it.
+        proxy.freeze()
+        second = emit()
+        wait_until(
+            lambda: standby.active.is_set() and second in stream_event_ids(redis_client),
+            timeout=bound + 30,  # a generous bound against hanging; the rule is `bound`
+            message=lambda: f"no takeover; lock holders {lock_holders(db)} (was {holder})",
+        )
+        assert lock_holders(db) != [holder]
+        assert stream_event_ids(redis_client) == [first, second]
+
+        # Traffic flows again: the old relay learns its session is gone and stands by.
+        proxy.thaw()
+        wait_until(lambda: not cut_off.active.is_set(), timeout=30)
+        third = emit()
+        wait_until(lambda: outbox_ids(db, published=False) == [])
+        assert stream_event_ids(redis_client) == [first, second, third]
+        assert standby.active.is_set() and not cut_off.active.is_set()
+
+
+def test_a_standby_leaves_a_healthy_idle_active_relay_alone(
+    db_url, db, redis_client, emit, background
+):
+    bound = 2.0
+    relays, _runners = start_pair(db_url, redis_client, background, takeover_after_seconds=bound)
+    [holder] = lock_holders(db)
+    # Nothing to publish: the active relay only polls (every 0.2 s). Over several bounds the
+    # standby, retrying every 0.05 s, must find its backend active enough every time.
+    time.sleep(4 * bound)
+    assert lock_holders(db) == [holder]
+    assert [relay.active.is_set() for relay in relays].count(True) == 1
+    emitted = emit()
+    wait_until(lambda: stream_event_ids(redis_client) == [emitted])
+
+
+def test_a_takeover_bound_within_the_poll_interval_is_refused():
+    with pytest.raises(ValueError, match="RELAY_TAKEOVER_AFTER_SECONDS"):
+        settings(poll_seconds=5, takeover_after_seconds=10)
+
+
 # -- NOTIFY ----------------------------------------------------------------------------------
 
 
 def test_notify_wakes_the_relay_long_before_the_poll(db_url, redis_client, emit, background):
-    relay = Relay(db_url, redis_client, settings(poll_seconds=30))
+    relay = Relay(db_url, redis_client, settings(poll_seconds=30, takeover_after_seconds=0))
     background.start("relay", relay.run)
     wait_until(relay.active.is_set)
     first = emit()

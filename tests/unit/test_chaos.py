@@ -8,7 +8,7 @@ import random
 import pytest
 
 from sagactl.chaos import load, observe
-from sagactl.chaos.supervisor import ProcessSpec, parse_procfile, with_standby_relays
+from sagactl.supervisor import ProcessSpec, parse_procfile, with_standby_relays
 
 
 def test_procfile_parsing_and_standby_relays(tmp_path):

@@ -1,0 +1,85 @@
+"""The process supervisor of `saga run-all` and `saga chaos`, on real (small) processes."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+
+import psutil
+
+from sagactl.supervisor import Backoff, Console, ProcessSpec, Supervisor
+from tests.helpers import wait_until
+
+
+def _supervisor(specs: list[ProcessSpec], out: io.StringIO, backoff: Backoff) -> Supervisor:
+    return Supervisor(specs, dict(os.environ), Console([s.name for s in specs], out), backoff)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_a_killed_process_is_restarted_and_the_others_keep_running() -> None:
+    out = io.StringIO()
+    specs = [ProcessSpec("sleeper-1", "sleep 60"), ProcessSpec("sleeper-2", "sleep 60")]
+    supervisor = _supervisor(specs, out, Backoff(initial=0.2))
+    supervisor.start()
+    try:
+        first = wait_until(lambda: supervisor.pid("sleeper-1"))
+        other = wait_until(lambda: supervisor.pid("sleeper-2"))
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: supervisor.pid("sleeper-1") not in (None, first))
+        assert "sleeper-1 exited with -9; restarting in 0.2 s" in out.getvalue()
+        assert supervisor.pid("sleeper-2") == other
+    finally:
+        supervisor.stop()
+
+
+def test_a_crash_loop_backs_off_and_output_is_prefixed() -> None:
+    out = io.StringIO()
+    supervisor = _supervisor(
+        [ProcessSpec("crasher", "sh -c 'echo hello; exit 3'")],
+        out,
+        Backoff(initial=0.1, maximum=0.4),
+    )
+    supervisor.start()
+    try:
+        wait_until(lambda: out.getvalue().count("crasher exited with 3") >= 4, timeout=20)
+    finally:
+        supervisor.stop()
+    delays = [
+        line.rsplit("restarting in ", 1)[1]
+        for line in out.getvalue().splitlines()
+        if "crasher exited with 3" in line
+    ]
+    assert delays[:4] == ["0.1 s", "0.2 s", "0.4 s", "0.4 s"]
+    assert " crasher    | hello\n" in out.getvalue()
+
+
+def test_stop_ends_every_process_group_orphans_included() -> None:
+    out = io.StringIO()
+    # the shell forks a child and a grandchild: neither may outlive the supervisor
+    specs = [
+        ProcessSpec("family", "sh -c 'sleep 60 & sleep 60'"),
+        ProcessSpec("single", "sleep 60"),
+    ]
+    supervisor = _supervisor(specs, out, Backoff())
+    supervisor.start()
+    main = wait_until(lambda: supervisor.pid("family"))
+    wait_until(lambda: len(psutil.Process(main).children(recursive=True)) >= 2)
+    pids = [
+        main,
+        *(child.pid for child in psutil.Process(main).children(recursive=True)),
+        wait_until(lambda: supervisor.pid("single")),
+    ]
+    supervisor.stop()
+    assert _alive(pids) == []
+    assert "exited" not in out.getvalue()  # a stop is not reported as a crash
