@@ -19,22 +19,37 @@ def lock_order(conn: psycopg.Connection, order_id: str) -> None:
 
 
 def set_account(conn: psycopg.Connection, customer_id: str, balance: int) -> tuple[dict, bool]:
+    """Create an account or set its balance; the delta is booked for the audit.
+
+    Insert first: `SELECT … FOR UPDATE` locks nothing while the row does not exist, so two
+    concurrent creations would both book their full balance. The conflicting INSERT waits for
+    the other transaction instead, and the loser then updates under the row lock.
+    """
     cur = conn.cursor(row_factory=dict_row)
-    before = cur.execute(
-        "SELECT balance_cents FROM accounts WHERE customer_id = %s FOR UPDATE", (customer_id,)
-    ).fetchone()
-    account = cur.execute(
+    created = cur.execute(
         f"""INSERT INTO accounts (customer_id, balance_cents) VALUES (%s, %s)
-            ON CONFLICT (customer_id) DO UPDATE
-            SET balance_cents = EXCLUDED.balance_cents, updated_at = now()
-            RETURNING {_ACCOUNT_COLUMNS}""",
+            ON CONFLICT (customer_id) DO NOTHING RETURNING {_ACCOUNT_COLUMNS}""",
         (customer_id, balance),
     ).fetchone()
-    cur.execute(
-        "INSERT INTO account_adjustments (customer_id, delta_cents, kind) VALUES (%s, %s, 'set')",
-        (customer_id, balance - (before["balance_cents"] if before else 0)),
+    if created:
+        _adjust_balance(conn, customer_id, balance, "set")
+        return created, True
+    before = lock_balance(conn, customer_id)
+    account = cur.execute(
+        f"""UPDATE accounts SET balance_cents = %s, updated_at = now()
+            WHERE customer_id = %s RETURNING {_ACCOUNT_COLUMNS}""",
+        (balance, customer_id),
+    ).fetchone()
+    if balance != before:
+        _adjust_balance(conn, customer_id, balance - before, "set")
+    return account, False
+
+
+def _adjust_balance(conn: psycopg.Connection, customer_id: str, delta: int, kind: str) -> None:
+    conn.execute(
+        "INSERT INTO account_adjustments (customer_id, delta_cents, kind) VALUES (%s, %s, %s)",
+        (customer_id, delta, kind),
     )
-    return account, before is None
 
 
 def deposit(conn: psycopg.Connection, customer_id: str, amount: int) -> dict | None:
@@ -45,11 +60,7 @@ def deposit(conn: psycopg.Connection, customer_id: str, amount: int) -> dict | N
         (amount, customer_id),
     ).fetchone()
     if account:
-        cur.execute(
-            """INSERT INTO account_adjustments (customer_id, delta_cents, kind)
-               VALUES (%s, %s, 'deposit')""",
-            (customer_id, amount),
-        )
+        _adjust_balance(conn, customer_id, amount, "deposit")
     return account
 
 

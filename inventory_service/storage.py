@@ -15,26 +15,38 @@ _PRODUCT_COLUMNS = "sku, name, price_cents, available, created_at, updated_at"
 def upsert_product(
     conn: psycopg.Connection, sku: str, name: str, price_cents: int, available: int
 ) -> tuple[dict, bool]:
-    """Create or replace; the stock delta is recorded for the audit. Returns (product, created)."""
+    """Create or replace; the stock delta is recorded for the audit. Returns (product, created).
+
+    Insert first: `SELECT … FOR UPDATE` locks nothing while the row does not exist, so two
+    concurrent creations would both see "no row" and both book the full stock as a delta.
+    The conflicting INSERT waits for the other transaction instead; the loser then updates.
+    """
     cur = conn.cursor(row_factory=dict_row)
+    created = cur.execute(
+        f"""INSERT INTO products (sku, name, price_cents, available) VALUES (%s, %s, %s, %s)
+            ON CONFLICT (sku) DO NOTHING RETURNING {_PRODUCT_COLUMNS}""",
+        (sku, name, price_cents, available),
+    ).fetchone()
+    if created:
+        _adjust_stock(conn, sku, available, "set")
+        return created, True
     before = cur.execute(
         "SELECT available FROM products WHERE sku = %s FOR UPDATE", (sku,)
     ).fetchone()
     product = cur.execute(
-        f"""INSERT INTO products (sku, name, price_cents, available) VALUES (%s, %s, %s, %s)
-            ON CONFLICT (sku) DO UPDATE SET name = EXCLUDED.name,
-                price_cents = EXCLUDED.price_cents, available = EXCLUDED.available,
-                updated_at = now()
-            RETURNING {_PRODUCT_COLUMNS}""",
-        (sku, name, price_cents, available),
+        f"""UPDATE products SET name = %s, price_cents = %s, available = %s, updated_at = now()
+            WHERE sku = %s RETURNING {_PRODUCT_COLUMNS}""",
+        (name, price_cents, available, sku),
     ).fetchone()
-    delta = available - (before["available"] if before else 0)
-    if delta or not before:
-        cur.execute(
-            "INSERT INTO stock_adjustments (sku, delta, kind) VALUES (%s, %s, 'set')",
-            (sku, delta),
-        )
-    return product, before is None
+    if available != before["available"]:
+        _adjust_stock(conn, sku, available - before["available"], "set")
+    return product, False
+
+
+def _adjust_stock(conn: psycopg.Connection, sku: str, delta: int, kind: str) -> None:
+    conn.execute(
+        "INSERT INTO stock_adjustments (sku, delta, kind) VALUES (%s, %s, %s)", (sku, delta, kind)
+    )
 
 
 def restock(conn: psycopg.Connection, sku: str, quantity: int) -> dict | None:
@@ -45,10 +57,7 @@ def restock(conn: psycopg.Connection, sku: str, quantity: int) -> dict | None:
         (quantity, sku),
     ).fetchone()
     if product:
-        cur.execute(
-            "INSERT INTO stock_adjustments (sku, delta, kind) VALUES (%s, %s, 'restock')",
-            (sku, quantity),
-        )
+        _adjust_stock(conn, sku, quantity, "restock")
     return product
 
 
