@@ -7,7 +7,6 @@ import threading
 from collections.abc import Callable
 
 import psycopg
-import pytest
 
 from billing_service import storage as billing_storage
 from inventory_service import storage as inventory_storage
