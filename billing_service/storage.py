@@ -7,6 +7,8 @@ import uuid
 import psycopg
 from psycopg.rows import dict_row
 
+from contracts.limits import MAX_BALANCE_CENTS, LimitExceeded
+
 _ACCOUNT_COLUMNS = "customer_id, balance_cents, created_at, updated_at"
 _PAYMENT_COLUMNS = (
     "order_id, payment_id, customer_id, amount_cents, status, reason, created_at, refunded_at"
@@ -35,6 +37,7 @@ def set_account(conn: psycopg.Connection, customer_id: str, balance: int) -> tup
         _adjust_balance(conn, customer_id, balance, "set")
         return created, True
     before = lock_balance(conn, customer_id)
+    _check_on_hand(conn, customer_id, balance, "balance_cents")
     account = cur.execute(
         f"""UPDATE accounts SET balance_cents = %s, updated_at = now()
             WHERE customer_id = %s RETURNING {_ACCOUNT_COLUMNS}""",
@@ -53,15 +56,38 @@ def _adjust_balance(conn: psycopg.Connection, customer_id: str, delta: int, kind
 
 
 def deposit(conn: psycopg.Connection, customer_id: str, amount: int) -> dict | None:
-    cur = conn.cursor(row_factory=dict_row)
-    account = cur.execute(
-        f"""UPDATE accounts SET balance_cents = balance_cents + %s, updated_at = now()
-            WHERE customer_id = %s RETURNING {_ACCOUNT_COLUMNS}""",
-        (amount, customer_id),
-    ).fetchone()
-    if account:
-        _adjust_balance(conn, customer_id, amount, "deposit")
+    """Add money; None if no such account. LimitExceeded past MAX_BALANCE_CENTS on hand."""
+    balance = lock_balance(conn, customer_id)
+    if balance is None:
+        return None
+    _check_on_hand(conn, customer_id, balance + amount, "amount_cents")
+    account = (
+        conn.cursor(row_factory=dict_row)
+        .execute(
+            f"""UPDATE accounts SET balance_cents = balance_cents + %s, updated_at = now()
+                WHERE customer_id = %s RETURNING {_ACCOUNT_COLUMNS}""",
+            (amount, customer_id),
+        )
+        .fetchone()
+    )
+    _adjust_balance(conn, customer_id, amount, "deposit")
     return account
+
+
+def _check_on_hand(conn: psycopg.Connection, customer_id: str, balance: int, field: str) -> None:
+    """Bound money on hand (balance + captured, unrefunded), under the account's row lock:
+    captures and refunds only move money between the two, so a refund can never overflow."""
+    captured = conn.execute(
+        """SELECT coalesce(sum(amount_cents), 0) FROM payments
+           WHERE customer_id = %s AND status = 'captured'""",
+        (customer_id,),
+    ).fetchone()[0]
+    if balance + captured > MAX_BALANCE_CENTS:
+        raise LimitExceeded(
+            field,
+            f"Money on hand would be {balance + captured} cents (balance {balance} + captured "
+            f"{captured}); at most {MAX_BALANCE_CENTS}.",
+        )
 
 
 def get_account(conn: psycopg.Connection, customer_id: str) -> dict | None:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import psycopg
 from psycopg.rows import dict_row
 
+from contracts.limits import MAX_STOCK, LimitExceeded
 from inventory_service.domain import StockLevel
 
 _PRODUCT_COLUMNS = "sku, name, price_cents, available, created_at, updated_at"
@@ -33,6 +34,7 @@ def upsert_product(
     before = cur.execute(
         "SELECT available FROM products WHERE sku = %s FOR UPDATE", (sku,)
     ).fetchone()
+    _check_on_hand(conn, sku, available, "available")
     product = cur.execute(
         f"""UPDATE products SET name = %s, price_cents = %s, available = %s, updated_at = now()
             WHERE sku = %s RETURNING {_PRODUCT_COLUMNS}""",
@@ -50,15 +52,37 @@ def _adjust_stock(conn: psycopg.Connection, sku: str, delta: int, kind: str) -> 
 
 
 def restock(conn: psycopg.Connection, sku: str, quantity: int) -> dict | None:
+    """Add stock; None if no such sku. LimitExceeded past MAX_STOCK on hand."""
     cur = conn.cursor(row_factory=dict_row)
+    locked = cur.execute(
+        "SELECT available FROM products WHERE sku = %s FOR UPDATE", (sku,)
+    ).fetchone()
+    if locked is None:
+        return None
+    _check_on_hand(conn, sku, locked["available"] + quantity, "quantity")
     product = cur.execute(
         f"""UPDATE products SET available = available + %s, updated_at = now()
             WHERE sku = %s RETURNING {_PRODUCT_COLUMNS}""",
         (quantity, sku),
     ).fetchone()
-    if product:
-        _adjust_stock(conn, sku, quantity, "restock")
+    _adjust_stock(conn, sku, quantity, "restock")
     return product
+
+
+def _check_on_hand(conn: psycopg.Connection, sku: str, available: int, field: str) -> None:
+    """Bound stock on hand (available + held), under the product's row lock: reservations and
+    releases only move stock between the two, so a later release can never overflow."""
+    held = conn.execute(
+        """SELECT coalesce(sum(l.quantity), 0) FROM reservation_lines l
+           JOIN reservations r USING (order_id) WHERE l.sku = %s AND r.status = 'held'""",
+        (sku,),
+    ).fetchone()[0]
+    if available + held > MAX_STOCK:
+        raise LimitExceeded(
+            field,
+            f"Stock on hand would be {available + held} (available {available} + held {held}); "
+            f"at most {MAX_STOCK}.",
+        )
 
 
 def get_product(conn: psycopg.Connection, sku: str) -> dict | None:
