@@ -15,7 +15,10 @@ class OrderItem(Schema):
 class OrderIn(Schema):
     customer_id = key_field(required=True)
     items = fields.List(
-        fields.Nested(OrderItem), required=True, validate=validate.Length(1, MAX_ORDER_LINES)
+        fields.Nested(OrderItem),
+        required=True,
+        validate=validate.Length(1, MAX_ORDER_LINES),
+        metadata={"description": "Each sku at most once (422 otherwise)."},
     )
 
     @validates_schema
