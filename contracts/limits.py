@@ -28,6 +28,21 @@ assert MAX_BALANCE_CENTS + MAX_ORDER_TOTAL_CENTS <= BIGINT_MAX
 assert MAX_STOCK + MAX_LINE_QUANTITY <= BIGINT_MAX
 
 
+
+def describe() -> str:
+    """The bounds in prose, for the OpenAPI documents."""
+    return (
+        "Money is in integer cents and quantities in integer units, 64-bit everywhere. Bounds "
+        f"(422 with the field past them): at most {MAX_ORDER_LINES} lines per order, "
+        f"{MAX_LINE_QUANTITY:,} units per line, {MAX_PRICE_CENTS:,} cents per unit price; "
+        f"stock on hand per sku (available + held) at most {MAX_STOCK:,}; money on hand per "
+        f"account (balance + captured, unrefunded payments) at most {MAX_BALANCE_CENTS:,} cents. "
+        "Errors are JSON {code, status, message, errors?}: 400 unreadable JSON, 413 body over "
+        "256 KiB (the connection is then closed), 415 a body that is not application/json, "
+        "422 invalid input (also any text PostgreSQL cannot store: U+0000, lone surrogates)."
+    )
+
+
 class LimitExceeded(Exception):
     """A write would take a stored amount past its bound; the API answers 422 naming `field`."""
 

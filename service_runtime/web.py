@@ -23,6 +23,7 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from contracts import limits
 from contracts.limits import LimitExceeded
 from service_runtime.config import database_url
 from service_runtime.connection import close_after_response
@@ -85,6 +86,7 @@ def create_service_app(
         OPENAPI_SWAGGER_UI_PATH="/swagger-ui",
         # Served from the swagger-ui-bundle wheel: the page works on a machine offline.
         OPENAPI_SWAGGER_UI_URL="/swagger-ui-assets/",
+        API_SPEC_OPTIONS={"info": {"description": limits.describe()}},
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         SERVICE_NAME=name,
     )

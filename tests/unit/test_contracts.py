@@ -287,3 +287,18 @@ def test_amounts_past_32_bits_and_up_to_the_bounds_are_in_contract():
 def test_amounts_past_the_bounds_are_off_contract(event_type, change):
     with pytest.raises(ContractError):
         validate_payload(event_type, 1, {**VALID[event_type], **change})
+
+
+def test_the_readme_documents_the_bounds_in_force():
+    from pathlib import Path
+
+    from contracts import limits
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for bound in (
+        limits.MAX_LINE_QUANTITY,
+        limits.MAX_PRICE_CENTS,
+        limits.MAX_STOCK,
+        limits.MAX_BALANCE_CENTS,
+    ):
+        assert f"{bound:,}" in readme
