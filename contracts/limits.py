@@ -28,7 +28,6 @@ assert MAX_BALANCE_CENTS + MAX_ORDER_TOTAL_CENTS <= BIGINT_MAX
 assert MAX_STOCK + MAX_LINE_QUANTITY <= BIGINT_MAX
 
 
-
 def describe() -> str:
     """The bounds in prose, for the OpenAPI documents."""
     return (
