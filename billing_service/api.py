@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from flask.views import MethodView
-from flask_smorest import Blueprint, abort
+from flask_smorest import abort
 
 from billing_service import schemas, storage
-from service_runtime.api_fields import check_path_key, check_path_uuid
-from service_runtime.web import db_pool
+from service_runtime.api_fields import check_path_key, check_path_uuid, key_path, uuid_path
+from service_runtime.web import Blueprint, db_pool
 
 blp = Blueprint("billing", __name__, description="Accounts and payments")
 
 
-@blp.route("/accounts/<customer_id>")
+@blp.route("/accounts/<customer_id>", parameters=[key_path("customer_id")])
 class AccountById(MethodView):
     @blp.arguments(schemas.AccountIn)
     @blp.response(200, schemas.Account)
@@ -35,7 +35,7 @@ class AccountById(MethodView):
         return account
 
 
-@blp.route("/accounts/<customer_id>/deposits")
+@blp.route("/accounts/<customer_id>/deposits", parameters=[key_path("customer_id")])
 class Deposits(MethodView):
     @blp.arguments(schemas.DepositIn)
     @blp.response(200, schemas.Account)
@@ -49,7 +49,7 @@ class Deposits(MethodView):
         return account
 
 
-@blp.route("/payments/<order_id>")
+@blp.route("/payments/<order_id>", parameters=[uuid_path("order_id")])
 class PaymentByOrder(MethodView):
     @blp.response(200, schemas.Payment)
     def get(self, order_id: str):

@@ -2,11 +2,18 @@
 
 from marshmallow import Schema, fields
 
-from service_runtime.api_fields import cents_field, count_field
+from contracts.limits import MAX_BALANCE_CENTS
+from service_runtime.api_fields import amount_field
+
+_ON_HAND = (
+    f"Money on hand (balance + captured, unrefunded payments) is at most {MAX_BALANCE_CENTS}."
+)
 
 
 class AccountIn(Schema):
-    balance_cents = cents_field(required=True)
+    balance_cents = amount_field(
+        0, MAX_BALANCE_CENTS, required=True, metadata={"description": _ON_HAND}
+    )
 
 
 class Account(Schema):
@@ -17,7 +24,9 @@ class Account(Schema):
 
 
 class DepositIn(Schema):
-    amount_cents = count_field(minimum=1, required=True)
+    amount_cents = amount_field(
+        1, MAX_BALANCE_CENTS, required=True, metadata={"description": _ON_HAND}
+    )
 
 
 class Payment(Schema):

@@ -7,6 +7,8 @@ import uuid
 import psycopg
 from psycopg.rows import dict_row
 
+from contracts.limits import MAX_BALANCE_CENTS, LimitExceeded
+
 _ACCOUNT_COLUMNS = "customer_id, balance_cents, created_at, updated_at"
 _PAYMENT_COLUMNS = (
     "order_id, payment_id, customer_id, amount_cents, status, reason, created_at, refunded_at"
@@ -14,38 +16,73 @@ _PAYMENT_COLUMNS = (
 
 
 def set_account(conn: psycopg.Connection, customer_id: str, balance: int) -> tuple[dict, bool]:
+    """Create an account or set its balance; the delta is booked for the audit.
+
+    Insert first: `SELECT … FOR UPDATE` locks nothing while the row does not exist, so two
+    concurrent creations would both book their full balance. The conflicting INSERT waits for
+    the other transaction instead, and the loser then updates under the row lock.
+    """
     cur = conn.cursor(row_factory=dict_row)
-    before = cur.execute(
-        "SELECT balance_cents FROM accounts WHERE customer_id = %s FOR UPDATE", (customer_id,)
-    ).fetchone()
-    account = cur.execute(
+    created = cur.execute(
         f"""INSERT INTO accounts (customer_id, balance_cents) VALUES (%s, %s)
-            ON CONFLICT (customer_id) DO UPDATE
-            SET balance_cents = EXCLUDED.balance_cents, updated_at = now()
-            RETURNING {_ACCOUNT_COLUMNS}""",
+            ON CONFLICT (customer_id) DO NOTHING RETURNING {_ACCOUNT_COLUMNS}""",
         (customer_id, balance),
     ).fetchone()
-    cur.execute(
-        "INSERT INTO account_adjustments (customer_id, delta_cents, kind) VALUES (%s, %s, 'set')",
-        (customer_id, balance - (before["balance_cents"] if before else 0)),
+    if created:
+        _adjust_balance(conn, customer_id, balance, "set")
+        return created, True
+    before = lock_balance(conn, customer_id)
+    _check_on_hand(conn, customer_id, balance, "balance_cents")
+    account = cur.execute(
+        f"""UPDATE accounts SET balance_cents = %s, updated_at = now()
+            WHERE customer_id = %s RETURNING {_ACCOUNT_COLUMNS}""",
+        (balance, customer_id),
+    ).fetchone()
+    if balance != before:
+        _adjust_balance(conn, customer_id, balance - before, "set")
+    return account, False
+
+
+def _adjust_balance(conn: psycopg.Connection, customer_id: str, delta: int, kind: str) -> None:
+    conn.execute(
+        "INSERT INTO account_adjustments (customer_id, delta_cents, kind) VALUES (%s, %s, %s)",
+        (customer_id, delta, kind),
     )
-    return account, before is None
 
 
 def deposit(conn: psycopg.Connection, customer_id: str, amount: int) -> dict | None:
-    cur = conn.cursor(row_factory=dict_row)
-    account = cur.execute(
-        f"""UPDATE accounts SET balance_cents = balance_cents + %s, updated_at = now()
-            WHERE customer_id = %s RETURNING {_ACCOUNT_COLUMNS}""",
-        (amount, customer_id),
-    ).fetchone()
-    if account:
-        cur.execute(
-            """INSERT INTO account_adjustments (customer_id, delta_cents, kind)
-               VALUES (%s, %s, 'deposit')""",
-            (customer_id, amount),
+    """Add money; None if no such account. LimitExceeded past MAX_BALANCE_CENTS on hand."""
+    balance = lock_balance(conn, customer_id)
+    if balance is None:
+        return None
+    _check_on_hand(conn, customer_id, balance + amount, "amount_cents")
+    account = (
+        conn.cursor(row_factory=dict_row)
+        .execute(
+            f"""UPDATE accounts SET balance_cents = balance_cents + %s, updated_at = now()
+                WHERE customer_id = %s RETURNING {_ACCOUNT_COLUMNS}""",
+            (amount, customer_id),
         )
+        .fetchone()
+    )
+    _adjust_balance(conn, customer_id, amount, "deposit")
     return account
+
+
+def _check_on_hand(conn: psycopg.Connection, customer_id: str, balance: int, field: str) -> None:
+    """Bound money on hand (balance + captured, unrefunded), under the account's row lock:
+    captures and refunds only move money between the two, so a refund can never overflow."""
+    captured = conn.execute(
+        """SELECT coalesce(sum(amount_cents), 0) FROM payments
+           WHERE customer_id = %s AND status = 'captured'""",
+        (customer_id,),
+    ).fetchone()[0]
+    if balance + captured > MAX_BALANCE_CENTS:
+        raise LimitExceeded(
+            field,
+            f"Money on hand would be {balance + captured} cents (balance {balance} + captured "
+            f"{captured}); at most {MAX_BALANCE_CENTS}.",
+        )
 
 
 def get_account(conn: psycopg.Connection, customer_id: str) -> dict | None:

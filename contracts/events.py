@@ -7,9 +7,19 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from contracts.envelope import ContractError
+from contracts.limits import (
+    MAX_LINE_QUANTITY,
+    MAX_ORDER_LINES,
+    MAX_ORDER_TOTAL_CENTS,
+    MAX_PRICE_CENTS,
+    MAX_STOCK,
+)
 
-_positive = validate.Range(min=1)
-_non_negative = validate.Range(min=0)
+# The API bounds (contracts/limits.py) hold in the events too: every amount fits a bigint.
+_quantity = validate.Range(min=1, max=MAX_LINE_QUANTITY)
+_price = validate.Range(min=0, max=MAX_PRICE_CENTS)
+_stock = validate.Range(min=0, max=MAX_STOCK)
+_lines = validate.Length(1, MAX_ORDER_LINES)
 
 
 class _Strict(Schema):
@@ -24,19 +34,19 @@ class _Sku(fields.String):
 
 class ItemV1(_Strict):
     sku = _Sku()
-    quantity = fields.Integer(required=True, strict=True, validate=_positive)
+    quantity = fields.Integer(required=True, strict=True, validate=_quantity)
 
 
 class PricedLineV1(_Strict):
     sku = _Sku()
-    quantity = fields.Integer(required=True, strict=True, validate=_positive)
-    unit_price_cents = fields.Integer(required=True, strict=True, validate=_non_negative)
+    quantity = fields.Integer(required=True, strict=True, validate=_quantity)
+    unit_price_cents = fields.Integer(required=True, strict=True, validate=_price)
 
 
 class ShortageV1(_Strict):
     sku = _Sku()
-    requested = fields.Integer(required=True, strict=True, validate=_positive)
-    available = fields.Integer(required=True, strict=True, validate=_non_negative)
+    requested = fields.Integer(required=True, strict=True, validate=_quantity)
+    available = fields.Integer(required=True, strict=True, validate=_stock)
 
 
 def _order_id() -> fields.UUID:
@@ -48,13 +58,15 @@ def _customer_id() -> fields.String:
 
 
 def _cents() -> fields.Integer:
-    return fields.Integer(required=True, strict=True, validate=_non_negative)
+    return fields.Integer(
+        required=True, strict=True, validate=validate.Range(min=0, max=MAX_ORDER_TOTAL_CENTS)
+    )
 
 
 class OrderPlacedV1(_Strict):
     order_id = _order_id()
     customer_id = _customer_id()
-    items = fields.List(fields.Nested(ItemV1), required=True, validate=validate.Length(1, 50))
+    items = fields.List(fields.Nested(ItemV1), required=True, validate=_lines)
 
 
 class OrderConfirmedV1(_Strict):
@@ -77,7 +89,7 @@ class OrderCancelledV1(_Strict):
 class StockReservedV1(_Strict):
     order_id = _order_id()
     customer_id = _customer_id()
-    lines = fields.List(fields.Nested(PricedLineV1), required=True, validate=validate.Length(1, 50))
+    lines = fields.List(fields.Nested(PricedLineV1), required=True, validate=_lines)
     total_cents = _cents()
 
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from flask.views import MethodView
-from flask_smorest import Blueprint, abort
+from flask_smorest import abort
 from flask_smorest.pagination import PaginationParameters
 
 from inventory_service import schemas, storage
-from service_runtime.api_fields import check_path_key, check_path_uuid, page_window
-from service_runtime.web import db_pool
+from service_runtime.api_fields import (
+    check_path_key,
+    check_path_uuid,
+    key_path,
+    page_window,
+    uuid_path,
+)
+from service_runtime.web import Blueprint, db_pool
 
 blp = Blueprint("inventory", __name__, description="Products, stock and reservations")
 
@@ -25,7 +31,7 @@ class Products(MethodView):
         return rows
 
 
-@blp.route("/products/<sku>")
+@blp.route("/products/<sku>", parameters=[key_path("sku")])
 class ProductBySku(MethodView):
     @blp.arguments(schemas.ProductIn)
     @blp.response(200, schemas.Product)
@@ -50,7 +56,7 @@ class ProductBySku(MethodView):
         return product
 
 
-@blp.route("/products/<sku>/restock")
+@blp.route("/products/<sku>/restock", parameters=[key_path("sku")])
 class Restock(MethodView):
     @blp.arguments(schemas.RestockIn)
     @blp.response(200, schemas.Product)
@@ -64,7 +70,7 @@ class Restock(MethodView):
         return product
 
 
-@blp.route("/reservations/<order_id>")
+@blp.route("/reservations/<order_id>", parameters=[uuid_path("order_id")])
 class ReservationByOrder(MethodView):
     @blp.response(200, schemas.Reservation)
     def get(self, order_id: str):

@@ -2,13 +2,19 @@
 
 from marshmallow import Schema, fields, validate
 
-from service_runtime.api_fields import cents_field, count_field, key_field
+from contracts.limits import MAX_PRICE_CENTS, MAX_STOCK
+from service_runtime.api_fields import amount_field, key_field, text_field
 
 
 class ProductIn(Schema):
-    name = fields.String(required=True, validate=validate.Length(min=1, max=200))
-    price_cents = cents_field(required=True)
-    available = count_field(required=True)
+    name = text_field(required=True, validate=validate.Length(min=1, max=200))
+    price_cents = amount_field(0, MAX_PRICE_CENTS, required=True)
+    available = amount_field(
+        0,
+        MAX_STOCK,
+        required=True,
+        metadata={"description": f"Stock on hand (this + held) is at most {MAX_STOCK}."},
+    )
 
 
 class Product(Schema):
@@ -21,7 +27,12 @@ class Product(Schema):
 
 
 class RestockIn(Schema):
-    quantity = count_field(minimum=1, required=True)
+    quantity = amount_field(
+        1,
+        MAX_STOCK,
+        required=True,
+        metadata={"description": f"Stock on hand (available + held) stays at most {MAX_STOCK}."},
+    )
 
 
 class ReservationLine(Schema):

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import psycopg
 from psycopg.rows import dict_row
 
+from contracts.limits import MAX_STOCK, LimitExceeded
 from inventory_service.domain import StockLevel
 
 _PRODUCT_COLUMNS = "sku, name, price_cents, available, created_at, updated_at"
@@ -15,41 +16,73 @@ _PRODUCT_COLUMNS = "sku, name, price_cents, available, created_at, updated_at"
 def upsert_product(
     conn: psycopg.Connection, sku: str, name: str, price_cents: int, available: int
 ) -> tuple[dict, bool]:
-    """Create or replace; the stock delta is recorded for the audit. Returns (product, created)."""
+    """Create or replace; the stock delta is recorded for the audit. Returns (product, created).
+
+    Insert first: `SELECT … FOR UPDATE` locks nothing while the row does not exist, so two
+    concurrent creations would both see "no row" and both book the full stock as a delta.
+    The conflicting INSERT waits for the other transaction instead; the loser then updates.
+    """
     cur = conn.cursor(row_factory=dict_row)
+    created = cur.execute(
+        f"""INSERT INTO products (sku, name, price_cents, available) VALUES (%s, %s, %s, %s)
+            ON CONFLICT (sku) DO NOTHING RETURNING {_PRODUCT_COLUMNS}""",
+        (sku, name, price_cents, available),
+    ).fetchone()
+    if created:
+        _adjust_stock(conn, sku, available, "set")
+        return created, True
     before = cur.execute(
         "SELECT available FROM products WHERE sku = %s FOR UPDATE", (sku,)
     ).fetchone()
+    _check_on_hand(conn, sku, available, "available")
     product = cur.execute(
-        f"""INSERT INTO products (sku, name, price_cents, available) VALUES (%s, %s, %s, %s)
-            ON CONFLICT (sku) DO UPDATE SET name = EXCLUDED.name,
-                price_cents = EXCLUDED.price_cents, available = EXCLUDED.available,
-                updated_at = now()
-            RETURNING {_PRODUCT_COLUMNS}""",
-        (sku, name, price_cents, available),
+        f"""UPDATE products SET name = %s, price_cents = %s, available = %s, updated_at = now()
+            WHERE sku = %s RETURNING {_PRODUCT_COLUMNS}""",
+        (name, price_cents, available, sku),
     ).fetchone()
-    delta = available - (before["available"] if before else 0)
-    if delta or not before:
-        cur.execute(
-            "INSERT INTO stock_adjustments (sku, delta, kind) VALUES (%s, %s, 'set')",
-            (sku, delta),
-        )
-    return product, before is None
+    if available != before["available"]:
+        _adjust_stock(conn, sku, available - before["available"], "set")
+    return product, False
+
+
+def _adjust_stock(conn: psycopg.Connection, sku: str, delta: int, kind: str) -> None:
+    conn.execute(
+        "INSERT INTO stock_adjustments (sku, delta, kind) VALUES (%s, %s, %s)", (sku, delta, kind)
+    )
 
 
 def restock(conn: psycopg.Connection, sku: str, quantity: int) -> dict | None:
+    """Add stock; None if no such sku. LimitExceeded past MAX_STOCK on hand."""
     cur = conn.cursor(row_factory=dict_row)
+    locked = cur.execute(
+        "SELECT available FROM products WHERE sku = %s FOR UPDATE", (sku,)
+    ).fetchone()
+    if locked is None:
+        return None
+    _check_on_hand(conn, sku, locked["available"] + quantity, "quantity")
     product = cur.execute(
         f"""UPDATE products SET available = available + %s, updated_at = now()
             WHERE sku = %s RETURNING {_PRODUCT_COLUMNS}""",
         (quantity, sku),
     ).fetchone()
-    if product:
-        cur.execute(
-            "INSERT INTO stock_adjustments (sku, delta, kind) VALUES (%s, %s, 'restock')",
-            (sku, quantity),
-        )
+    _adjust_stock(conn, sku, quantity, "restock")
     return product
+
+
+def _check_on_hand(conn: psycopg.Connection, sku: str, available: int, field: str) -> None:
+    """Bound stock on hand (available + held), under the product's row lock: reservations and
+    releases only move stock between the two, so a later release can never overflow."""
+    held = conn.execute(
+        """SELECT coalesce(sum(l.quantity), 0) FROM reservation_lines l
+           JOIN reservations r USING (order_id) WHERE l.sku = %s AND r.status = 'held'""",
+        (sku,),
+    ).fetchone()[0]
+    if available + held > MAX_STOCK:
+        raise LimitExceeded(
+            field,
+            f"Stock on hand would be {available + held} (available {available} + held {held}); "
+            f"at most {MAX_STOCK}.",
+        )
 
 
 def get_product(conn: psycopg.Connection, sku: str) -> dict | None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from flask import current_app, url_for
 from flask.views import MethodView
-from flask_smorest import Blueprint, abort
+from flask_smorest import abort
 from flask_smorest.pagination import PaginationParameters
 
 from orders_service import commands, schemas, storage
-from service_runtime.api_fields import check_path_uuid, page_window
-from service_runtime.web import db_pool
+from service_runtime.api_fields import check_path_uuid, page_window, uuid_path
+from service_runtime.web import Blueprint, db_pool
 
 blp = Blueprint("orders", __name__, description="Orders and their saga")
 
@@ -66,7 +66,7 @@ class Orders(MethodView):
         return orders
 
 
-@blp.route("/orders/<order_id>")
+@blp.route("/orders/<order_id>", parameters=[uuid_path("order_id")])
 class OrderById(MethodView):
     @blp.response(200, schemas.OrderDetail)
     def get(self, order_id: str):
@@ -74,7 +74,7 @@ class OrderById(MethodView):
         return _load(check_path_uuid("order_id", order_id))
 
 
-@blp.route("/orders/<order_id>/cancel")
+@blp.route("/orders/<order_id>/cancel", parameters=[uuid_path("order_id")])
 class CancelOrder(MethodView):
     @blp.response(202, schemas.OrderDetail)
     @blp.alt_response(409, description="The order is rejected and cannot be cancelled")

@@ -1,19 +1,25 @@
 """Orders API request and response schemas."""
 
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import Schema, ValidationError, fields, post_dump, validate, validates_schema
 
+from contracts.limits import MAX_LINE_QUANTITY, MAX_ORDER_LINES
 from orders_service.domain import STATUSES, duplicate_skus
-from service_runtime.api_fields import count_field, key_field
+from service_runtime.api_fields import Text, amount_field, key_field
 
 
 class OrderItem(Schema):
     sku = key_field(required=True)
-    quantity = count_field(minimum=1, required=True)
+    quantity = amount_field(1, MAX_LINE_QUANTITY, required=True)
 
 
 class OrderIn(Schema):
     customer_id = key_field(required=True)
-    items = fields.List(fields.Nested(OrderItem), required=True, validate=validate.Length(1, 50))
+    items = fields.List(
+        fields.Nested(OrderItem),
+        required=True,
+        validate=validate.Length(1, MAX_ORDER_LINES),
+        metadata={"description": "Each sku at most once (422 otherwise)."},
+    )
 
     @validates_schema
     def no_repeated_sku(self, data: dict, **_kwargs) -> None:
@@ -25,7 +31,7 @@ class OrderIn(Schema):
 
 
 class IdempotencyHeader(Schema):
-    idempotency_key = fields.String(
+    idempotency_key = Text(
         data_key="Idempotency-Key",
         validate=validate.Length(1, 255),
         metadata={"description": "Same key + same body returns the same order."},
@@ -34,14 +40,20 @@ class IdempotencyHeader(Schema):
 
 class OrderQuery(Schema):
     customer_id = key_field()
-    status = fields.String(validate=validate.OneOf(STATUSES))
+    status = Text(validate=validate.OneOf(STATUSES))
 
 
 class HistoryEntry(Schema):
-    status = fields.String()
+    """A status the order took, or an event of its saga that reached orders: never both."""
+
+    status = fields.String(metadata={"enum": list(STATUSES)})
     event = fields.String()
     reason = fields.String()
-    at = fields.DateTime()
+    at = fields.DateTime(required=True)
+
+    @post_dump
+    def omit_empty(self, entry: dict, **_kwargs) -> dict:
+        return {key: value for key, value in entry.items() if value is not None}
 
 
 class Order(Schema):
@@ -57,11 +69,4 @@ class Order(Schema):
 
 
 class OrderDetail(Order):
-    history = fields.Method("_history")
-
-    def _history(self, order: dict) -> list[dict]:
-        # Each entry names either a status or an event, never both; omit the empty one.
-        return [
-            {k: v for k, v in HistoryEntry().dump(entry).items() if v is not None}
-            for entry in order["history"]
-        ]
+    history = fields.List(fields.Nested(HistoryEntry))

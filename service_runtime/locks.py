@@ -18,8 +18,6 @@ RELAY_LOCK_KEY = 7_310_002  # the active relay of this database's outbox (sessio
 
 class Namespace(enum.IntEnum):
     ORDER = 1  # everything a service does for one order (its reactions; see lock_order)
-    ACCOUNT = 2  # creating or replacing one billing account
-    PRODUCT = 3  # creating or replacing one product
 
 
 def lock_entity(conn: psycopg.Connection, namespace: Namespace, entity_id: str) -> None:

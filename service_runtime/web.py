@@ -7,20 +7,27 @@ knows about orders, stock or money.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import flask_smorest
 import swagger_ui_bundle
 from flask import Flask, Response, current_app, g, jsonify, request, send_from_directory
 from flask.views import MethodView
-from flask_smorest import Api, Blueprint
+from flask_smorest import Api, abort
 from marshmallow import Schema, fields
 from psycopg_pool import ConnectionPool
-from werkzeug.exceptions import HTTPException
+from webargs import core
+from webargs.flaskparser import FlaskParser, is_json_request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from contracts import limits
+from contracts.limits import LimitExceeded
 from service_runtime.config import database_url
+from service_runtime.connection import close_after_response
 from service_runtime.db import DB_OUTAGE_ERRORS, create_pool
 from service_runtime.failures import CONFLICT_ERRORS, is_conflict
 from service_runtime.metrics import HTTP_CONFLICTS_RETRIED, HTTP_LATENCY, HTTP_REQUESTS, exposition
@@ -29,6 +36,38 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 2
 MAX_BODY_BYTES = 256 * 1024
+
+
+class _JsonBodyParser(FlaskParser):
+    """webargs' parser, with the answers DESIGN.md §4 wants for bodies it cannot read."""
+
+    def _raw_load_json(self, req: Any) -> Any:
+        if not is_json_request(req):
+            # webargs would call such a body "missing" and report every field as absent.
+            if req.get_data(cache=True):
+                content_type = req.mimetype or "none"
+                abort(
+                    415,
+                    message=f"Content-Type {content_type!r} is not supported: send the body as "
+                    "application/json.",
+                    errors={"headers": {"Content-Type": ["Must be application/json."]}},
+                )
+            return core.missing
+        try:
+            return core.parse_json(req.get_data(cache=True))
+        except RecursionError:
+            # The json module recurses once per level: ~1,000 levels exhaust the stack.
+            abort(
+                400,
+                message="Invalid JSON body: nested too deeply.",
+                errors={"json": ["Nested too deeply."]},
+            )
+
+
+class Blueprint(flask_smorest.Blueprint):
+    """flask-smorest's Blueprint reading bodies with `_JsonBodyParser`; every service uses it."""
+
+    ARGUMENTS_PARSER = _JsonBodyParser()
 
 
 def create_service_app(
@@ -49,6 +88,7 @@ def create_service_app(
         OPENAPI_SWAGGER_UI_PATH="/swagger-ui",
         # Served from the swagger-ui-bundle wheel: the page works on a machine offline.
         OPENAPI_SWAGGER_UI_URL="/swagger-ui-assets/",
+        API_SPEC_OPTIONS={"info": {"description": limits.describe()}},
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         SERVICE_NAME=name,
     )
@@ -61,6 +101,7 @@ def create_service_app(
         api.register_blueprint(blueprint)
     _register_error_handlers(app, api)
     _retry_views_on_conflict(app)
+    _register_body_limit(app)
     _register_metrics(app, name)
     app.add_url_rule("/swagger-ui-assets/<path:filename>", view_func=_swagger_asset)
     return app
@@ -152,6 +193,41 @@ def _register_metrics(app: Flask, service: str) -> None:
         return Response(body, content_type=content_type)
 
 
+def _register_body_limit(app: Flask) -> None:
+    @app.before_request
+    def bounded_streamed_body() -> None:
+        """A chunked body has no Content-Length for werkzeug to check up front, and werkzeug
+        silently truncates it at MAX_CONTENT_LENGTH (a 400 "Invalid JSON body." follows).
+        Read it here, one byte past the limit: over it is a 413, like a sized body."""
+        environ = request.environ
+        if request.content_length is not None or not _chunked():
+            return
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        body = environ["wsgi.input"].read(limit + 1)
+        if len(body) > limit:
+            raise RequestEntityTooLarge()
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+
+    @app.after_request
+    def close_if_body_unread(response: Response) -> Response:
+        # A body the app did not read (a 413 above all) is left on the socket: the server can
+        # only close the connection, so it must say so instead of announcing keep-alive.
+        if response.status_code >= 400 and _body_left_unread():
+            close_after_response()
+        return response
+
+
+def _chunked() -> bool:
+    # gunicorn answers 400 to any other transfer coding, and sets wsgi.input_terminated.
+    return "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+
+
+def _body_left_unread() -> bool:
+    has_body = bool(request.content_length) or _chunked()
+    return has_body and getattr(request, "_cached_data", None) is None
+
+
 def _register_error_handlers(app: Flask, api: Api) -> None:
     def http_error(error: HTTPException):
         body, status, headers = api.handle_http_exception(error)
@@ -159,6 +235,10 @@ def _register_error_handlers(app: Flask, api: Api) -> None:
         body.setdefault("message", error.description)
         out = jsonify(body)
         out.status_code = status
+        # The exception's own headers too: Allow on a 405 (RFC 9110), Retry-After, ...
+        for name, value in error.get_headers():
+            if name.lower() != "content-type":
+                out.headers[name] = value
         out.headers.update(headers)
         return out
 
@@ -172,6 +252,16 @@ def _register_error_handlers(app: Flask, api: Api) -> None:
         )
         out.status_code = 409
         out.headers["Retry-After"] = "1"
+        return out
+
+    def limit_exceeded(error: LimitExceeded):
+        out = jsonify(
+            code=422,
+            status="Unprocessable Entity",
+            message=error.message,
+            errors={"json": {error.field: [error.message]}},
+        )
+        out.status_code = 422
         return out
 
     def database_down(error: Exception):
@@ -196,6 +286,7 @@ def _register_error_handlers(app: Flask, api: Api) -> None:
     app.register_error_handler(HTTPException, http_error)
     for error_type in CONFLICT_ERRORS:
         app.register_error_handler(error_type, conflicted)
+    app.register_error_handler(LimitExceeded, limit_exceeded)
     for error_type in DB_OUTAGE_ERRORS:
         app.register_error_handler(error_type, database_down)
     app.register_error_handler(Exception, unexpected)

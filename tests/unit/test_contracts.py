@@ -259,3 +259,46 @@ def test_dead_letter_and_redrive_streams_are_per_group():
     assert dead_letter_stream("inventory") == "inventory.dead-letters"
     assert redrive_stream("inventory") == "inventory.redrive"
     assert dead_letter_stream("orders") != dead_letter_stream("billing")
+
+
+def test_amounts_past_32_bits_and_up_to_the_bounds_are_in_contract():
+    from contracts.limits import MAX_LINE_QUANTITY, MAX_ORDER_TOTAL_CENTS, MAX_PRICE_CENTS
+
+    line = {"sku": "SKU-1", "quantity": MAX_LINE_QUANTITY, "unit_price_cents": MAX_PRICE_CENTS}
+    reserved = {
+        "order_id": ORDER_ID,
+        "customer_id": "alice",
+        "lines": [line] * 50,
+        "total_cents": MAX_ORDER_TOTAL_CENTS,
+    }
+    assert validate_payload("StockReserved", 1, reserved) is reserved
+    captured = {**VALID["PaymentCaptured"], "amount_cents": 3_000_000_000}
+    assert validate_payload("PaymentCaptured", 1, captured) is captured
+
+
+@pytest.mark.parametrize(
+    ("event_type", "change"),
+    [
+        ("OrderPlaced", {"items": [{"sku": "S", "quantity": 1_000_001}]}),
+        ("OrderConfirmed", {"total_cents": 5 * 10**17 + 1}),
+        ("PaymentRefunded", {"amount_cents": 2**63}),
+    ],
+)
+def test_amounts_past_the_bounds_are_off_contract(event_type, change):
+    with pytest.raises(ContractError):
+        validate_payload(event_type, 1, {**VALID[event_type], **change})
+
+
+def test_the_readme_documents_the_bounds_in_force():
+    from pathlib import Path
+
+    from contracts import limits
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for bound in (
+        limits.MAX_LINE_QUANTITY,
+        limits.MAX_PRICE_CENTS,
+        limits.MAX_STOCK,
+        limits.MAX_BALANCE_CENTS,
+    ):
+        assert f"{bound:,}" in readme
