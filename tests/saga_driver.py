@@ -27,8 +27,6 @@ from tests.partition_steps import drain, own_partitions
 SERVICES = ("orders", "inventory", "billing")
 
 
-
-
 class SagaDriver:
     def __init__(
         self, db_urls: dict[str, str], redis_client: redis.Redis, payment_timeout_s: int = 30
@@ -64,15 +62,31 @@ class SagaDriver:
             self.redis, self.pools[service], settings, handlers, partitions, on_outcome=count
         )
 
-    def split(self, service: str, count: int, batch_size: int = 100) -> list[list[PartitionWorker]]:
+    def release(self, service: str) -> None:
+        """Hand SERVICE's partitions back (for a real `saga consume` process to take them);
+        deliver() then does nothing for SERVICE."""
+        with self.pools[service].connection() as conn:
+            conn.execute("DELETE FROM partition_leases WHERE consumer_group = %s", (service,))
+        self.consumers[service] = []
+
+    def split(
+        self,
+        service: str,
+        count: int,
+        batch_size: int = 100,
+        plan: list[set[int]] | None = None,
+    ) -> list[list[PartitionWorker]]:
         """Replace SERVICE's one consumer by `count` consumers sharing the partitions as live
-        members do (service_runtime.ownership.assignment); returns each one's workers."""
+        members do (service_runtime.ownership.assignment), or as `plan` says (one set of
+        partitions per consumer); returns each one's workers."""
         with self.pools[service].connection() as conn:
             conn.execute("DELETE FROM partition_leases WHERE consumer_group = %s", (service,))
         names = [f"{service}-{i}" for i in range(count)]
+        if plan is None:
+            plan = [assignment(names, self.partitions, name) for name in names]
         consumers = [
-            self.consumer(service, name, batch_size, assignment(names, self.partitions, name))
-            for name in names
+            self.consumer(service, name, batch_size, partitions)
+            for name, partitions in zip(names, plan, strict=True)
         ]
         self.consumers[service] = [worker for workers in consumers for worker in workers]
         return consumers

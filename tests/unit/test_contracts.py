@@ -17,9 +17,15 @@ from contracts import (
     SUBSCRIPTIONS,
     ContractError,
     Envelope,
+    base_of,
     dead_letter_stream,
     decode_entry,
     encode_entry,
+    group_streams,
+    owner_fence_key,
+    partition_index,
+    partition_of,
+    producer_streams,
     redrive_stream,
     validate_payload,
 )
@@ -255,10 +261,33 @@ def test_every_group_reads_the_other_services_streams_only():
         assert set(streams) <= set(STREAM_OF_PRODUCER.values())
 
 
-def test_dead_letter_and_redrive_streams_are_per_group():
-    assert dead_letter_stream("inventory") == "inventory.dead-letters"
-    assert redrive_stream("inventory") == "inventory.redrive"
-    assert dead_letter_stream("orders") != dead_letter_stream("billing")
+def test_dead_letter_and_redrive_streams_are_per_group_and_partition():
+    assert dead_letter_stream("inventory", 3) == "inventory.dead-letters.{p3}"
+    assert redrive_stream("inventory", 3) == "inventory.redrive.{p3}"
+    assert dead_letter_stream("orders", 1) != dead_letter_stream("billing", 1)
+
+
+def test_partition_of_is_crc32_of_the_order_id_and_stable():
+    # The same in any process or language: CRC-32/IEEE of the lower-case UTF-8 text.
+    assert partition_of("3F2504E0-4F89-11D3-9A0C-0305E82C3301", 16) == partition_of(
+        "3f2504e0-4f89-11d3-9a0c-0305e82c3301", 16
+    )
+    # 0xCBF43926 is CRC-32/IEEE's published check value for "123456789".
+    assert partition_of("123456789", 1000) == 0xCBF43926 % 1000
+    ids = [str(uuid.UUID(int=i * 7919)) for i in range(4000)]
+    counts = [sum(partition_of(i, 8) == p for i in ids) for p in range(8)]
+    assert min(counts) > 400  # spread: every partition gets its share
+
+
+def test_one_partitions_streams_share_a_cluster_hash_tag():
+    streams = group_streams("inventory", 5)
+    assert streams == ("orders.events.{p5}", "billing.events.{p5}", "inventory.redrive.{p5}")
+    tags = {s[s.index("{") + 1 : s.index("}")] for s in (*streams, owner_fence_key("inventory", 5))}
+    assert tags == {"p5"}
+    assert base_of("orders.events.{p5}") == "orders.events"
+    assert partition_index("orders.events.{p5}") == 5
+    assert partition_index("orders.events") is None
+    assert producer_streams("billing", 2) == ["billing.events.{p0}", "billing.events.{p1}"]
 
 
 def test_amounts_past_32_bits_and_up_to_the_bounds_are_in_contract():
