@@ -54,10 +54,17 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-# Worker metrics ports, as offsets from METRICS_PORT_BASE: + index of the service.
+# Worker metrics ports, as offsets from METRICS_PORT_BASE: relays + index of the service,
+# consumers + 10 x (index of the service) + instance (see consumer_metrics_offset).
 RELAY_METRICS_OFFSET = 1
-CONSUMER_METRICS_OFFSET = 11
 WORKER_METRICS_OFFSET = 21
+CONSUMER_METRICS_OFFSET = 30
+MAX_CONSUMER_INSTANCES = 9
+
+
+def consumer_metrics_offset(service: str, instance: int) -> int:
+    """orders' consumers at base+31..39, inventory's at +41..49, billing's at +51..59."""
+    return CONSUMER_METRICS_OFFSET + 10 * SERVICES.index(service) + instance
 
 
 def _metrics_port(offset: int) -> int | None:
@@ -113,9 +120,15 @@ def relay(service: str) -> None:
 @click.option(
     "--name",
     help="Consumer name in the group, unique among its live consumers. "
-    "Default: SERVICE-HOST-PID.",
+    "Default: SERVICE-INSTANCE with --instance, else SERVICE-HOST-PID.",
 )
-def consume(service: str, name: str | None) -> None:
+@click.option(
+    "--instance",
+    type=click.IntRange(1, MAX_CONSUMER_INSTANCES),
+    help="This consumer's number among its service's consumers (make run-all numbers them "
+    "1..CONSUMERS_PER_SERVICE): its default name and its metrics port.",
+)
+def consume(service: str, name: str | None, instance: int | None) -> None:
     """React to the events SERVICE subscribes to, on the partitions this consumer owns."""
     setup_logging(service, "consumer")
     handlers = importlib.import_module(f"{service}_service.reactions").HANDLERS
@@ -125,10 +138,14 @@ def consume(service: str, name: str | None) -> None:
         group=service,
         consumer=name
         or os.environ.get("CONSUMER_NAME")
-        or f"{service}-{socket.gethostname()}-{os.getpid()}",
+        or (
+            f"{service}-{instance}"
+            if instance
+            else f"{service}-{socket.gethostname()}-{os.getpid()}"
+        ),
         partitions=_checked_partitions(service),
     )
-    serve_metrics(_metrics_port(CONSUMER_METRICS_OFFSET + SERVICES.index(service)))
+    serve_metrics(_metrics_port(consumer_metrics_offset(service, instance or 1)))
     # Workers hold a connection only for a transaction; beyond a few they would just queue.
     pool = create_pool(
         database_url(service),

@@ -17,7 +17,7 @@ import click
 from devstack import stack as devstack
 from devstack.redis import redis_bin_dir
 from devstack.secrets import redact_url
-from sagactl.supervisor import Console, Supervisor, parse_procfile
+from sagactl.supervisor import Console, Supervisor, parse_procfile, with_consumer_replicas
 from service_runtime import config
 
 
@@ -68,7 +68,9 @@ def run_all() -> None:
     A process that dies is restarted with backoff (see sagactl/supervisor.py); Ctrl-C, SIGTERM
     or SIGHUP stop every process, then the embedded servers this command started."""
     env, started = devstack.resolve()
-    specs = parse_procfile(config.PROJECT_ROOT / "Procfile")
+    specs = with_consumer_replicas(
+        parse_procfile(config.PROJECT_ROOT / "Procfile"), config.consumers_per_service()
+    )
     supervisor = Supervisor(
         specs,
         _child_env(env),

@@ -45,6 +45,22 @@ def parse_procfile(path: Path) -> list[ProcessSpec]:
     return specs
 
 
+def with_consumer_replicas(specs: list[ProcessSpec], count: int) -> list[ProcessSpec]:
+    """Each `saga consume SVC` entry as `count` consumers of SVC's group, SVC-consumer-1..N,
+    with stable names (`--instance i`), so a restarted consumer re-reads its own pending
+    entries and keeps its metrics port."""
+    scaled = []
+    for spec in specs:
+        if spec.command.split()[:2] != ["saga", "consume"]:
+            scaled.append(spec)
+            continue
+        scaled += [
+            ProcessSpec(f"{spec.name}-{i}", f"{spec.command} --instance {i}")
+            for i in range(1, count + 1)
+        ]
+    return scaled
+
+
 def with_standby_relays(specs: list[ProcessSpec]) -> list[ProcessSpec]:
     """A second `saga relay SVC` next to each relay: it waits on the advisory lock."""
     extra = [

@@ -32,7 +32,7 @@ SERVICES = ("orders", "inventory", "billing")
 @dataclass(frozen=True)
 class RunningSystem:
     urls: dict[str, str]  # service -> base URL
-    metrics_base: int  # relays at base+1.., consumers at base+11.., the rq worker at base+21
+    metrics_base: int  # relays at base+1.., the rq worker at base+21, consumers at base+31..
     db_urls: dict[str, str]
     redis_url: str
     log_path: Path

@@ -7,6 +7,8 @@ import uuid
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from sagactl.processes import consumer_metrics_offset
+from service_runtime.config import DEFAULT_CONSUMERS_PER_SERVICE
 from tests.helpers import wait_until
 
 SERVICES = ("orders", "inventory", "billing")
@@ -40,6 +42,13 @@ def test_counters_follow_the_work(system):
     def worker(offset):
         return scrape(f"http://127.0.0.1:{system.metrics_base + offset}/metrics")
 
+    def consumers(of, name, **labels):
+        """Summed over the consumer processes of service `of` (run-all starts several)."""
+        return sum(
+            total(worker(consumer_metrics_offset(of, i)), name, **labels)
+            for i in range(1, DEFAULT_CONSUMERS_PER_SERVICE + 1)
+        )
+
     placed_before = total(
         web("orders"), "saga_http_requests_total", method="POST", route="/orders", status="201"
     )
@@ -47,8 +56,8 @@ def test_counters_follow_the_work(system):
         web("orders"), "saga_outbox_events_written_total", event_type="OrderPlaced"
     )
     relay_before = total(worker(1), "saga_relay_published_total", service="orders")
-    processed_before = total(
-        worker(12),
+    processed_before = consumers(
+        "inventory",
         "saga_consumer_events_total",
         group="inventory",
         event_type="OrderPlaced",
@@ -92,8 +101,8 @@ def test_counters_follow_the_work(system):
     assert total(worker(1), "saga_relay_commit_to_publish_seconds_count", service="orders") > 0
     wait_until(
         lambda: (
-            total(
-                worker(12),
+            consumers(
+                "inventory",
                 "saga_consumer_events_total",
                 group="inventory",
                 event_type="OrderPlaced",
@@ -103,10 +112,9 @@ def test_counters_follow_the_work(system):
             == 5
         )
     )
-    consumer = worker(11)  # orders' consumer
     assert (
-        total(
-            consumer,
+        consumers(
+            "orders",
             "saga_consumer_events_total",
             group="orders",
             event_type="PaymentCaptured",
@@ -115,15 +123,15 @@ def test_counters_follow_the_work(system):
         >= 5
     )
     assert (
-        total(
-            consumer,
+        consumers(
+            "orders",
             "saga_outbox_events_written_total",
             service="orders",
             event_type="OrderConfirmed",
         )
         >= 5
     )
-    assert total(consumer, "saga_consumer_handler_seconds_count", group="orders") > 0
+    assert consumers("orders", "saga_consumer_handler_seconds_count", group="orders") > 0
     for offset in (1, 2, 3):
         assert (
             "saga_relay_unpublished_rows",

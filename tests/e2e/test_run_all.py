@@ -169,7 +169,10 @@ def _place_and_confirm(urls: dict[str, str]) -> None:
 
 def test_a_killed_relay_and_consumer_come_back_and_the_saga_completes(run_all: RunAll) -> None:
     relay = wait_until(lambda: run_all.supervised("relay", "orders"), timeout=30)
-    consumer = wait_until(lambda: run_all.supervised("consume", "inventory"), timeout=30)
+    # run-all starts CONSUMERS_PER_SERVICE (2) consumers per service: kill the first one
+    consumer = wait_until(
+        lambda: run_all.supervised("consume", "inventory", "--instance", "1"), timeout=30
+    )
     run_all.tree()
     os.kill(relay, signal.SIGKILL)
     os.kill(consumer, signal.SIGKILL)
@@ -177,14 +180,17 @@ def test_a_killed_relay_and_consumer_come_back_and_the_saga_completes(run_all: R
     wait_until(
         lambda: (
             "orders-relay exited with -9; restarting in" in run_all.output()
-            and "inventory-consumer exited with -9; restarting in" in run_all.output()
+            and "inventory-consumer-1 exited with -9; restarting in" in run_all.output()
         ),
         timeout=30,
         message=lambda: run_all.output()[-4000:],
     )
     wait_until(lambda: run_all.supervised("relay", "orders") not in (None, relay), timeout=60)
     wait_until(
-        lambda: run_all.supervised("consume", "inventory") not in (None, consumer), timeout=60
+        lambda: (
+            run_all.supervised("consume", "inventory", "--instance", "1") not in (None, consumer)
+        ),
+        timeout=60,
     )
     assert run_all.process.poll() is None
     assert all(_ready(url) for url in run_all.urls.values())
