@@ -35,7 +35,9 @@ def http_ports() -> dict[str, str]:
     }
 
 
-def _up(run_dir: Path | str | None) -> tuple[dict[str, str], bool]:
+def _up(
+    run_dir: Path | str | None, overrides: dict[str, str] | None = None
+) -> tuple[dict[str, str], bool]:
     directory, postgres, redis = _servers(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     started: list[EmbeddedPostgres | EmbeddedRedis] = []
@@ -59,6 +61,7 @@ def _up(run_dir: Path | str | None) -> tuple[dict[str, str], bool]:
     env.update(http_ports())
     env["SAGA_PG_PORT"] = str(postgres.port)
     env["SAGA_REDIS_PORT"] = str(redis.port)
+    env.update(overrides or {})
     _write_env(directory / "stack.env", env)
     return env, bool(started)
 
@@ -82,19 +85,38 @@ def down(run_dir: Path | str | None = None) -> None:
 def resolve() -> tuple[dict[str, str], bool]:
     """The env to run with, and whether embedded servers were started for it.
 
-    The user's servers when all four URLs are set (their databases created if missing),
-    the embedded ones otherwise.
+    The user's PostgreSQL when the three database URLs are set (their databases created if
+    missing), the user's Redis (or Redis Cluster, with REDIS_CLUSTER=1) when REDIS_URL is set,
+    embedded servers for the rest. rq cannot use a cluster: without RQ_REDIS_URL it gets the
+    embedded Redis.
     """
     given = {key: os.environ.get(key, "") for key in EXTERNAL_KEYS}
-    if all(given.values()):
-        for key, url in given.items():
-            if key.endswith("_DATABASE_URL"):
-                ensure_database(url)
-        return {**given, **http_ports()}, False
-    if any(given.values()):
-        missing = ", ".join(key for key, value in given.items() if not value)
-        log.warning("using the embedded servers: %s not set (all four are needed)", missing)
-    return _up(None)
+    databases = {key: url for key, url in given.items() if key.endswith("_DATABASE_URL")}
+    cluster = config.is_true(os.environ.get("REDIS_CLUSTER"))  # not an old stack.env's
+    rq_redis_needed = cluster and not os.environ.get("RQ_REDIS_URL")
+    for url in databases.values() if all(databases.values()) else ():
+        ensure_database(url)
+    if all(given.values()) and not rq_redis_needed:
+        return {**given, **http_ports(), **_cluster_keys()}, False
+    if any(databases.values()) and not all(databases.values()):
+        missing = ", ".join(key for key, value in databases.items() if not value)
+        log.warning("using the embedded PostgreSQL: %s not set (all three are needed)", missing)
+    overrides = {
+        **(databases if all(databases.values()) else {}),
+        **({"REDIS_URL": given["REDIS_URL"]} if given["REDIS_URL"] else {}),
+        **_cluster_keys(),
+    }
+    env, started = _up(None, overrides)
+    if rq_redis_needed:
+        # the embedded Redis, which _up started; REDIS_URL is the user's cluster
+        env["RQ_REDIS_URL"] = _servers(None)[2].url
+        _write_env(config.stack_env_file(), env)
+    return env, started
+
+
+def _cluster_keys() -> dict[str, str]:
+    """REDIS_CLUSTER and RQ_REDIS_URL when set, so `saga` in another terminal sees them too."""
+    return {key: os.environ[key] for key in ("REDIS_CLUSTER", "RQ_REDIS_URL") if key in os.environ}
 
 
 def migrate_all(env: dict[str, str]) -> dict[str, list[str]]:

@@ -67,7 +67,11 @@ def redis_url() -> str:
 
 def redis_cluster() -> bool:
     """REDIS_CLUSTER=1 (or true/yes/on): REDIS_URL names any node of a Redis Cluster."""
-    return (setting("REDIS_CLUSTER") or "").strip().lower() in ("1", "true", "yes", "on")
+    return is_true(setting("REDIS_CLUSTER"))
+
+
+def is_true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def rq_redis_url() -> str:

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +80,13 @@ def _alive(pids: set[int] | list[int]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def run_all() -> Iterator[RunAll]:
+    with _running({}) as running:
+        yield running
+
+
+@contextmanager
+def _running(extra_env: dict[str, str]) -> Iterator[RunAll]:
+    """`saga run-all` with a fresh run folder and free ports, stopped (and checked) after."""
     from devstack.osutil import free_port
 
     scratch = Path(tempfile.mkdtemp(prefix="saga-runall-"))
@@ -97,6 +104,7 @@ def run_all() -> Iterator[RunAll]:
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **{f"{s.upper()}_PORT": str(port) for s, port in ports.items()},
     )
+    env.update(extra_env)
     output_path = scratch / "run-all.out"
     with output_path.open("wb") as out:
         process = subprocess.Popen(
@@ -232,3 +240,43 @@ def test_ctrl_c_stops_every_process_and_the_embedded_servers(run_all: RunAll) ->
     assert run_all.process.wait(timeout=60) == 0, run_all.output()[-4000:]
     assert wait_until(lambda: not _alive(run_all.seen_pids | set(servers)), timeout=30)
     assert "embedded PostgreSQL and Redis stopped" in run_all.output()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[str]:
+    from devstack.redis_cluster import EmbeddedRedisCluster
+
+    scratch = Path(tempfile.mkdtemp(prefix="saga-cluster-"))
+    cluster = EmbeddedRedisCluster(scratch)
+    cluster.start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+def test_the_saga_runs_on_a_redis_cluster_with_three_consumers_per_service(redis_cluster):
+    """As the scale-out issue will be checked: REDIS_CLUSTER=1, REDIS_URL naming one node of a
+    3-master cluster, 3 consumers per service, 8 partitions; rq on the embedded plain Redis."""
+    from service_runtime.redis_client import connect, scan_keys
+
+    env = {
+        "REDIS_CLUSTER": "1",
+        "REDIS_URL": redis_cluster,
+        "CONSUMERS_PER_SERVICE": "3",
+        "STREAM_PARTITIONS": "8",
+    }
+    with _running(env) as running:
+        assert wait_until(
+            lambda: running.supervised("consume", "billing", "--instance", "3"), timeout=30
+        )
+        _place_and_confirm(running.urls)
+        cluster = connect(redis_cluster, cluster=True)
+        streams = scan_keys(cluster, "*.events.{p*}", type_="stream")
+        bases = {stream.rpartition(".{")[0] for stream in streams}
+        assert bases == {"orders.events", "inventory.events", "billing.events"}
+        assert {len(streams)} <= {3, 24}  # some of the 8 partitions, each in all three streams
+        # rq's keys are on the plain Redis, never on the cluster
+        assert not scan_keys(cluster, "rq:*")
+        env_file = (running.run_dir / "stack.env").read_text()
+        assert "RQ_REDIS_URL=" in env_file and "REDIS_CLUSTER=1" in env_file
