@@ -260,7 +260,13 @@ class PartitionWorker:
         if gone:
             self._ack_gone(gone)
         if items:
-            self.handle(items)
+            try:
+                self.handle(items)
+            except BaseException:
+                # Not finished (outage, lost lease, bug): the next step re-reads our pending
+                # entries from the start, whoever calls it (run() or a test's drain()).
+                self.cursors = dict.fromkeys(self.streams, _PENDING)
+                raise
         elif block_ms and last_ids and all(c == _NEW for c in self.cursors.values()):
             self.redis.xread(last_ids, count=1, block=block_ms)
         return len(items) + len(gone)
@@ -310,6 +316,7 @@ class PartitionWorker:
         entries before it, then counts a failed attempt for that entry alone.
         """
         finished, size, conflicts = 0, len(items), 0
+        solo_until = 0  # entries before this index go one per transaction (after a conflict)
         while finished < len(items):
             batch = items[finished : finished + size]
             try:
@@ -322,10 +329,11 @@ class PartitionWorker:
                     conflicts += 1
                     CONSUMER_CONFLICTS.labels(self.settings.group).inc()
                     log.info("conflict, retrying alone: %s", failed.error)
-                    size = 1
+                    size, solo_until = 1, max(solo_until, finished + len(batch))
                     continue
                 if failed.index is None and len(batch) > 1:
-                    size = 1  # the commit failed: find the culprit one entry at a time
+                    # the commit failed: find the culprit one entry at a time
+                    size, solo_until = 1, max(solo_until, finished + len(batch))
                     continue
                 if failed.index:
                     size = failed.index  # the entries before the culprit did nothing wrong
@@ -333,11 +341,15 @@ class PartitionWorker:
                 if not self._failed_attempt(batch[0], failed.error):
                     return finished
                 finished += 1  # dead-lettered
-                size, conflicts = len(items) - finished, 0
+                size, conflicts = self._next_size(items, finished, solo_until), 0
                 continue
             finished += len(batch)
-            size = len(items) - finished
+            size, conflicts = self._next_size(items, finished, solo_until), 0
         return finished
+
+    @staticmethod
+    def _next_size(items: list[Item], finished: int, solo_until: int) -> int:
+        return 1 if finished < solo_until else len(items) - finished
 
     def _transaction(self, batch: list[Item]) -> None:
         """The batch's inbox rows and effects in one fenced transaction, then XACK."""
