@@ -68,7 +68,8 @@ SET attempts = delivery_failures.attempts + 1, last_error = EXCLUDED.last_error,
 RETURNING attempts
 """
 _FORGET_FAILURES = """
-DELETE FROM delivery_failures WHERE consumer_group = %s AND stream = %s AND entry_id = %s
+DELETE FROM delivery_failures
+WHERE consumer_group = %s AND (stream, entry_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
 """
 _PRODUCER_OF_STREAM = {stream: producer for producer, stream in STREAM_OF_PRODUCER.items()}
 _PENDING = "0"  # XREADGROUP cursor: this consumer's own pending entries, from the start
@@ -104,6 +105,7 @@ class Item:
     entry_id: str
     fields: dict[str, str]
     envelope: Envelope | None = None  # decoded when this group handles its type
+    redelivered: bool = False  # read from a pending list: it may have failed before (any owner)
 
 
 @dataclass(frozen=True)
@@ -248,13 +250,14 @@ class PartitionWorker:
         items: list[Item] = []
         gone: list[tuple[str, str]] = []
         for stream, entries in pairs:
-            if self.cursors[stream] != _NEW:  # paging through our pending entries
+            redelivered = self.cursors[stream] != _NEW
+            if redelivered:  # paging through our pending entries
                 self.cursors[stream] = entries[-1][0] if entries else _NEW
             for entry_id, fields in entries:
                 if fields is None:
                     gone.append((stream, entry_id))
                 else:
-                    items.append(Item(stream, entry_id, fields))
+                    items.append(Item(stream, entry_id, fields, redelivered=redelivered))
         if not items and not gone and reading_pending:
             return self.step(block_ms)  # our pending entries are done: on to new ones
         if gone:
@@ -290,7 +293,7 @@ class PartitionWorker:
             except ContractError as err:
                 self._dead_letter(item, f"contract: {err}", attempts=1)
                 continue
-            work.append(Item(item.stream, item.entry_id, item.fields, envelope))
+            work.append(Item(item.stream, item.entry_id, item.fields, envelope, item.redelivered))
         if ignored:
             for item in ignored:
                 self._count("ignored", item.fields["event_type"], time.perf_counter())
@@ -366,10 +369,15 @@ class PartitionWorker:
                         raise _Failed(index, err) from err
                     outcomes.append(outcome)
                     emitted += new_events
-                if self.retry and any(self._is_retry(item) for item in batch):
+                # Failures counted before (by this owner or a previous one) end here.
+                if again := [item for item in batch if item.redelivered or self._is_retry(item)]:
                     conn.execute(
                         _FORGET_FAILURES,
-                        (self.settings.group, self.retry.stream, self.retry.entry_id),
+                        (
+                            self.settings.group,
+                            [item.stream for item in again],
+                            [item.entry_id for item in again],
+                        ),
                     )
         except _Failed:
             raise

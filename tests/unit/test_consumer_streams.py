@@ -88,7 +88,9 @@ class _Conn:
             self._failures[key] = self._failures.get(key, 0) + 1
             return _Cursor((self._failures[key],))
         if "DELETE FROM delivery_failures" in query:
-            self._failures.pop((params[0], params[1], params[2]), None)
+            group, streams, entry_ids = params
+            for stream, entry_id in zip(streams, entry_ids, strict=True):
+                self._failures.pop((group, stream, entry_id), None)
             return _Cursor(None)
         raise AssertionError(f"unexpected SQL in a unit test: {query}")
 
