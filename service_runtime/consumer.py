@@ -68,7 +68,8 @@ SET attempts = delivery_failures.attempts + 1, last_error = EXCLUDED.last_error,
 RETURNING attempts
 """
 _FORGET_FAILURES = """
-DELETE FROM delivery_failures WHERE consumer_group = %s AND stream = %s AND entry_id = %s
+DELETE FROM delivery_failures
+WHERE consumer_group = %s AND (stream, entry_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
 """
 _PRODUCER_OF_STREAM = {stream: producer for producer, stream in STREAM_OF_PRODUCER.items()}
 _PENDING = "0"  # XREADGROUP cursor: this consumer's own pending entries, from the start
@@ -104,6 +105,7 @@ class Item:
     entry_id: str
     fields: dict[str, str]
     envelope: Envelope | None = None  # decoded when this group handles its type
+    redelivered: bool = False  # read from a pending list: it may have failed before (any owner)
 
 
 @dataclass(frozen=True)
@@ -248,19 +250,26 @@ class PartitionWorker:
         items: list[Item] = []
         gone: list[tuple[str, str]] = []
         for stream, entries in pairs:
-            if self.cursors[stream] != _NEW:  # paging through our pending entries
+            redelivered = self.cursors[stream] != _NEW
+            if redelivered:  # paging through our pending entries
                 self.cursors[stream] = entries[-1][0] if entries else _NEW
             for entry_id, fields in entries:
                 if fields is None:
                     gone.append((stream, entry_id))
                 else:
-                    items.append(Item(stream, entry_id, fields))
+                    items.append(Item(stream, entry_id, fields, redelivered=redelivered))
         if not items and not gone and reading_pending:
             return self.step(block_ms)  # our pending entries are done: on to new ones
         if gone:
             self._ack_gone(gone)
         if items:
-            self.handle(items)
+            try:
+                self.handle(items)
+            except BaseException:
+                # Not finished (outage, lost lease, bug): the next step re-reads our pending
+                # entries from the start, whoever calls it (run() or a test's drain()).
+                self.cursors = dict.fromkeys(self.streams, _PENDING)
+                raise
         elif block_ms and last_ids and all(c == _NEW for c in self.cursors.values()):
             self.redis.xread(last_ids, count=1, block=block_ms)
         return len(items) + len(gone)
@@ -284,7 +293,7 @@ class PartitionWorker:
             except ContractError as err:
                 self._dead_letter(item, f"contract: {err}", attempts=1)
                 continue
-            work.append(Item(item.stream, item.entry_id, item.fields, envelope))
+            work.append(Item(item.stream, item.entry_id, item.fields, envelope, item.redelivered))
         if ignored:
             for item in ignored:
                 self._count("ignored", item.fields["event_type"], time.perf_counter())
@@ -310,6 +319,7 @@ class PartitionWorker:
         entries before it, then counts a failed attempt for that entry alone.
         """
         finished, size, conflicts = 0, len(items), 0
+        solo_until = 0  # entries before this index go one per transaction (after a conflict)
         while finished < len(items):
             batch = items[finished : finished + size]
             try:
@@ -322,10 +332,11 @@ class PartitionWorker:
                     conflicts += 1
                     CONSUMER_CONFLICTS.labels(self.settings.group).inc()
                     log.info("conflict, retrying alone: %s", failed.error)
-                    size = 1
+                    size, solo_until = 1, max(solo_until, finished + len(batch))
                     continue
                 if failed.index is None and len(batch) > 1:
-                    size = 1  # the commit failed: find the culprit one entry at a time
+                    # the commit failed: find the culprit one entry at a time
+                    size, solo_until = 1, max(solo_until, finished + len(batch))
                     continue
                 if failed.index:
                     size = failed.index  # the entries before the culprit did nothing wrong
@@ -333,11 +344,15 @@ class PartitionWorker:
                 if not self._failed_attempt(batch[0], failed.error):
                     return finished
                 finished += 1  # dead-lettered
-                size, conflicts = len(items) - finished, 0
+                size, conflicts = self._next_size(items, finished, solo_until), 0
                 continue
             finished += len(batch)
-            size = len(items) - finished
+            size, conflicts = self._next_size(items, finished, solo_until), 0
         return finished
+
+    @staticmethod
+    def _next_size(items: list[Item], finished: int, solo_until: int) -> int:
+        return 1 if finished < solo_until else len(items) - finished
 
     def _transaction(self, batch: list[Item]) -> None:
         """The batch's inbox rows and effects in one fenced transaction, then XACK."""
@@ -354,10 +369,15 @@ class PartitionWorker:
                         raise _Failed(index, err) from err
                     outcomes.append(outcome)
                     emitted += new_events
-                if self.retry and any(self._is_retry(item) for item in batch):
+                # Failures counted before (by this owner or a previous one) end here.
+                if again := [item for item in batch if item.redelivered or self._is_retry(item)]:
                     conn.execute(
                         _FORGET_FAILURES,
-                        (self.settings.group, self.retry.stream, self.retry.entry_id),
+                        (
+                            self.settings.group,
+                            [item.stream for item in again],
+                            [item.entry_id for item in again],
+                        ),
                     )
         except _Failed:
             raise

@@ -1,23 +1,46 @@
-"""StreamConsumer against real Redis and PostgreSQL: inbox dedup, XACK after commit, restart,
-claiming a dead consumer's entries, dead letters, and the handler's own outbox rows."""
+"""PartitionWorker against real Redis and PostgreSQL: inbox dedup, XACK after commit, restart,
+a new owner taking over, fencing of an owner that lost its lease, dead letters, conflicts
+(a real deadlock between two partitions' batches), outages, and inventory's per-order lock.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import threading
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
+import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
-from contracts import ORDERS_EVENTS, Envelope, dead_letter_stream, encode_entry
-from service_runtime.consumer import ConsumerSettings, StreamConsumer
+from contracts import (
+    ORDERS_EVENTS,
+    Envelope,
+    dead_letter_stream,
+    encode_entry,
+    partition_of,
+    partition_stream,
+)
+from inventory_service import storage as inventory_storage
+from inventory_service.reactions import HANDLERS as INVENTORY_HANDLERS
+from service_runtime.consumer import ConsumerSettings, PartitionWorker
+from service_runtime.ownership import LostOwnership, PartitionLeases
+from service_runtime.stream_fence import Fenced, StreamFence
+from service_runtime.unit_of_work import unit_of_work
 from tests.helpers import order_placed_payload, wait_until
+from tests.partition_steps import drain, own_partitions
 
 GROUP = "inventory"
-STREAM = ORDERS_EVENTS
+PARTITIONS = 2
 
 
 @pytest.fixture
-def effects(db):
+def effects(db) -> Iterator[None]:
     """A scratch table the test handlers write to: one row per application of an event."""
     db.execute(
         "CREATE TABLE test_effects (id bigserial PRIMARY KEY, event_id uuid NOT NULL,"
@@ -25,6 +48,9 @@ def effects(db):
     )
     yield
     db.execute("DROP TABLE test_effects")
+
+
+pytestmark = pytest.mark.usefixtures("effects")
 
 
 def applied(db, event_id: str | None = None) -> int:
@@ -35,6 +61,10 @@ def applied(db, event_id: str | None = None) -> int:
     ).fetchone()[0]
 
 
+def applied_order(db) -> list[str]:
+    return [row[0] for row in db.execute("SELECT event_id::text FROM test_effects ORDER BY id")]
+
+
 def inbox_rows(db) -> list[tuple]:
     return db.execute(
         "SELECT consumer_group, event_id::text, event_type, stream, entry_id FROM inbox"
@@ -42,16 +72,28 @@ def inbox_rows(db) -> list[tuple]:
     ).fetchall()
 
 
-def envelope(event_type: str = "OrderPlaced") -> Envelope:
-    payload = order_placed_payload()
+def failures(db) -> dict[str, int]:
+    return dict(db.execute("SELECT entry_id, attempts FROM delivery_failures").fetchall())
+
+
+def order_in(partition: int, partitions: int = PARTITIONS) -> str:
+    while partition_of(order_id := str(uuid.uuid4()), partitions) != partition:
+        pass
+    return order_id
+
+
+def envelope(event_type: str = "OrderPlaced", partition: int = 0, sku: str = "SKU-1") -> Envelope:
+    order_id = order_in(partition)
+    payload: dict[str, Any] = order_placed_payload(order_id)
+    payload["items"] = [{"sku": sku, "quantity": 1}]
     if event_type == "OrderCancelled":
-        payload = {"order_id": payload["order_id"], "reason": "customer_request"}
+        payload = {"order_id": order_id, "reason": "customer_request"}
     return Envelope(
         event_id=str(uuid.uuid4()),
         event_type=event_type,
         event_version=1,
         aggregate_type="order",
-        aggregate_id=payload["order_id"],
+        aggregate_id=order_id,
         correlation_id=str(uuid.uuid4()),
         causation_id=None,
         occurred_at=datetime.now(UTC).isoformat(),
@@ -60,8 +102,12 @@ def envelope(event_type: str = "OrderPlaced") -> Envelope:
     )
 
 
+def stream_of(env: Envelope, partitions: int = PARTITIONS) -> str:
+    return partition_stream(ORDERS_EVENTS, partition_of(env.aggregate_id, partitions))
+
+
 def publish(redis_client, env: Envelope) -> str:
-    return redis_client.xadd(STREAM, encode_entry(env))
+    return redis_client.xadd(stream_of(env), encode_entry(env))
 
 
 def record(uow, env: Envelope) -> None:
@@ -73,65 +119,115 @@ class Flaky:
 
     def __init__(self, failing: bool = True) -> None:
         self.failing = failing
-        self.calls = 0
+        self.calls: list[str] = []
 
     def __call__(self, uow, env: Envelope) -> None:
-        self.calls += 1
+        self.calls.append(env.event_id)
         record(uow, env)
         if self.failing:
             raise RuntimeError("flaky handler")
 
 
-def pending(redis_client) -> list[dict]:
-    return redis_client.xpending_range(STREAM, GROUP, "-", "+", 100)
+def pending(redis_client, partition: int = 0) -> list[dict]:
+    stream = partition_stream(ORDERS_EVENTS, partition)
+    return redis_client.xpending_range(stream, GROUP, "-", "+", 100)
+
+
+def pending_ids(redis_client, partition: int = 0) -> list[str]:
+    return [info["message_id"] for info in pending(redis_client, partition)]
+
+
+def dead_letters(redis_client, partition: int = 0) -> list[dict[str, str]]:
+    return [fields for _id, fields in redis_client.xrange(dead_letter_stream(GROUP, partition))]
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture
-def make_consumer(redis_client, pool):
-    def make(handlers, **overrides) -> StreamConsumer:
-        values = dict(
+def make_worker(redis_client, pool) -> Callable[..., PartitionWorker]:
+    """A worker owning one partition through a real lease (own_partitions), like
+    StreamConsumer does on acquiring it."""
+
+    def make(
+        handlers: dict[str, Any],
+        partition: int = 0,
+        lease_seconds: float = 3600,
+        worker_pool: Any = None,
+        **overrides: Any,
+    ) -> PartitionWorker:
+        values: dict[str, Any] = dict(
             group=GROUP,
             consumer="c1",
-            streams=(STREAM,),
+            partitions=PARTITIONS,
             block_ms=100,
             retry_base_ms=0,
             max_deliveries=3,
-            claim_idle_ms=30_000,
-            maintenance_interval_s=0.05,
         )
         values.update(overrides)
-        consumer = StreamConsumer(redis_client, pool, ConsumerSettings(**values), handlers)
-        consumer.ensure_groups()
-        return consumer
+        # a previous owner of the partition in this test is gone: its lease has run out
+        with pool.connection() as conn:
+            conn.execute(
+                "UPDATE partition_leases SET expires_at = clock_timestamp()"
+                " WHERE consumer_group = %s AND partition = %s",
+                (values["group"], partition),
+            )
+        [worker] = own_partitions(
+            redis_client,
+            worker_pool or pool,
+            ConsumerSettings(**values),
+            handlers,
+            [partition],
+            lease_seconds=lease_seconds,
+        )
+        return worker
 
     return make
 
 
-pytestmark = pytest.mark.usefixtures("effects")
+def take_over(
+    redis_client, pool, worker_pool: Any, handlers: dict[str, Any], partition: int, **overrides: Any
+) -> PartitionWorker:
+    """A second consumer acquiring the partition once the first one's lease has expired."""
+    settings = ConsumerSettings(
+        group=GROUP, consumer="new", partitions=PARTITIONS, retry_base_ms=0, **overrides
+    )
+    leases = PartitionLeases(GROUP, "new", 3600)
+    with pool.connection() as conn:
+        lease = wait_until(lambda: leases.acquire(conn, partition), timeout=15)
+    fence_ops = StreamFence(redis_client)
+    assert fence_ops.claim(GROUP, partition, lease.epoch)
+    worker = PartitionWorker(redis_client, fence_ops, worker_pool, settings, handlers, lease)
+    worker.ensure_groups()
+    worker.take_over_pending()
+    return worker
 
 
-# -- inbox -----------------------------------------------------------------------------------
+# -- inbox ---------------------------------------------------------------------------------
 
 
-def test_the_same_event_delivered_twice_applies_once(db, redis_client, make_consumer):
-    consumer = make_consumer({"OrderPlaced": record})
+def test_the_same_event_delivered_twice_applies_once(db, redis_client, make_worker) -> None:
+    outcomes: list[str] = []
+    worker = make_worker({"OrderPlaced": record})
+    worker._on_outcome = lambda _t, outcome, _s: outcomes.append(outcome)
     env = envelope()
     first = publish(redis_client, env)
     publish(redis_client, env)  # the relay's crash duplicate: same event, new entry
 
-    assert consumer.read_new_once() == 2
+    assert worker.step() == 2
 
     assert applied(db, env.event_id) == 1
-    assert inbox_rows(db) == [(GROUP, env.event_id, "OrderPlaced", STREAM, first)]
+    assert inbox_rows(db) == [(GROUP, env.event_id, "OrderPlaced", stream_of(env), first)]
     assert pending(redis_client) == []
-    assert (consumer.stats.processed, consumer.stats.duplicates) == (1, 1)
+    assert outcomes == ["processed", "duplicate"]
 
 
-def test_dedup_is_per_group(db, redis_client, make_consumer):
+def test_dedup_is_per_group(db, redis_client, make_worker) -> None:
     env = envelope()
     publish(redis_client, env)
-    make_consumer({"OrderPlaced": record}).read_new_once()
-    make_consumer({"OrderPlaced": record}, group="billing").read_new_once()
+    make_worker({"OrderPlaced": record}).step()
+    make_worker({"OrderPlaced": record}, group="billing").step()
     assert applied(db, env.event_id) == 2  # two services' reactions (sharing a test database)
     assert sorted(row[0] for row in inbox_rows(db)) == ["billing", GROUP]
 
@@ -140,193 +236,61 @@ def test_dedup_is_per_group(db, redis_client, make_consumer):
 
 
 def test_a_failing_handler_leaves_the_entry_pending_and_nothing_written(
-    db, redis_client, make_consumer
-):
+    db, redis_client, make_worker
+) -> None:
     handler = Flaky()
-    consumer = make_consumer({"OrderPlaced": handler})
+    worker = make_worker({"OrderPlaced": handler})
     env = envelope()
     entry_id = publish(redis_client, env)
 
-    consumer.read_new_once()
+    worker.step()
     assert applied(db) == 0
     assert inbox_rows(db) == []
+    assert failures(db) == {entry_id: 1}
     [info] = pending(redis_client)
     assert (info["message_id"], info["consumer"], info["times_delivered"]) == (entry_id, "c1", 1)
 
     handler.failing = False
-    assert consumer.retry_failed_once() == 1
+    assert worker.step() == 1
     assert applied(db, env.event_id) == 1
     assert len(inbox_rows(db)) == 1
+    assert failures(db) == {}  # forgotten in the transaction that finished it
     assert pending(redis_client) == []
-    assert consumer.retry_failed_once() == 0
+    assert worker.step() == 0
     assert applied(db, env.event_id) == 1
 
 
-def test_a_failed_commit_is_not_acknowledged(db, redis_client, make_consumer):
-    """The handler returns normally but the COMMIT fails (a deferred constraint): no XACK."""
+def test_a_failed_commit_is_not_acknowledged_and_its_culprit_is_found_alone(
+    db, redis_client, make_worker
+) -> None:
+    """The handlers return normally but the COMMIT fails (a deferred constraint): no XACK;
+    the entries before the culprit commit, the culprit is counted, the rest waits."""
     db.execute(
         "ALTER TABLE test_effects ADD CONSTRAINT one_per_event UNIQUE (event_id)"
         " DEFERRABLE INITIALLY DEFERRED"
     )
-
-    def twice(uow, env):
-        record(uow, env)
-        record(uow, env)  # violates the constraint, but only at commit time
-
-    consumer = make_consumer({"OrderPlaced": twice})
-    env = envelope()
-    publish(redis_client, env)
-
-    consumer.read_new_once()
-    assert len(pending(redis_client)) == 1
-    assert applied(db) == 0
-    assert inbox_rows(db) == []
-
-    consumer.handlers = {"OrderPlaced": record}  # "fixed and redeployed"
-    assert consumer.retry_failed_once() == 1
-    assert pending(redis_client) == []
-    assert applied(db, env.event_id) == 1
-
-
-def test_retry_waits_for_the_backoff(db, redis_client, make_consumer):
-    handler = Flaky()
-    consumer = make_consumer({"OrderPlaced": handler}, retry_base_ms=60_000)
-    publish(redis_client, envelope())
-    consumer.read_new_once()
-    handler.failing = False
-    assert consumer.retry_failed_once() == 0
-    assert handler.calls == 1
-    assert len(pending(redis_client)) == 1
-
-
-# -- restart and dead consumers --------------------------------------------------------------
-
-
-def test_own_pending_entries_are_processed_after_a_restart(db, redis_client, make_consumer):
-    make_consumer({})  # groups exist
     events = [envelope() for _ in range(3)]
-    for env in events:
-        publish(redis_client, env)
-    # "c1" receives the entries and dies before handling/acknowledging any of them
-    redis_client.xreadgroup(GROUP, "c1", {STREAM: ">"}, count=10)
-    assert len(pending(redis_client)) == 3
+    culprit = events[1].event_id
 
-    restarted = make_consumer({"OrderPlaced": record}, consumer="c1", batch_size=2)
-    assert restarted.read_new_once() == 0  # nothing new: they were delivered already
-    assert restarted.read_own_pending_once() == 3
-    assert [applied(db, env.event_id) for env in events] == [1, 1, 1]
+    def twice_for_the_culprit(uow, env: Envelope) -> None:
+        record(uow, env)
+        if env.event_id == culprit:
+            record(uow, env)  # violates the constraint, but only at commit time
+
+    worker = make_worker({"OrderPlaced": twice_for_the_culprit}, retry_base_ms=60_000)
+    ids = [publish(redis_client, env) for env in events]
+
+    worker.step()
+    assert applied_order(db) == [events[0].event_id]
+    assert pending_ids(redis_client) == ids[1:]
+    assert failures(db) == {ids[1]: 1}
+
+    worker.handlers = {"OrderPlaced": record}  # "fixed and redeployed"
+    worker.retry = None  # (instead of waiting a minute for the backoff)
+    while worker.step():
+        pass
     assert pending(redis_client) == []
-
-
-def test_another_consumer_name_does_not_see_foreign_pending_entries(
-    db, redis_client, make_consumer
-):
-    make_consumer({})
-    publish(redis_client, envelope())
-    redis_client.xreadgroup(GROUP, "c1", {STREAM: ">"}, count=10)
-    other = make_consumer({"OrderPlaced": record}, consumer="c2")
-    assert other.read_own_pending_once() == 0
-    assert other.read_new_once() == 0
-    assert applied(db) == 0
-
-
-def test_a_dead_consumers_entries_are_claimed_after_the_idle_timeout(
-    db, redis_client, make_consumer
-):
-    make_consumer({})
-    env = envelope()
-    entry_id = publish(redis_client, env)
-    redis_client.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=10)
-
-    patient = make_consumer({"OrderPlaced": record}, consumer="live", claim_idle_ms=600_000)
-    assert patient.claim_abandoned_once() == 0  # not idle long enough yet
-    assert pending(redis_client)[0]["consumer"] == "dead"
-
-    live = make_consumer({"OrderPlaced": record}, consumer="live", claim_idle_ms=50)
-    wait_until(live.claim_abandoned_once)
-    assert applied(db, env.event_id) == 1
-    assert inbox_rows(db)[0][4] == entry_id
-    assert pending(redis_client) == []
-
-
-def test_a_claimed_entry_that_keeps_failing_still_ends_in_dead_letters(
-    db, redis_client, make_consumer
-):
-    make_consumer({})
-    env = envelope()
-    publish(redis_client, env)
-    redis_client.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=10)
-
-    handler = Flaky()
-    live = make_consumer(
-        {"OrderPlaced": handler}, consumer="live", claim_idle_ms=50, max_deliveries=3
-    )
-    wait_until(live.claim_abandoned_once)
-
-    def dead_lettered():
-        live.retry_failed_once()
-        return redis_client.xrange(dead_letter_stream(GROUP))
-
-    [(_id, letter)] = wait_until(dead_lettered)
-    assert letter["event_id"] == env.event_id
-    assert int(letter["attempts"]) >= 3
-    assert pending(redis_client) == []
-    assert applied(db) == 0
-
-
-# -- dead letters ----------------------------------------------------------------------------
-
-
-def test_a_handler_that_always_fails_is_dead_lettered_while_later_entries_flow(
-    db, redis_client, make_consumer
-):
-    poison = Flaky()
-    consumer = make_consumer(
-        {"OrderPlaced": poison, "OrderCancelled": record}, max_deliveries=3, retry_base_ms=10
-    )
-    bad = envelope("OrderPlaced")
-    bad_id = publish(redis_client, bad)
-    good = [envelope("OrderCancelled") for _ in range(2)]
-    publish(redis_client, good[0])
-
-    consumer.read_new_once()  # delivery 1 of the poison entry; the good one is done
-    assert applied(db, good[0].event_id) == 1
-    publish(redis_client, good[1])
-    consumer.read_new_once()
-    assert applied(db, good[1].event_id) == 1
-
-    def dead_lettered():
-        consumer.retry_failed_once()
-        return redis_client.xrange(dead_letter_stream(GROUP))
-
-    [(_id, letter)] = wait_until(dead_lettered)
-    assert poison.calls == 3
-    for name, value in encode_entry(bad).items():
-        assert letter[name] == value
-    assert letter["original_stream"] == STREAM
-    assert letter["original_id"] == bad_id
-    assert letter["group"] == GROUP
-    assert letter["attempts"] == "3"
-    assert letter["error"] == "RuntimeError: flaky handler"
-    assert pending(redis_client) == []
-    assert applied(db, bad.event_id) == 0
-    assert bad.event_id not in [row[1] for row in inbox_rows(db)]
-    assert consumer.stats.dead_lettered == 1
-
-
-def test_a_contract_invalid_entry_is_dead_lettered_at_once(db, redis_client, make_consumer):
-    consumer = make_consumer({"OrderPlaced": record})
-    fields = encode_entry(envelope())
-    fields["event_id"] = "not-a-uuid"
-    entry_id = redis_client.xadd(STREAM, fields)
-    consumer.read_new_once()
-    [(_id, letter)] = redis_client.xrange(dead_letter_stream(GROUP))
-    assert letter["original_id"] == entry_id
-    assert letter["attempts"] == "1"
-    assert letter["error"].startswith("contract: event_id is not a UUID")
-    assert pending(redis_client) == []
-    assert applied(db) == 0
-    assert inbox_rows(db) == []
+    assert applied_order(db) == [env.event_id for env in events]
 
 
 # -- the handler's own events ----------------------------------------------------------------
@@ -348,13 +312,13 @@ def outbox_rows(db) -> list[tuple]:
     ).fetchall()
 
 
-def test_the_handlers_outbox_rows_commit_with_the_inbox_row(db, redis_client, make_consumer):
-    consumer = make_consumer({"OrderPlaced": reserve})
+def test_the_handlers_outbox_rows_commit_with_the_inbox_row(db, redis_client, make_worker) -> None:
+    worker = make_worker({"OrderPlaced": reserve})
     env = envelope()
     publish(redis_client, env)
     publish(redis_client, env)
 
-    consumer.read_new_once()
+    worker.step()
 
     assert outbox_rows(db) == [("StockReservationFailed", env.correlation_id, env.event_id)]
     assert [row[1] for row in inbox_rows(db)] == [env.event_id]
@@ -362,69 +326,469 @@ def test_the_handlers_outbox_rows_commit_with_the_inbox_row(db, redis_client, ma
 
 
 def test_a_failing_handlers_outbox_rows_roll_back_with_everything_else(
-    db, redis_client, make_consumer
-):
+    db, redis_client, make_worker
+) -> None:
     failing = {"on": True}
 
-    def reserve_then_fail(uow, env):
+    def reserve_then_fail(uow, env: Envelope) -> None:
         reserve(uow, env)
         if failing["on"]:
             raise RuntimeError("after emitting")
 
-    consumer = make_consumer({"OrderPlaced": reserve_then_fail})
+    worker = make_worker({"OrderPlaced": reserve_then_fail})
     env = envelope()
     publish(redis_client, env)
-    consumer.read_new_once()
+    worker.step()
     assert outbox_rows(db) == []
     assert inbox_rows(db) == []
     assert applied(db) == 0
 
     failing["on"] = False
-    assert consumer.retry_failed_once() == 1
+    assert worker.step() == 1
     assert outbox_rows(db) == [("StockReservationFailed", env.correlation_id, env.event_id)]
     assert len(inbox_rows(db)) == 1
 
 
-# -- the loop --------------------------------------------------------------------------------
+# -- dead letters ----------------------------------------------------------------------------
 
 
-def test_run_processes_new_entries_with_a_poison_entry_pending_from_before_a_restart(
-    db, redis_client, make_consumer, background
-):
-    """Regression: the start-up used to re-read its own pending entries until a pass handled
-    none, which never happens while one of them keeps failing: the loop never got going."""
-    poison = envelope("OrderPlaced")
-    publish(redis_client, poison)
-    make_consumer({})
-    redis_client.xreadgroup(GROUP, "c1", {STREAM: ">"}, count=10)  # then "c1" died
+def test_a_handler_that_always_fails_is_dead_lettered_then_the_partition_flows_on(
+    db, redis_client, make_worker
+) -> None:
+    poison = Flaky()
+    worker = make_worker({"OrderPlaced": poison, "OrderCancelled": record}, max_deliveries=3)
+    bad = envelope("OrderPlaced")
+    bad_id = publish(redis_client, bad)
+    good = [envelope("OrderCancelled") for _ in range(2)]
+    for env in good:
+        publish(redis_client, env)
 
+    drain([worker])
+
+    assert poison.calls == [bad.event_id] * 3
+    [letter] = dead_letters(redis_client)
+    for name, value in encode_entry(bad).items():
+        assert letter[name] == value
+    assert letter["original_stream"] == stream_of(bad)
+    assert letter["original_id"] == bad_id
+    assert letter["group"] == GROUP
+    assert letter["attempts"] == "3"
+    assert letter["error"] == "RuntimeError: flaky handler"
+    assert pending(redis_client) == []
+    assert applied_order(db) == [env.event_id for env in good]  # after the poison, in order
+    assert bad.event_id not in [row[1] for row in inbox_rows(db)]
+
+
+def test_a_contract_invalid_entry_is_dead_lettered_at_once(db, redis_client, make_worker) -> None:
+    worker = make_worker({"OrderPlaced": record})
+    env = envelope()
+    fields = encode_entry(env)
+    fields["event_id"] = "not-a-uuid"
+    entry_id = redis_client.xadd(stream_of(env), fields)
+    worker.step()
+    [letter] = dead_letters(redis_client)
+    assert letter["original_id"] == entry_id
+    assert letter["attempts"] == "1"
+    assert letter["error"].startswith("contract: event_id is not a UUID")
+    assert pending(redis_client) == []
+    assert applied(db) == 0
+    assert inbox_rows(db) == []
+    assert failures(db) == {}
+
+
+# -- restarts, takeovers and fencing ---------------------------------------------------------
+
+
+def test_own_pending_entries_are_processed_after_a_restart(db, redis_client, make_worker) -> None:
+    make_worker({})  # groups exist
+    events = [envelope() for _ in range(3)]
+    for env in events:
+        publish(redis_client, env)
+    # "c1" receives the entries and dies before handling/acknowledging any of them
+    redis_client.xreadgroup(GROUP, "c1", {stream_of(events[0]): ">"}, count=10)
+    assert len(pending(redis_client)) == 3
+
+    restarted = make_worker({"OrderPlaced": record}, consumer="c1", batch_size=2)
+    assert drain([restarted]) == 3
+    assert applied_order(db) == [env.event_id for env in events]
+    assert pending(redis_client) == []
+
+
+def test_a_paused_owner_whose_lease_was_taken_cannot_commit_or_read_and_the_new_owner_finishes(
+    db, redis_client, pool, make_worker
+) -> None:
     handler = Flaky()
-    consumer = make_consumer(
-        {"OrderPlaced": handler, "OrderCancelled": record},
-        retry_base_ms=60_000,  # the poison entry is not retried during this test
+    old = make_worker({"OrderPlaced": handler}, consumer="old", lease_seconds=0.5)
+    events = [envelope() for _ in range(3)]
+    ids = [publish(redis_client, env) for env in events]
+    old.step()  # reads all three; the first fails and blocks the others
+    assert pending_ids(redis_client) == ids
+    assert failures(db) == {ids[0]: 1}
+
+    # "old" pauses; its lease runs out and another consumer acquires the partition in the
+    # database, but has not yet set its epoch on the Redis fence
+    leases = PartitionLeases(GROUP, "new", 3600)
+    lease = wait_until(lambda: leases.acquire(db, 0), timeout=15)
+    assert lease.epoch == old.lease.epoch + 1
+    handler.failing = False
+    with pytest.raises(LostOwnership):
+        old.step()  # its retry is due: the read passes, the transaction's fence does not
+    assert applied(db) == 0 and inbox_rows(db) == []
+    assert failures(db) == {ids[0]: 1}
+    assert pending_ids(redis_client) == ids  # nothing acknowledged
+    assert {info["consumer"] for info in pending(redis_client)} == {"old"}
+
+    fence_ops = StreamFence(redis_client)
+    assert fence_ops.claim(GROUP, 0, lease.epoch)
+    with pytest.raises(Fenced):
+        old.step()
+
+    new = PartitionWorker(
+        redis_client,
+        fence_ops,
+        pool,
+        ConsumerSettings(group=GROUP, consumer="new", partitions=PARTITIONS, retry_base_ms=0),
+        {"OrderPlaced": record},
+        lease,
     )
+    new.ensure_groups()
+    assert new.take_over_pending() == 3
+    later = envelope()
+    publish(redis_client, later)
+    drain([new])
+    assert applied_order(db) == [env.event_id for env in [*events, later]]  # id order
+    assert pending(redis_client) == []
+    assert failures(db) == {}
+
+
+def test_attempts_are_counted_across_owners_and_the_new_owner_dead_letters_at_the_maximum(
+    db, redis_client, pool, make_worker
+) -> None:
+    handler = Flaky()
+    old = make_worker({"OrderPlaced": handler}, consumer="old", lease_seconds=0.5, max_deliveries=3)
+    env = envelope()
+    entry_id = publish(redis_client, env)
+    old.step()
+    old.step()
+    assert failures(db) == {entry_id: 2}
+
+    new = take_over(redis_client, pool, pool, {"OrderPlaced": handler}, 0, max_deliveries=3)
+    assert pending(redis_client)[0]["consumer"] == "new"
+    new.step()  # the third attempt overall: the last one
+    [letter] = dead_letters(redis_client)
+    assert (letter["original_id"], letter["attempts"]) == (entry_id, "3")
+    assert pending(redis_client) == []
+    assert applied(db) == 0
+    with pytest.raises(Fenced):
+        old.step()
+
+
+def test_a_trimmed_pending_entry_is_acked_logged_and_counted_as_gone(
+    db, redis_client, make_worker, caplog
+) -> None:
+    make_worker({})
+    events = [envelope() for _ in range(2)]
+    ids = [publish(redis_client, env) for env in events]
+    stream = stream_of(events[0])
+    redis_client.xreadgroup(GROUP, "c1", {stream: ">"}, count=10)
+    redis_client.xdel(stream, ids[0])  # trimmed while pending
+    gone = sample("saga_consumer_events_total", group=GROUP, event_type="?", outcome="gone")
+
+    restarted = make_worker({"OrderPlaced": record})
+    with caplog.at_level(logging.ERROR):
+        assert drain([restarted]) == 2
+
+    assert pending(redis_client) == []
+    assert applied_order(db) == [events[1].event_id]
+    assert f"pending entry {ids[0]} of {stream} no longer exists" in caplog.text
+    assert (
+        sample("saga_consumer_events_total", group=GROUP, event_type="?", outcome="gone")
+        == gone + 1
+    )
+
+
+# -- ordering across partitions --------------------------------------------------------------
+
+
+def test_a_failing_entry_blocks_its_partition_while_the_other_partition_flows(
+    db, redis_client, make_worker
+) -> None:
+    handler = Flaky(failing=False)
+    p0 = make_worker({"OrderPlaced": handler}, partition=0, retry_base_ms=60_000)
+    p1 = make_worker({"OrderPlaced": handler}, partition=1, retry_base_ms=60_000)
+    blocked = envelope(partition=0)
+    behind = envelope(partition=0)
+    others = [envelope(partition=1) for _ in range(3)]
+
+    def fail_blocked(uow, env: Envelope) -> None:
+        if env.event_id == blocked.event_id:
+            raise RuntimeError("not yet")
+        record(uow, env)
+
+    p0.handlers = {"OrderPlaced": fail_blocked}
+    publish(redis_client, blocked)
+    publish(redis_client, behind)
+    for env in others:
+        publish(redis_client, env)
+
+    drain([p0, p1])
+
+    assert applied_order(db) == [env.event_id for env in others]
+    assert applied(db, behind.event_id) == 0
+    assert len(pending(redis_client, 0)) == 2
+    assert pending(redis_client, 1) == []
+
+
+# -- conflicts (issue 8, defect 3) ----------------------------------------------------------
+
+
+@pytest.fixture
+def counters(db) -> Iterator[None]:
+    db.execute("CREATE TABLE test_counters (key text PRIMARY KEY, n integer NOT NULL)")
+    db.execute("INSERT INTO test_counters VALUES ('x', 0), ('y', 0)")
+    yield
+    db.execute("DROP TABLE test_counters")
+
+
+@pytest.mark.usefixtures("counters")
+def test_a_real_deadlock_between_two_partitions_batches_resolves_as_a_conflict(
+    db, redis_client, make_worker, db_url, caplog
+) -> None:
+    """Partition 0's batch locks x then y, partition 1's locks y then x: PostgreSQL aborts
+    one (40P01). The victim retries its entries at once, one per transaction, counts a
+    conflict, logs no outage and counts no failed attempt; every effect lands exactly once."""
+    from service_runtime.db import create_pool
+
+    rendezvous = threading.Barrier(2, timeout=30)
+    first_of_batch: set[str] = set()
+
+    def touch(uow, env: Envelope) -> None:
+        sku = env.payload["items"][0]["sku"]
+        uow.execute("UPDATE test_counters SET n = n + 1 WHERE key = %s", (sku,))
+        if env.event_id in first_of_batch:
+            first_of_batch.discard(env.event_id)
+            rendezvous.wait()  # both batches hold their first lock: now cross
+
+    pools = [create_pool(db_url, name=f"deadlock-{i}", max_size=2) for i in range(2)]
     try:
-        background.start("consumer", consumer.run)
-        good = envelope("OrderCancelled")
-        publish(redis_client, good)
-        wait_until(lambda: applied(db, good.event_id) == 1)
-        assert handler.calls >= 1
-        assert [info["message_id"] for info in pending(redis_client)] == [
-            redis_client.xrange(STREAM)[0][0]
+        workers = [
+            make_worker(
+                {"OrderPlaced": touch},
+                partition=p,
+                consumer=f"c{p}",
+                worker_pool=pools[p],
+                max_deliveries=1,  # a counted failure would dead-letter at once
+                retry_base_ms=60_000,
+            )
+            for p in (0, 1)
         ]
+        batches = [
+            [envelope(partition=0, sku="x"), envelope(partition=0, sku="y")],
+            [envelope(partition=1, sku="y"), envelope(partition=1, sku="x")],
+        ]
+        first_of_batch.update(batch[0].event_id for batch in batches)
+        for batch in batches:
+            for env in batch:
+                publish(redis_client, env)
+        conflicts = sample("saga_consumer_conflicts_total", group=GROUP)
+        outages = sample("saga_consumer_outages_total", group=GROUP)
+        errors: list[BaseException] = []
+
+        def run(worker: PartitionWorker) -> None:
+            try:
+                worker.step()
+            except BaseException as err:
+                errors.append(err)
+
+        threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in workers]
+        with caplog.at_level(logging.INFO):
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads)
+        assert errors == []
     finally:
-        handler.failing = False  # lets a wedged start-up loop end, so the thread can stop
+        for p in pools:
+            p.close()
+
+    assert sample("saga_consumer_conflicts_total", group=GROUP) == conflicts + 1
+    assert sample("saga_consumer_outages_total", group=GROUP) == outages
+    assert dict(db.execute("SELECT key, n FROM test_counters").fetchall()) == {"x": 2, "y": 2}
+    assert len(inbox_rows(db)) == 4
+    assert failures(db) == {}
+    assert dead_letters(redis_client, 0) == [] and dead_letters(redis_client, 1) == []
+    assert pending(redis_client, 0) == [] and pending(redis_client, 1) == []
+    assert "deadlock detected" in caplog.text
+    assert "waiting for dependencies" not in caplog.text
 
 
-def test_run_consumes_until_stopped(db, redis_client, make_consumer, background):
-    consumer = make_consumer({"OrderPlaced": record})
-    runner = background.start("consumer", consumer.run)
+# -- outages -------------------------------------------------------------------------------
+
+
+class SwitchablePool:
+    """The real pool, or, while `down` is set, a connection error without SQLSTATE."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.down = threading.Event()
+        self.refused = 0
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        if self.down.is_set():
+            self.refused += 1
+            raise psycopg.OperationalError("connection to server failed: Connection refused")
+        with self.pool.connection() as conn:
+            yield conn
+
+
+def test_a_database_outage_costs_no_attempt_and_the_loop_resumes(
+    db, redis_client, pool, make_worker, background, caplog
+) -> None:
+    switch = SwitchablePool(pool)
+    worker = make_worker(
+        {"OrderPlaced": record}, worker_pool=switch, max_deliveries=1, outage_max_backoff_ms=100
+    )
+    env = envelope()
+    switch.down.set()
+    entry_id = publish(redis_client, env)
+    outages = sample("saga_consumer_outages_total", group=GROUP)
+
+    with caplog.at_level(logging.WARNING):
+        background.start("worker", worker.run)
+        wait_until(lambda: switch.refused >= 3)
+        # down: not dead-lettered although max_deliveries is 1, nothing counted, still pending
+        assert dead_letters(redis_client) == []
+        assert failures(db) == {}
+        assert pending_ids(redis_client) == [entry_id]
+        switch.down.clear()
+        wait_until(lambda: applied(db, env.event_id) == 1, timeout=30)
+    assert sample("saga_consumer_outages_total", group=GROUP) >= outages + 3
+    assert "waiting for dependencies" in caplog.text
+    wait_until(lambda: pending(redis_client) == [])
+    assert failures(db) == {} and dead_letters(redis_client) == []
+
+
+def test_run_consumes_until_stopped(db, redis_client, make_worker, background) -> None:
+    worker = make_worker({"OrderPlaced": record})
+    runner = background.start("worker", worker.run)
     events = [envelope() for _ in range(5)]
     for env in events:
         publish(redis_client, env)
     wait_until(lambda: applied(db) == 5)
-    assert pending(redis_client) == []
+    assert applied_order(db) == [env.event_id for env in events]
+    wait_until(lambda: pending(redis_client) == [])
 
     runner.stop.set()
     wait_until(runner.finished.is_set)
     assert runner.error is None
+
+
+# -- inventory's per-order lock (issue 8, defect 1) -----------------------------------------
+
+
+def test_order_placed_and_cancelled_handled_at_once_never_leave_stock_held(
+    db, pool, monkeypatch
+) -> None:
+    """Two transactions of inventory handle OrderPlaced and OrderCancelled of one order at the
+    same time. Each one, having found no reservation row, waits until the other one has found
+    none too, or is waiting for a lock: without a lock on the order (the old FOR UPDATE on a
+    row that does not exist yet) both go ahead and one of them decides on stale knowledge."""
+    with unit_of_work(pool) as uow:
+        inventory_storage.upsert_product(uow.conn, "apple", "apple", 100, 10)
+    orders = []
+    for round_ in range(3):
+        order_id = str(uuid.uuid4())
+        placed = Envelope(
+            event_id=str(uuid.uuid4()),
+            event_type="OrderPlaced",
+            event_version=1,
+            aggregate_type="order",
+            aggregate_id=order_id,
+            correlation_id=order_id,
+            causation_id=None,
+            occurred_at=datetime.now(UTC).isoformat(),
+            producer="orders",
+            payload={
+                "order_id": order_id,
+                "customer_id": "alice",
+                "items": [{"sku": "apple", "quantity": 2}],
+            },
+        )
+        cancelled = dataclasses.replace(
+            placed,
+            event_id=str(uuid.uuid4()),
+            event_type="OrderCancelled",
+            payload={"order_id": order_id, "reason": "customer_request"},
+        )
+        pair = (placed, cancelled) if round_ % 2 else (cancelled, placed)
+        _handle_at_once(db, pool, monkeypatch, pair)
+        orders.append(order_id)
+
+    for order_id in orders:
+        status = db.execute(
+            "SELECT status FROM reservations WHERE order_id = %s", (order_id,)
+        ).fetchone()[0]
+        assert status != "held", f"stock held for cancelled order {order_id}"
+        emitted = [
+            row[0]
+            for row in db.execute(
+                "SELECT event_type FROM outbox WHERE aggregate_id = %s ORDER BY id", (order_id,)
+            )
+        ]
+        # a reservation announced is also released; nothing announced for nothing reserved
+        assert emitted in ([], ["StockReserved", "StockReleased"]), emitted
+    assert db.execute("SELECT available FROM products WHERE sku = 'apple'").fetchone()[0] == 10
+
+
+def _handle_at_once(db, pool, monkeypatch, events: tuple[Envelope, Envelope]) -> None:
+    """Handle both events in two inventory transactions at the same time; each, having found
+    no reservation, waits until the other has found none too or is waiting for a lock."""
+    real_find = inventory_storage.find_reservation
+    pids: dict[str, int] = {}
+    found_none: set[str] = set()
+
+    def other_is_past_the_check_or_waiting(me: str) -> bool:
+        other = next((name for name in pids if name != me), None)
+        if other is None:
+            return False
+        if other in found_none:
+            return True
+        waiting = db.execute(
+            "SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted", (pids[other],)
+        ).fetchone()
+        return waiting is not None
+
+    def find_then_wait(conn: psycopg.Connection, order: str) -> dict | None:
+        row = real_find(conn, order)
+        me = threading.current_thread().name
+        if row is None:
+            found_none.add(me)
+            wait_until(lambda: other_is_past_the_check_or_waiting(me), timeout=20)
+        return row
+
+    monkeypatch.setattr(inventory_storage, "find_reservation", find_then_wait)
+    start = threading.Barrier(2, timeout=20)
+    errors: list[BaseException] = []
+
+    def handle(env: Envelope) -> None:
+        try:
+            start.wait()
+            with unit_of_work(pool, cause=env) as uow:
+                pids[threading.current_thread().name] = uow.conn.info.backend_pid
+                INVENTORY_HANDLERS[env.event_type](uow, env)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [
+        threading.Thread(target=handle, args=(env,), name=env.event_type, daemon=True)
+        for env in events
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    monkeypatch.setattr(inventory_storage, "find_reservation", real_find)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []

@@ -1,99 +1,149 @@
-"""Stream logic of StreamConsumer on fakeredis, with a tiny in-memory stand-in for the inbox.
+"""PartitionWorker's stream logic on fakeredis, with a small in-memory stand-in for its SQL.
 
-fakeredis returns at once from XREADGROUP even with BLOCK, so these tests only call the
-non-blocking steps (read_new_once without block_ms, read_own_pending_once, retry_failed_once,
-claim_abandoned_once). The real inbox transaction is covered by tests/integration.
+The stand-in (FakeInboxPool) keeps what the worker's transactions touch: the lease fence
+(partition -> current epoch), the inbox and delivery_failures, staged per transaction and kept
+only on commit. It can simulate an outage (every checkout raises) and a failing COMMIT.
+fakeredis runs the fence's Lua scripts (lupa); it never blocks, so only `step()` is called
+here, never the blocking loop. The real transactions are covered by tests/integration.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import fakeredis
 import psycopg
 import pytest
 import redis
+from prometheus_client import REGISTRY
+from psycopg import errors as pg_errors
 
-from contracts import Envelope, dead_letter_stream, encode_entry, redrive_stream
-from service_runtime.consumer import ConsumerSettings, StreamConsumer
-from tests.helpers import wait_until
+from contracts import (
+    Envelope,
+    dead_letter_stream,
+    encode_entry,
+    group_streams,
+    owner_fence_key,
+    partition_of,
+    partition_stream,
+    redrive_stream,
+)
+from service_runtime.consumer import ConsumerSettings, Item, PartitionWorker
+from service_runtime.failures import FailureKind, classify
+from service_runtime.ownership import Lease, LostOwnership, assignment
+from service_runtime.stream_fence import Fenced, StreamFence
 
-STREAM = "orders.events"
 GROUP = "inventory"
+ORDERS = "orders.events"
+BILLING = "billing.events"
+PARTITIONS = 2
 
 
-# -- a tiny inbox: just enough of a psycopg pool for StreamConsumer.handle_entry ---------------
+# -- the SQL stand-in -----------------------------------------------------------------------
 
 
 class _Cursor:
-    def __init__(self, row):
+    def __init__(self, row: tuple | None) -> None:
         self._row = row
 
-    def fetchone(self):
+    def fetchone(self) -> tuple | None:
         return self._row
 
 
 class _Conn:
     def __init__(self, pool: FakeInboxPool) -> None:
         self._pool = pool
-        self._staged: set[tuple[str, str]] = set()
+        self._inbox: set[tuple[str, str]] = set()
+        self._failures: dict[tuple[str, str, str], int] = {}
 
     @contextmanager
-    def transaction(self):
-        self._staged = set()
-        yield  # an exception from the body propagates: the staged inbox rows are dropped
-        self._pool.inbox |= self._staged
+    def transaction(self) -> Iterator[None]:
+        self._inbox, self._failures = set(self._pool.inbox), dict(self._pool.failures)
+        yield  # an exception from the body propagates: everything staged is dropped
+        if self._pool.fail_commit is not None:
+            error = self._pool.fail_commit(self._inbox - self._pool.inbox)
+            if error is not None:
+                raise error
+        self._pool.inbox, self._pool.failures = self._inbox, self._failures
         self._pool.commits += 1
 
-    def execute(self, query, params=None):
-        assert "INSERT INTO inbox" in query, f"unexpected SQL in a unit test: {query}"
-        key = (params[0], params[1])
-        first = key not in self._pool.inbox and key not in self._staged
-        self._staged.add(key)
-        return _Cursor((1,) if first else None)
+    def execute(self, query: str, params: tuple = ()) -> _Cursor:
+        if "FROM partition_leases" in query and "FOR SHARE" in query:
+            _group, partition, epoch = params
+            return _Cursor((1,) if self._pool.leases.get(partition) == epoch else None)
+        if "INSERT INTO inbox" in query:
+            key = (params[0], params[1])
+            first = key not in self._inbox
+            self._inbox.add(key)
+            return _Cursor((1,) if first else None)
+        if "INSERT INTO delivery_failures" in query:
+            key = (params[0], params[1], params[2])
+            self._failures[key] = self._failures.get(key, 0) + 1
+            return _Cursor((self._failures[key],))
+        if "DELETE FROM delivery_failures" in query:
+            group, streams, entry_ids = params
+            for stream, entry_id in zip(streams, entry_ids, strict=True):
+                self._failures.pop((group, stream, entry_id), None)
+            return _Cursor(None)
+        raise AssertionError(f"unexpected SQL in a unit test: {query}")
 
 
 class FakeInboxPool:
-    """Commits inbox keys on success, forgets them on rollback; can simulate a DB outage."""
+    """Commits on success, forgets on rollback; simulates outages and failing commits."""
 
     def __init__(self) -> None:
+        self.leases: dict[int, int] = {}  # partition -> the live lease's epoch
         self.inbox: set[tuple[str, str]] = set()
+        self.failures: dict[tuple[str, str, str], int] = {}  # (group, stream, id) -> attempts
         self.commits = 0
         self.outage: BaseException | None = None
-        self.connections = 0
+        self.fail_commit: Callable[[set[tuple[str, str]]], BaseException | None] | None = None
 
     @contextmanager
-    def connection(self):
-        self.connections += 1
+    def connection(self) -> Iterator[_Conn]:
         if self.outage is not None:
             raise self.outage
         yield _Conn(self)
+
+    def event_ids(self) -> set[str]:
+        return {event_id for _group, event_id in self.inbox}
 
 
 class UnusablePool:
     """For paths that must not touch the database at all."""
 
     @contextmanager
-    def connection(self):
+    def connection(self) -> Iterator[None]:
         raise AssertionError("the database must not be used here")
         yield
 
 
-# -- building blocks ---------------------------------------------------------------------------
+# -- building blocks ------------------------------------------------------------------------
 
 
 @pytest.fixture
-def r():
+def r() -> Iterator[fakeredis.FakeRedis]:
     client = fakeredis.FakeRedis(decode_responses=True)
     yield client
     client.flushall()
 
 
-def envelope(event_type: str = "OrderPlaced", event_id: str | None = None) -> Envelope:
-    order_id = str(uuid.uuid4())
+def order_in(partition: int, partitions: int = PARTITIONS) -> str:
+    """A fresh order id that lands in `partition`."""
+    while partition_of(order_id := str(uuid.uuid4()), partitions) != partition:
+        pass
+    return order_id
+
+
+def envelope(event_type: str = "OrderPlaced", partition: int = 0, **extra: Any) -> Envelope:
+    order_id = order_in(partition)
     payloads = {
         "OrderPlaced": {
             "order_id": order_id,
@@ -102,9 +152,15 @@ def envelope(event_type: str = "OrderPlaced", event_id: str | None = None) -> En
         },
         "OrderCancelled": {"order_id": order_id, "reason": "customer_request"},
         "OrderConfirmed": {"order_id": order_id, "total_cents": 100},
+        "PaymentDeclined": {
+            "order_id": order_id,
+            "customer_id": "alice",
+            "reason": "insufficient_funds",
+        },
     }
-    return Envelope(
-        event_id=event_id or str(uuid.uuid4()),
+    producer = "billing" if event_type == "PaymentDeclined" else "orders"
+    values: dict[str, Any] = dict(
+        event_id=str(uuid.uuid4()),
         event_type=event_type,
         event_version=1,
         aggregate_type="order",
@@ -112,56 +168,107 @@ def envelope(event_type: str = "OrderPlaced", event_id: str | None = None) -> En
         correlation_id=order_id,
         causation_id=None,
         occurred_at=datetime.now(UTC).isoformat(),
-        producer="orders",
+        producer=producer,
         payload=payloads[event_type],
     )
+    values.update(extra)
+    return Envelope(**values)
 
 
-def publish(r, env: Envelope, stream: str = STREAM) -> str:
-    return r.xadd(stream, encode_entry(env))
+def stream_of(env: Envelope, base: str = ORDERS) -> str:
+    return partition_stream(base, partition_of(env.aggregate_id, PARTITIONS))
 
 
-def settings(**overrides) -> ConsumerSettings:
-    values = dict(
+def publish(r: redis.Redis, env: Envelope, base: str = ORDERS) -> str:
+    return r.xadd(stream_of(env, base), encode_entry(env))
+
+
+def settings(**overrides: Any) -> ConsumerSettings:
+    values: dict[str, Any] = dict(
         group=GROUP,
         consumer="c1",
-        streams=(STREAM,),
+        partitions=PARTITIONS,
         retry_base_ms=0,
         max_deliveries=3,
-        claim_idle_ms=0,
     )
     values.update(overrides)
     return ConsumerSettings(**values)
 
 
+def take(
+    r: redis.Redis,
+    pool: Any,
+    handlers: dict[str, Any],
+    partition: int = 0,
+    epoch: int = 1,
+    on_outcome: Any = None,
+    **overrides: Any,
+) -> PartitionWorker:
+    """What StreamConsumer does on acquiring a lease: fence, groups, take over pending."""
+    if isinstance(pool, FakeInboxPool):
+        pool.leases[partition] = epoch
+    fence_ops = StreamFence(r)
+    assert fence_ops.claim(GROUP, partition, epoch)
+    worker = PartitionWorker(
+        r,
+        fence_ops,
+        pool,
+        settings(**overrides),
+        handlers,
+        Lease(partition, epoch),
+        on_outcome=on_outcome,
+    )
+    worker.ensure_groups()
+    worker.take_over_pending()
+    return worker
+
+
 class Recorder:
-    """A handler that records what it saw and can be told to fail."""
+    """A handler that records what it saw and fails for the event ids in `failing`."""
 
     def __init__(self, fail: bool = False) -> None:
         self.seen: list[str] = []
         self.fail = fail
+        self.failing: set[str] = set()
+        self.raise_once: dict[str, BaseException] = {}
 
-    def __call__(self, uow, env: Envelope) -> None:
+    def __call__(self, uow: Any, env: Envelope) -> None:
         self.seen.append(env.event_id)
-        if self.fail:
+        if error := self.raise_once.pop(env.event_id, None):
+            raise error
+        if self.fail or env.event_id in self.failing:
             raise RuntimeError("handler is broken")
 
 
-def pending_count(r, stream: str = STREAM, group: str = GROUP) -> int:
-    return r.xpending(stream, group)["pending"]
+def pending(r: redis.Redis, stream: str) -> list[dict]:
+    return r.xpending_range(stream, GROUP, "-", "+", 100)
 
 
-def dead_letters(r, group: str = GROUP) -> list[dict[str, str]]:
-    return [fields for _id, fields in r.xrange(dead_letter_stream(group))]
+def pending_ids(r: redis.Redis, stream: str) -> list[str]:
+    return [info["message_id"] for info in pending(r, stream)]
 
 
-# -- backoff -------------------------------------------------------------------------------------
+def dead_letters(r: redis.Redis, partition: int = 0) -> list[dict[str, str]]:
+    return [fields for _id, fields in r.xrange(dead_letter_stream(GROUP, partition))]
 
 
-def test_backoff_doubles_from_the_base_and_is_capped():
-    s = ConsumerSettings(
-        group="g", consumer="c", streams=("s",), retry_base_ms=500, retry_max_ms=10_000
-    )
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def conflicts_metric() -> float:
+    return sample("saga_consumer_conflicts_total", group=GROUP)
+
+
+def outages_metric() -> float:
+    return sample("saga_consumer_outages_total", group=GROUP)
+
+
+# -- settings, names and the assignment -----------------------------------------------------
+
+
+def test_backoff_doubles_from_the_base_and_is_capped() -> None:
+    s = ConsumerSettings(group="g", consumer="c", retry_base_ms=500, retry_max_ms=10_000)
     assert [s.backoff_ms(n) for n in range(0, 8)] == [
         500,
         500,
@@ -174,70 +281,109 @@ def test_backoff_doubles_from_the_base_and_is_capped():
     ]
 
 
-def test_zero_base_means_retry_at_once():
-    s = ConsumerSettings(group="g", consumer="c", streams=("s",), retry_base_ms=0)
+def test_zero_base_means_retry_at_once() -> None:
+    s = ConsumerSettings(group="g", consumer="c", retry_base_ms=0)
     assert {s.backoff_ms(n) for n in range(1, 10)} == {0}
 
 
-def test_all_streams_include_the_groups_redrive_stream():
-    assert settings().all_streams == (STREAM, redrive_stream(GROUP))
+def test_a_partition_is_read_over_its_subscribed_streams_and_the_redrive_stream() -> None:
+    assert group_streams(GROUP, 3) == (
+        "orders.events.{p3}",
+        "billing.events.{p3}",
+        redrive_stream(GROUP, 3),
+    )
+    assert redrive_stream(GROUP, 3) == "inventory.redrive.{p3}"
+    # one hash tag: one Redis Cluster slot for the streams and the owner's fence
+    assert {name.rpartition(".")[2] for name in group_streams(GROUP, 3)} == {"{p3}"}
+    assert owner_fence_key(GROUP, 3).endswith("{p3}")
 
 
-# -- groups ----------------------------------------------------------------------------------
+def test_every_partition_goes_to_exactly_one_live_member() -> None:
+    members = ["c-b", "c-a", "c-c"]
+    shares = {me: assignment(members, 8, me) for me in members}
+    assert shares == {"c-a": {0, 3, 6}, "c-b": {1, 4, 7}, "c-c": {2, 5}}
+    owned = [p for share in shares.values() for p in share]
+    assert sorted(owned) == list(range(8))  # each one exactly once
+    assert assignment(members, 8, "stranger") == set()
+    assert assignment(["c-a"], 8, "c-a") == set(range(8))  # alone: everything
+    # a member joining takes its share from the others, nothing else moves around needlessly
+    assert assignment(["c-a", "c-b"], 4, "c-a") == {0, 2}
+    assert assignment(["c-a", "c-b"], 4, "c-b") == {1, 3}
 
 
-def test_group_creation_is_idempotent_and_starts_from_the_beginning(r):
-    before = publish(r, envelope())  # published before the group existed
-    consumer = StreamConsumer(r, FakeInboxPool(), settings(), {"OrderPlaced": Recorder()})
-    consumer.ensure_groups()
-    consumer.ensure_groups()  # BUSYGROUP is fine
-
-    for stream in consumer.settings.all_streams:
-        groups = r.xinfo_groups(stream)
-        assert [g["name"] for g in groups] == [GROUP]
-    assert consumer.read_new_once() == 1
-    assert consumer.handlers["OrderPlaced"].seen and r.xpending(STREAM, GROUP)["pending"] == 0
-    assert r.xrange(STREAM)[0][0] == before
+def test_conflicts_outages_and_errors_are_told_apart() -> None:
+    assert classify(pg_errors.DeadlockDetected("deadlock")) is FailureKind.CONFLICT
+    assert classify(pg_errors.SerializationFailure("serialization")) is FailureKind.CONFLICT
+    assert classify(psycopg.OperationalError("connection refused")) is FailureKind.OUTAGE
+    assert classify(pg_errors.AdminShutdown("shutting down")) is FailureKind.OUTAGE
+    assert classify(redis.ConnectionError("gone")) is FailureKind.OUTAGE
+    assert classify(redis.ResponseError("LOADING dataset")) is FailureKind.OUTAGE
+    assert classify(pg_errors.UniqueViolation("dup")) is FailureKind.ERROR
+    assert classify(RuntimeError("bug")) is FailureKind.ERROR
 
 
-def test_group_creation_surfaces_other_errors(r):
-    r.set(STREAM, "not a stream")
-    consumer = StreamConsumer(r, FakeInboxPool(), settings(), {})
+# -- groups ---------------------------------------------------------------------------------
+
+
+def test_group_creation_is_idempotent_and_starts_from_the_beginning(r) -> None:
+    before = envelope()
+    before_id = publish(r, before)  # published before the group existed
+    handler = Recorder()
+    worker = take(r, FakeInboxPool(), {"OrderPlaced": handler})
+    worker.ensure_groups()  # BUSYGROUP is fine
+
+    for stream in group_streams(GROUP, 0):
+        assert [g["name"] for g in r.xinfo_groups(stream)] == [GROUP]
+    assert worker.step() == 1
+    assert handler.seen == [before.event_id]
+    assert pending(r, stream_of(before)) == []
+    assert r.xrange(stream_of(before))[0][0] == before_id
+
+
+def test_group_creation_surfaces_other_errors(r) -> None:
+    r.set(partition_stream(ORDERS, 0), "not a stream")
+    worker = PartitionWorker(r, StreamFence(r), FakeInboxPool(), settings(), {}, Lease(0, 1))
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-        consumer.ensure_groups()
+        worker.ensure_groups()
 
 
 # -- entries that never reach a handler ------------------------------------------------------
 
 
-def test_event_types_without_a_handler_are_acked_without_touching_the_database(r):
-    consumer = StreamConsumer(r, UnusablePool(), settings(), {"OrderPlaced": Recorder()})
-    consumer.ensure_groups()
-    publish(r, envelope("OrderConfirmed"))
+def test_event_types_without_a_handler_are_acked_without_touching_the_database(r) -> None:
+    outcomes: list[tuple[str, str]] = []
+    worker = take(
+        r,
+        UnusablePool(),
+        {"OrderPlaced": Recorder()},
+        on_outcome=lambda t, o, _s: outcomes.append((t, o)),
+    )
+    env = envelope("OrderConfirmed")
+    publish(r, env)
 
-    assert consumer.read_new_once() == 1
-    assert consumer.stats.ignored == 1
-    assert pending_count(r) == 0
+    assert worker.step() == 1
+    assert outcomes == [("OrderConfirmed", "ignored")]
+    assert pending(r, stream_of(env)) == []
     assert dead_letters(r) == []
 
 
-def test_contract_invalid_entry_is_dead_lettered_at_once_and_acked(r):
+def test_contract_invalid_entry_is_dead_lettered_at_once_and_acked(r) -> None:
     handler = Recorder()
-    consumer = StreamConsumer(r, UnusablePool(), settings(), {"OrderPlaced": handler})
-    consumer.ensure_groups()
-    broken = encode_entry(envelope())
+    worker = take(r, UnusablePool(), {"OrderPlaced": handler})
+    env = envelope()
+    broken = encode_entry(env)
     broken["payload"] = json.dumps({"order_id": "nope"})
-    entry_id = r.xadd(STREAM, broken)
+    stream = stream_of(env)
+    entry_id = r.xadd(stream, broken)
 
-    assert consumer.read_new_once() == 1
+    assert worker.step() == 1
 
     assert handler.seen == []
-    assert pending_count(r) == 0
-    assert consumer.stats.dead_lettered == 1
+    assert pending(r, stream) == []
     [letter] = dead_letters(r)
     for name, value in broken.items():
         assert letter[name] == value  # the original fields travel with the dead letter
-    assert letter["original_stream"] == STREAM
+    assert letter["original_stream"] == stream
     assert letter["original_id"] == entry_id
     assert letter["group"] == GROUP
     assert letter["attempts"] == "1"
@@ -245,207 +391,108 @@ def test_contract_invalid_entry_is_dead_lettered_at_once_and_acked(r):
     assert datetime.fromisoformat(letter["dead_lettered_at"])
 
 
-def test_entry_with_missing_envelope_fields_is_dead_lettered_and_the_stream_flows_on(r):
+def test_entry_with_missing_envelope_fields_is_dead_lettered_and_the_partition_flows_on(
+    r,
+) -> None:
     handler = Recorder()
-    consumer = StreamConsumer(r, FakeInboxPool(), settings(), {"OrderPlaced": handler})
-    consumer.ensure_groups()
-    garbage_id = r.xadd(STREAM, {"hello": "world"})
+    pool = FakeInboxPool()
+    worker = take(r, pool, {"OrderPlaced": handler})
+    garbage_id = r.xadd(partition_stream(ORDERS, 0), {"hello": "world"})
     good = envelope()
     publish(r, good)
 
-    assert consumer.read_new_once() == 2
+    assert worker.step() == 2
 
     assert handler.seen == [good.event_id]
-    assert pending_count(r) == 0
+    assert pool.event_ids() == {good.event_id}
+    assert pending(r, partition_stream(ORDERS, 0)) == []
     [letter] = dead_letters(r)
     assert letter["hello"] == "world"
     assert letter["original_id"] == garbage_id
     assert "missing envelope fields" in letter["error"]
 
 
-# -- the inbox path, against the in-memory stand-in ------------------------------------------
+def test_an_event_type_on_a_stream_its_service_does_not_own_is_dead_lettered_at_once(r) -> None:
+    """OrderPlaced is published by orders only; arriving on billing's stream it is refused."""
+    handler = Recorder()
+    worker = take(r, UnusablePool(), {"OrderPlaced": handler})
+    env = envelope()
+    entry_id = publish(r, env, base=BILLING)
+
+    assert worker.step() == 1
+    assert handler.seen == []
+    [letter] = dead_letters(r)
+    assert letter["original_id"] == entry_id
+    assert letter["error"] == "contract: OrderPlaced is not published on billing.events"
+    assert pending(r, stream_of(env, BILLING)) == []
 
 
-def test_processed_entries_are_acked_and_recorded_in_the_inbox(r):
+# -- the inbox path --------------------------------------------------------------------------
+
+
+def test_processed_entries_are_acked_and_recorded_in_the_inbox(r) -> None:
     pool = FakeInboxPool()
     handler = Recorder()
-    consumer = StreamConsumer(r, pool, settings(), {"OrderPlaced": handler})
-    consumer.ensure_groups()
+    worker = take(r, pool, {"OrderPlaced": handler})
     events = [envelope() for _ in range(3)]
     for env in events:
         publish(r, env)
 
-    assert consumer.read_new_once() == 3
+    assert worker.step() == 3
     assert handler.seen == [env.event_id for env in events]
     assert pool.inbox == {(GROUP, env.event_id) for env in events}
-    assert pending_count(r) == 0
-    assert consumer.stats.processed == 3
+    assert pool.commits == 1  # one read, one transaction
+    assert pending(r, partition_stream(ORDERS, 0)) == []
 
 
-def test_a_duplicate_delivery_is_acked_without_running_the_handler_again(r):
-    pool = FakeInboxPool()
+def test_a_duplicate_delivery_is_acked_without_running_the_handler_again(r) -> None:
+    outcomes: list[str] = []
     handler = Recorder()
-    consumer = StreamConsumer(r, pool, settings(), {"OrderPlaced": handler})
-    consumer.ensure_groups()
+    worker = take(
+        r,
+        FakeInboxPool(),
+        {"OrderPlaced": handler},
+        on_outcome=lambda _t, o, _s: outcomes.append(o),
+    )
     env = envelope()
     publish(r, env)
     publish(r, env)  # the relay's crash-between-XADD-and-UPDATE duplicate
 
-    consumer.read_new_once()
+    worker.step()
 
     assert handler.seen == [env.event_id]
-    assert consumer.stats.processed == 1
-    assert consumer.stats.duplicates == 1
-    assert pending_count(r) == 0
+    assert outcomes == ["processed", "duplicate"]
+    assert pending(r, stream_of(env)) == []
 
 
-def test_a_failing_handler_leaves_the_entry_pending_and_the_inbox_untouched(r):
+def test_redriven_entries_are_consumed_from_the_groups_redrive_stream(r) -> None:
     pool = FakeInboxPool()
-    handler = Recorder(fail=True)
-    consumer = StreamConsumer(r, pool, settings(), {"OrderPlaced": handler})
-    consumer.ensure_groups()
-    env = envelope()
-    publish(r, env)
-
-    consumer.read_new_once()
-    assert pending_count(r) == 1
-    assert pool.inbox == set()
-    assert consumer.stats.failed == 1
-
-    handler.fail = False
-    # fakeredis wants at least a millisecond of idleness even when the backoff is zero
-    wait_until(consumer.retry_failed_once, timeout=5)
-    assert pending_count(r) == 0
-    assert pool.inbox == {(GROUP, env.event_id)}
-    assert handler.seen == [env.event_id, env.event_id]
-    assert consumer.stats.processed == 1
-
-
-def test_retry_respects_the_backoff(r):
-    consumer = StreamConsumer(
-        r, FakeInboxPool(), settings(retry_base_ms=60_000), {"OrderPlaced": Recorder(fail=True)}
-    )
-    consumer.ensure_groups()
-    publish(r, envelope())
-    consumer.read_new_once()
-
-    assert consumer.retry_failed_once() == 0  # a minute has not passed
-    assert r.xpending_range(STREAM, GROUP, "-", "+", 10)[0]["times_delivered"] == 1
-
-
-def test_after_max_deliveries_the_entry_is_dead_lettered_and_later_entries_flow(r):
-    pool = FakeInboxPool()
-    poison = Recorder(fail=True)
-    good = Recorder()
-    consumer = StreamConsumer(
-        r, pool, settings(max_deliveries=3), {"OrderPlaced": poison, "OrderCancelled": good}
-    )
-    consumer.ensure_groups()
-    bad_env = envelope("OrderPlaced")
-    bad_id = publish(r, bad_env)
-    consumer.read_new_once()  # delivery 1
-    wait_until(consumer.retry_failed_once, timeout=5)  # delivery 2
-    assert dead_letters(r) == []
-    later = envelope("OrderCancelled")
-    publish(r, later)
-    consumer.read_new_once()
-    wait_until(consumer.retry_failed_once, timeout=5)  # delivery 3: the last one
-
-    assert len(poison.seen) == 3
-    assert good.seen == [later.event_id]
-    assert pending_count(r) == 0
-    [letter] = dead_letters(r)
-    assert letter["original_id"] == bad_id
-    assert letter["event_id"] == bad_env.event_id
-    assert letter["attempts"] == "3"
-    assert letter["error"] == "RuntimeError: handler is broken"
-    assert consumer.stats.dead_lettered == 1
-    assert (GROUP, bad_env.event_id) not in pool.inbox
-
-
-def test_a_database_outage_is_not_the_handlers_fault(r):
-    pool = FakeInboxPool()
-    pool.outage = psycopg.OperationalError("connection refused")
     handler = Recorder()
-    consumer = StreamConsumer(r, pool, settings(max_deliveries=1), {"OrderPlaced": handler})
-    consumer.ensure_groups()
+    worker = take(r, pool, {"OrderPlaced": handler})
     env = envelope()
-    publish(r, env)
+    fields = {**encode_entry(env), "original_stream": stream_of(env), "original_id": "1-0"}
+    r.xadd(redrive_stream(GROUP, 0), fields)
 
-    with pytest.raises(psycopg.OperationalError):
-        consumer.read_new_once()
-    # not dead-lettered even though max_deliveries is 1, and still pending for a later try
-    assert dead_letters(r) == []
-    assert pending_count(r) == 1
-
-    pool.outage = None
-    assert consumer.read_own_pending_once() == 1
+    assert worker.step() == 1
     assert handler.seen == [env.event_id]
-    assert pending_count(r) == 0
+    assert pool.event_ids() == {env.event_id}
+    assert pending(r, redrive_stream(GROUP, 0)) == []
 
 
-def test_own_pending_entries_are_read_again_after_a_restart(r):
-    env = envelope()
-    publish(r, env)
-    first = StreamConsumer(r, FakeInboxPool(), settings(), {"OrderPlaced": Recorder()})
-    first.ensure_groups()
-    r.xreadgroup(GROUP, "c1", {STREAM: ">"}, count=10)  # delivered, then "crashed" before ack
-
-    handler = Recorder()
-    restarted = StreamConsumer(r, FakeInboxPool(), settings(), {"OrderPlaced": handler})
-    assert restarted.read_new_once() == 0  # nothing new
-    assert restarted.read_own_pending_once() == 1
-    assert handler.seen == [env.event_id]
-    assert pending_count(r) == 0
-
-
-def test_abandoned_entries_are_claimed_by_another_consumer(r):
-    env = envelope()
-    publish(r, env)
-    StreamConsumer(r, FakeInboxPool(), settings(), {}).ensure_groups()
-    r.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=10)
-
-    handler = Recorder()
-    live = StreamConsumer(r, FakeInboxPool(), settings(consumer="live"), {"OrderPlaced": handler})
-    wait_until(live.claim_abandoned_once, timeout=5)
-    assert handler.seen == [env.event_id]
-    assert pending_count(r) == 0
-
-
-def test_abandoned_entries_wait_for_the_idle_timeout(r):
-    publish(r, envelope())
-    StreamConsumer(r, FakeInboxPool(), settings(), {}).ensure_groups()
-    r.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=10)
-
-    handler = Recorder()
-    live = StreamConsumer(
-        r,
-        FakeInboxPool(),
-        settings(consumer="live", claim_idle_ms=600_000),
-        {"OrderPlaced": handler},
-    )
-    assert live.claim_abandoned_once() == 0
-    assert handler.seen == []
-    [info] = r.xpending_range(STREAM, GROUP, "-", "+", 10)
-    assert info["consumer"] == "dead"
-
-
-def test_outcomes_are_reported(r):
+def test_outcomes_are_reported(r) -> None:
     seen: list[tuple[str, str]] = []
-    consumer = StreamConsumer(
+    worker = take(
         r,
         FakeInboxPool(),
-        settings(),
         {"OrderPlaced": Recorder()},
-        on_outcome=lambda event_type, outcome, seconds: seen.append((event_type, outcome)),
+        on_outcome=lambda event_type, outcome, _seconds: seen.append((event_type, outcome)),
     )
-    consumer.ensure_groups()
     env = envelope()
     publish(r, env)
     publish(r, env)
     publish(r, envelope("OrderConfirmed"))
-    r.xadd(STREAM, {"event_type": "OrderPlaced"})
-    consumer.read_new_once()
+    r.xadd(partition_stream(ORDERS, 0), {"event_type": "OrderPlaced"})
+    worker.step()
     # Ignored types are settled before the rest of a read, so compare without order.
     assert sorted(seen) == sorted(
         [
@@ -457,54 +504,452 @@ def test_outcomes_are_reported(r):
     )
 
 
-def test_redriven_entries_are_consumed_from_the_groups_redrive_stream(r):
-    handler = Recorder()
-    consumer = StreamConsumer(r, FakeInboxPool(), settings(), {"OrderPlaced": handler})
-    consumer.ensure_groups()
+# -- failures, retries, order ----------------------------------------------------------------
+
+
+def test_a_failing_handler_leaves_the_entry_pending_and_the_inbox_untouched(r) -> None:
+    pool = FakeInboxPool()
+    handler = Recorder(fail=True)
+    outcomes: list[str] = []
+    worker = take(
+        r, pool, {"OrderPlaced": handler}, on_outcome=lambda _t, o, _s: outcomes.append(o)
+    )
     env = envelope()
-    publish(r, env, stream=redrive_stream(GROUP))
+    entry_id = publish(r, env)
+    stream = stream_of(env)
 
-    assert consumer.read_new_once() == 1
+    worker.step()
+    assert pending_ids(r, stream) == [entry_id]
+    assert pool.inbox == set()
+    assert pool.failures == {(GROUP, stream, entry_id): 1}
+    assert outcomes == ["failed"]
+
+    handler.fail = False
+    assert worker.step() == 1  # the retry is due at once (retry_base_ms=0)
+    assert pending(r, stream) == []
+    assert pool.inbox == {(GROUP, env.event_id)}
+    assert pool.failures == {}  # forgotten with the commit that finished it
+    assert handler.seen == [env.event_id, env.event_id]
+    assert worker.retry is None
+
+
+def test_retry_respects_the_backoff(r) -> None:
+    handler = Recorder(fail=True)
+    worker = take(r, FakeInboxPool(), {"OrderPlaced": handler}, retry_base_ms=60_000)
+    env = envelope()
+    publish(r, env)
+    worker.step()
+    handler.fail = False
+
+    assert worker.step() == 0  # a minute has not passed
     assert handler.seen == [env.event_id]
-    assert pending_count(r, stream=redrive_stream(GROUP)) == 0
+    assert pending(r, stream_of(env))[0]["times_delivered"] == 1
 
 
-def test_restart_reads_every_own_pending_entry_page_by_page(r):
+def test_a_failing_entry_blocks_the_later_entries_of_its_partition_only(r) -> None:
+    pool = FakeInboxPool()
+    handler = Recorder()
+    p0 = take(r, pool, {"OrderPlaced": handler}, partition=0, retry_base_ms=60_000)
+    p1 = take(r, pool, {"OrderPlaced": handler}, partition=1, retry_base_ms=60_000)
+    first, later = envelope(partition=0), envelope(partition=0)
+    handler.failing.add(first.event_id)
+    first_id = publish(r, first)
+    p0.step()
+    assert p0.retry is not None
+
+    publish(r, later)  # same partition, behind the failing entry
+    other = envelope(partition=1)
+    publish(r, other)
+    assert p0.step() == 0
+    assert p1.step() == 1  # the other partition keeps flowing
+
+    assert pool.event_ids() == {other.event_id}
+    assert later.event_id not in handler.seen
+    assert pending_ids(r, stream_of(first)) == [first_id]  # the later one is not even read
+
+
+def test_after_max_deliveries_the_entry_is_dead_lettered_and_later_entries_follow_in_order(
+    r,
+) -> None:
+    pool = FakeInboxPool()
+    handler = Recorder()
+    worker = take(r, pool, {"OrderPlaced": handler, "OrderCancelled": handler}, max_deliveries=3)
+    bad = envelope("OrderPlaced")
+    handler.failing.add(bad.event_id)
+    bad_id = publish(r, bad)
+    later = [envelope("OrderCancelled") for _ in range(2)]
+    worker.step()  # delivery 1
+    publish(r, later[0])
+    worker.step()  # delivery 2 (the later entry waits behind it)
+    assert dead_letters(r) == []
+    assert pool.event_ids() == set()
+    publish(r, later[1])
+    worker.step()  # delivery 3: the last one
+    assert pool.event_ids() == set()
+    while worker.step():  # then the later entries, in order
+        pass
+
+    assert handler.seen == [bad.event_id] * 3 + [env.event_id for env in later]
+    assert pending(r, stream_of(bad)) == []
+    [letter] = dead_letters(r)
+    assert letter["original_id"] == bad_id
+    assert letter["event_id"] == bad.event_id
+    assert letter["attempts"] == "3"
+    assert letter["error"] == "RuntimeError: handler is broken"
+    assert pool.event_ids() == {env.event_id for env in later}
+
+
+def test_batch_falls_back_to_commit_the_entries_before_a_failing_one(r) -> None:
+    pool = FakeInboxPool()
+    handler = Recorder()
+    worker = take(r, pool, {"OrderPlaced": handler}, retry_base_ms=60_000)
+    events = [envelope() for _ in range(3)]
+    handler.failing.add(events[1].event_id)
+    ids = [publish(r, env) for env in events]
+
+    worker.step()
+
+    assert pool.event_ids() == {events[0].event_id}  # committed without the culprit
+    assert pending_ids(r, stream_of(events[0])) == ids[1:]  # the culprit and what follows
+    assert pool.failures == {(GROUP, stream_of(events[0]), ids[1]): 1}
+    assert events[2].event_id not in handler.seen  # waits behind the culprit
+
+
+def test_a_failing_commit_is_retried_one_entry_at_a_time_to_find_the_culprit(r) -> None:
+    """The handlers return, the COMMIT fails (say, a deferred constraint): nothing acked
+    on a guess; the entries are committed one by one and only the culprit is counted."""
+    pool = FakeInboxPool()
+    handler = Recorder()
+    worker = take(r, pool, {"OrderPlaced": handler}, retry_base_ms=60_000)
+    events = [envelope() for _ in range(4)]
+    culprit = (GROUP, events[2].event_id)
+
+    def refuse(staged: set[tuple[str, str]]) -> BaseException | None:
+        return psycopg.errors.CheckViolation("deferred check") if culprit in staged else None
+
+    pool.fail_commit = refuse
+    ids = [publish(r, env) for env in events]
+
+    worker.step()
+
+    assert pool.event_ids() == {events[0].event_id, events[1].event_id}
+    assert pending_ids(r, stream_of(events[0])) == ids[2:]
+    assert pool.failures == {(GROUP, stream_of(events[0]), ids[2]): 1}
+
+
+def test_a_poison_entry_pending_at_restart_is_read_once_and_blocks_the_rest(r) -> None:
+    """Regression: start-up re-reading its own pending entries until a pass handled none never
+    ended while one of them kept failing."""
+    poison, good = envelope(), envelope()
+    stream = stream_of(poison)
+    poison_id = publish(r, poison)
+    publish(r, good)
+    take(r, FakeInboxPool(), {})  # groups exist
+    r.xreadgroup(GROUP, "c1", {stream: ">"}, count=10)  # then c1 "crashed"
+
+    handler = Recorder()
+    handler.failing.add(poison.event_id)
+    restarted = take(r, FakeInboxPool(), {"OrderPlaced": handler}, retry_base_ms=60_000)
+    assert restarted.step() == 2  # one read of both; the poison entry blocks the good one
+    assert handler.seen == [poison.event_id]
+    assert restarted.step() == 0
+    assert pending_ids(r, stream)[0] == poison_id
+
+
+# -- conflicts (issue 8, defect 3) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "conflict",
+    [pg_errors.DeadlockDetected("deadlock detected"), pg_errors.SerializationFailure("could not")],
+    ids=["40P01", "40001"],
+)
+def test_a_conflict_is_retried_at_once_alone_and_is_neither_an_outage_nor_an_attempt(
+    r, caplog, conflict
+) -> None:
+    pool = FakeInboxPool()
+    handler = Recorder()
+    outcomes: list[str] = []
+    worker = take(
+        r,
+        pool,
+        {"OrderPlaced": handler},
+        max_deliveries=1,  # one counted failure would dead-letter it
+        retry_base_ms=60_000,  # a counted failure would make the partition wait a minute
+        on_outcome=lambda _t, o, _s: outcomes.append(o),
+    )
+    events = [envelope() for _ in range(4)]
+    handler.raise_once[events[1].event_id] = conflict
+    for env in events:
+        publish(r, env)
+    conflicts, outages = conflicts_metric(), outages_metric()
+
+    with caplog.at_level(logging.INFO):
+        assert worker.step() == 4
+
+    assert conflicts_metric() == conflicts + 1
+    assert outages_metric() == outages
+    assert pool.event_ids() == {env.event_id for env in events}
+    assert pool.failures == {}
+    assert dead_letters(r) == []
+    assert outcomes == ["processed"] * 4
+    assert pending(r, stream_of(events[0])) == []
+    # the aborted transaction held the whole read: its entries are retried one per transaction
+    a, b, c, d = (env.event_id for env in events)
+    assert handler.seen == [a, b, a, b, c, d]
+    assert pool.commits == 4
+    assert "waiting for dependencies" not in caplog.text
+    assert "conflict, retrying alone" in caplog.text
+
+
+def test_separate_conflicts_in_one_read_never_add_up_to_a_failed_attempt(r) -> None:
+    pool = FakeInboxPool()
+    handler = Recorder()
+    worker = take(r, pool, {"OrderPlaced": handler}, conflict_retries=1, max_deliveries=1)
+    events = [envelope() for _ in range(3)]
+    for env in events:
+        handler.raise_once[env.event_id] = pg_errors.DeadlockDetected("deadlock detected")
+        publish(r, env)
+
+    assert worker.step() == 3
+    assert pool.event_ids() == {env.event_id for env in events}
+    assert pool.failures == {}
+    assert dead_letters(r) == []
+
+
+def test_an_entry_that_conflicts_on_every_try_ends_up_counted_as_failing(r) -> None:
+    """Bounded: after conflict_retries immediate retries in a row it is an ordinary failure."""
+    pool = FakeInboxPool()
+    handler = Recorder()
+    worker = take(r, pool, {"OrderPlaced": handler}, conflict_retries=2, retry_base_ms=60_000)
+    env = envelope()
+    entry_id = publish(r, env)
+    conflicts = conflicts_metric()
+
+    class AlwaysConflicts:
+        def __call__(self, uow: Any, event: Envelope) -> None:
+            handler.seen.append(event.event_id)
+            raise pg_errors.SerializationFailure("could not serialize access")
+
+    worker.handlers = {"OrderPlaced": AlwaysConflicts()}
+    worker.step()
+
+    assert len(handler.seen) == 3  # the try and two immediate retries
+    assert conflicts_metric() == conflicts + 2
+    assert pool.failures == {(GROUP, stream_of(env), entry_id): 1}
+    assert pending_ids(r, stream_of(env)) == [entry_id]
+
+
+# -- outages --------------------------------------------------------------------------------
+
+
+def test_a_database_outage_costs_no_attempt_and_the_entry_is_read_again(r) -> None:
+    """Regression: step() left its cursors past the entries it could not finish, so a caller
+    stepping again (rather than run()) never re-read them."""
+    pool = FakeInboxPool()
+    pool.outage = psycopg.OperationalError("connection refused")  # no SQLSTATE: unreachable
+    handler = Recorder()
+    worker = take(r, pool, {"OrderPlaced": handler}, max_deliveries=1)
+    env = envelope()
+    entry_id = publish(r, env)
+
+    with pytest.raises(psycopg.OperationalError):
+        worker.step()
+    # not dead-lettered although max_deliveries is 1, nothing counted, still pending
+    assert dead_letters(r) == []
+    assert pool.failures == {}
+    assert worker.retry is None
+    assert pending_ids(r, stream_of(env)) == [entry_id]
+
+    pool.outage = None
+    assert worker.step() == 1
+    assert handler.seen == [env.event_id]
+    assert pending(r, stream_of(env)) == []
+
+
+@dataclass
+class _Outage:
+    """A pool that is down for the first `down` checkouts."""
+
+    pool: FakeInboxPool
+    down: int
+    checkouts: int = 0
+
+    @contextmanager
+    def connection(self) -> Iterator[_Conn]:
+        self.checkouts += 1
+        if self.checkouts <= self.down:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        with self.pool.connection() as conn:
+            yield conn
+
+
+def test_the_loop_backs_off_through_an_outage_and_then_handles_the_entry(r, caplog) -> None:
+    import threading
+
+    inner = FakeInboxPool()
+    pool = _Outage(inner, down=3)
+    handler = Recorder()
+    worker = take(r, inner, {"OrderPlaced": handler}, max_deliveries=1, outage_max_backoff_ms=20)
+    worker.pool = pool  # type: ignore[assignment]
+    env = envelope()
+    publish(r, env)
+    outages = outages_metric()
+    stop = threading.Event()
+
+    def run() -> None:
+        worker.run(stop)
+
+    thread = threading.Thread(target=run, daemon=True)
+    with caplog.at_level(logging.WARNING):
+        thread.start()
+        try:
+            from tests.helpers import wait_until
+
+            wait_until(lambda: inner.event_ids() == {env.event_id}, timeout=30)
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert outages_metric() == outages + 3
+    assert "waiting for dependencies" in caplog.text
+    assert inner.failures == {}
+    assert dead_letters(r) == []
+    assert handler.seen == [env.event_id]
+
+
+# -- restarts and takeovers ------------------------------------------------------------------
+
+
+def test_own_pending_entries_are_read_again_after_a_restart_page_by_page(r) -> None:
     events = [envelope() for _ in range(5)]
     for env in events:
         publish(r, env)
-    StreamConsumer(r, FakeInboxPool(), settings(), {}).ensure_groups()
-    r.xreadgroup(GROUP, "c1", {STREAM: ">"}, count=10)
+    stream = stream_of(events[0])
+    take(r, FakeInboxPool(), {})
+    r.xreadgroup(GROUP, "c1", {stream: ">"}, count=10)  # delivered, then "crashed" before ack
 
     handler = Recorder()
-    restarted = StreamConsumer(r, FakeInboxPool(), settings(batch_size=2), {"OrderPlaced": handler})
-    assert restarted.read_own_pending_once() == 5
+    pool = FakeInboxPool()
+    restarted = take(r, pool, {"OrderPlaced": handler}, batch_size=2, epoch=2)
+    assert restarted.step() == 2
+    assert restarted.step() == 2
+    assert restarted.step() == 1
     assert handler.seen == [env.event_id for env in events]
-    assert pending_count(r) == 0
+    assert pending(r, stream) == []
+    assert restarted.step() == 0
 
 
-def test_a_poison_entry_pending_at_restart_is_read_once_not_forever(r):
-    """Regression: run() used to loop `while read_own_pending_once()`, which never ends while
-    an own pending entry keeps failing (the pass counts attempts, not successes)."""
-    poison_env, good_env = envelope(), envelope()
-    publish(r, poison_env)
-    publish(r, good_env)
-    StreamConsumer(r, FakeInboxPool(), settings(), {}).ensure_groups()
-    r.xreadgroup(GROUP, "c1", {STREAM: ">"}, count=10)
+def test_a_new_owner_takes_over_the_previous_owners_pending_entries_in_id_order(r) -> None:
+    events = [envelope() for _ in range(4)]
+    ids = [publish(r, env) for env in events]
+    stream = stream_of(events[0])
+    take(r, FakeInboxPool(), {}, consumer="old")
+    r.xreadgroup(GROUP, "old", {stream: ">"}, count=2)  # "old" took two and died
+    r.xreadgroup(GROUP, "other", {stream: ">"}, count=1)  # an even older owner took one
 
-    class FailsFor:
-        def __init__(self, event_id):
-            self.event_id = event_id
-            self.seen: list[str] = []
+    handler = Recorder()
+    new = take(r, FakeInboxPool(), {"OrderPlaced": handler}, consumer="new", epoch=2)
+    assert {info["consumer"] for info in pending(r, stream)} == {"new"}
+    assert pending_ids(r, stream) == ids[:3]
 
-        def __call__(self, uow, env):
-            self.seen.append(env.event_id)
-            if env.event_id == self.event_id:
-                raise RuntimeError("poison")
+    while new.step():
+        pass
+    assert handler.seen == [env.event_id for env in events]  # id order, then the new one
+    assert pending(r, stream) == []
 
-    handler = FailsFor(poison_env.event_id)
-    restarted = StreamConsumer(r, FakeInboxPool(), settings(), {"OrderPlaced": handler})
-    assert restarted.read_own_pending_once() == 2
-    assert handler.seen == [poison_env.event_id, good_env.event_id]
-    [info] = r.xpending_range(STREAM, GROUP, "-", "+", 10)
-    assert info["message_id"] == r.xrange(STREAM)[0][0]  # only the poison entry stays pending
+
+def test_a_trimmed_pending_entry_is_acked_logged_and_counted_as_gone(r, caplog) -> None:
+    events = [envelope() for _ in range(2)]
+    ids = [publish(r, env) for env in events]
+    stream = stream_of(events[0])
+    take(r, FakeInboxPool(), {})
+    r.xreadgroup(GROUP, "c1", {stream: ">"}, count=10)
+    r.xdel(stream, ids[0])  # trimmed while pending
+    outcomes: list[tuple[str, str]] = []
+    gone = sample("saga_consumer_events_total", group=GROUP, event_type="?", outcome="gone")
+
+    handler = Recorder()
+    with caplog.at_level(logging.ERROR):
+        restarted = take(
+            r,
+            FakeInboxPool(),
+            {"OrderPlaced": handler},
+            epoch=2,
+            on_outcome=lambda t, o, _s: outcomes.append((t, o)),
+        )
+        assert restarted.step() == 2
+
+    assert pending(r, stream) == []
+    assert handler.seen == [events[1].event_id]
+    assert outcomes == [("?", "gone"), ("OrderPlaced", "processed")]
+    assert f"pending entry {ids[0]} of {stream} no longer exists" in caplog.text
+    assert sample("saga_consumer_events_total", group=GROUP, event_type="?", outcome="gone") == (
+        gone + 1
+    )
+
+
+# -- fencing (issue 8, defect 2: nothing acknowledged that this consumer did not finish) -----
+
+
+def test_a_worker_whose_lease_was_taken_can_neither_commit_nor_read(r) -> None:
+    pool = FakeInboxPool()
+    handler = Recorder()
+    old = take(r, pool, {"OrderPlaced": handler}, consumer="old", epoch=1)
+    env = envelope()
+    entry_id = publish(r, env)
+    stream = stream_of(env)
+    # "old" read the entry, then paused before its transaction
+    pairs, _ = old.fence.read(GROUP, "old", 0, 1, dict.fromkeys(old.streams, ">"), 10)
+    [(read_stream, [(read_id, fields)])] = pairs
+    assert (read_stream, read_id) == (stream, entry_id)
+
+    pool.leases[0] = 2  # the database lease went to a new owner (epoch 2)
+    with pytest.raises(LostOwnership):
+        old.handle([Item(stream, entry_id, fields or {})])
+    assert pool.inbox == set() and pool.failures == {}
+    assert pending_ids(r, stream) == [entry_id]  # not acknowledged
+    assert handler.seen == []  # the fence is the transaction's first statement
+
+    assert StreamFence(r).claim(GROUP, 0, 2)  # the new owner's Redis fence
+    with pytest.raises(Fenced):
+        old.step()
+    assert not StreamFence(r).claim(GROUP, 0, 1)  # an older epoch never comes back
+    with pytest.raises(Fenced):
+        old.fence.dead_letter(
+            GROUP, 0, 1, dead_letter_stream(GROUP, 0), stream, entry_id, {"error": "x"}
+        )
+    assert dead_letters(r) == []
+    assert pending_ids(r, stream) == [entry_id]
+
+
+def test_an_entry_taken_over_whose_new_attempt_fails_stays_pending_never_silently_acked(
+    r,
+) -> None:
+    """The old code acknowledged an id that XCLAIM did not return, "assuming it was trimmed",
+    even when another consumer had just claimed it and then failed: the event vanished."""
+    pool = FakeInboxPool()
+    handler = Recorder(fail=True)
+    old = take(r, pool, {"OrderPlaced": handler}, consumer="old", epoch=1, retry_base_ms=0)
+    env = envelope()
+    entry_id = publish(r, env)
+    stream = stream_of(env)
+    old.step()  # attempt 1 fails with "old"
+    assert pool.failures == {(GROUP, stream, entry_id): 1}
+
+    new = take(r, pool, {"OrderPlaced": handler}, consumer="new", epoch=2, retry_base_ms=0)
+    new.step()  # attempt 2 fails with "new"
+    # the old owner tries its due retry: refused, and it acknowledges nothing
+    with pytest.raises(Fenced):
+        old.step()
+    with pytest.raises(LostOwnership):
+        old.handle([Item(stream, entry_id, encode_entry(env))])
+    [info] = pending(r, stream)
+    assert (info["message_id"], info["consumer"]) == (entry_id, "new")
+    assert pool.inbox == set()
+    assert pool.failures == {(GROUP, stream, entry_id): 2}  # counted across owners
+
+    new.step()  # attempt 3 of 3, by the new owner: a dead letter, and only then acked
+    [letter] = dead_letters(r)
+    assert (letter["original_id"], letter["attempts"]) == (entry_id, "3")
+    assert pending(r, stream) == []

@@ -1,0 +1,322 @@
+"""Partition ownership for real: StreamConsumers (threads, each with its own pool) and `saga
+consume` processes sharing one group's partitions through leases in PostgreSQL.
+
+Bounds: a partition whose owner died is owned again within lease_ms + heartbeat_ms of the
+owner's last renewal (docs/architecture.md). These tests use lease_ms=1000 and wait for the
+takeover with a deadline of that bound plus a margin for a loaded machine; the time each
+takeover took is printed (`pytest -s`) and recorded as a test property.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from contracts import Envelope, encode_entry, partition_of, partition_stream
+from inventory_service.reactions import HANDLERS as INVENTORY_HANDLERS
+from service_runtime.consumer import ConsumerSettings
+from service_runtime.consumer_group import StreamConsumer
+from service_runtime.db import create_pool
+from service_runtime.ownership import assignment
+from tests.helpers import wait_until
+
+GROUP = "inventory"
+PARTITIONS = 4
+LEASE_MS = 1000
+HEARTBEAT_MS = 100
+# Scheduling margin on a shared 2-core machine: a heartbeat thread may start late.
+MARGIN_S = 2.0
+BOUND_S = (LEASE_MS + HEARTBEAT_MS) / 1000
+
+SAGA = str(Path(sys.executable).parent / "saga")
+
+
+def live_owners(db_url: str) -> dict[int, str]:
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT partition, owner FROM partition_leases"
+            " WHERE consumer_group = %s AND expires_at > clock_timestamp()",
+            (GROUP,),
+        ).fetchall()
+    return dict(rows)
+
+
+def split_as_assigned(names: list[str]) -> dict[int, str]:
+    return {p: name for name in names for p in assignment(names, PARTITIONS, name)}
+
+
+def order_placed(partition: int) -> Envelope:
+    while partition_of(order_id := str(uuid.uuid4()), PARTITIONS) != partition:
+        pass
+    return Envelope(
+        event_id=str(uuid.uuid4()),
+        event_type="OrderPlaced",
+        event_version=1,
+        aggregate_type="order",
+        aggregate_id=order_id,
+        correlation_id=order_id,
+        causation_id=None,
+        occurred_at=datetime.now(UTC).isoformat(),
+        producer="orders",
+        payload={
+            "order_id": order_id,
+            "customer_id": "alice",
+            "items": [{"sku": "no-such-sku", "quantity": 1}],  # -> StockReservationFailed
+        },
+    )
+
+
+def publish_everywhere(redis_client, per_partition: int = 2) -> list[Envelope]:
+    events = [order_placed(p) for p in range(PARTITIONS) for _ in range(per_partition)]
+    for env in events:
+        stream = partition_stream("orders.events", partition_of(env.aggregate_id, PARTITIONS))
+        redis_client.xadd(stream, encode_entry(env))
+    return events
+
+
+def handled_once(db_url: str, events: list[Envelope]) -> bool:
+    """Every event in the inbox exactly once, with exactly one reaction (outbox row)."""
+    with psycopg.connect(db_url) as conn:
+        inbox = conn.execute(
+            "SELECT event_id::text, count(*) FROM inbox WHERE consumer_group = %s"
+            " GROUP BY event_id",
+            (GROUP,),
+        ).fetchall()
+        reactions = conn.execute(
+            "SELECT aggregate_id, count(*) FROM outbox WHERE event_type = 'StockReservationFailed'"
+            " GROUP BY aggregate_id"
+        ).fetchall()
+    wanted = {env.event_id for env in events}
+    return dict(inbox) == dict.fromkeys(wanted, 1) and dict(reactions) == {
+        env.aggregate_id: 1 for env in events
+    }
+
+
+def nothing_pending(redis_client) -> bool:
+    return all(
+        redis_client.xpending(partition_stream("orders.events", p), GROUP)["pending"] == 0
+        for p in range(PARTITIONS)
+    )
+
+
+# -- consumers in threads --------------------------------------------------------------------
+
+
+@pytest.fixture
+def consumers(db_url, redis_client, background) -> Iterator[Callable[..., Any]]:
+    """Start a StreamConsumer (own pool, own thread) under a name; returns (consumer, runner)."""
+    pools = []
+
+    def start(name: str, lease_ms: int = LEASE_MS) -> tuple[StreamConsumer, Any]:
+        pool = create_pool(db_url, name=f"test-{name}", max_size=PARTITIONS + 1)
+        pools.append(pool)
+        settings = ConsumerSettings(
+            group=GROUP,
+            consumer=name,
+            partitions=PARTITIONS,
+            lease_ms=lease_ms,
+            heartbeat_ms=HEARTBEAT_MS,
+            block_ms=100,
+        )
+        consumer = StreamConsumer(redis_client, pool, settings, INVENTORY_HANDLERS)
+        return consumer, background.start(name, consumer.run)
+
+    yield start
+    stuck = background.stop_all()
+    assert not stuck, f"consumers did not stop: {stuck}"
+    for pool in pools:
+        pool.close()
+
+
+def test_two_consumers_share_the_partitions_each_owned_by_exactly_one(
+    db_url, redis_client, consumers
+) -> None:
+    a, _ = consumers("inventory-a")
+    b, _ = consumers("inventory-b")
+    wanted = split_as_assigned(["inventory-a", "inventory-b"])
+
+    wait_until(
+        lambda: live_owners(db_url) == wanted and a.owned == [0, 2] and b.owned == [1, 3],
+        timeout=15,
+        message=lambda: f"owners {live_owners(db_url)}, a {a.owned}, b {b.owned}",
+    )
+    assert not set(a.owned) & set(b.owned)
+
+    events = publish_everywhere(redis_client)
+    wait_until(lambda: handled_once(db_url, events), timeout=30)
+    wait_until(lambda: nothing_pending(redis_client))
+
+
+def test_a_consumer_that_stops_renewing_loses_its_partitions_to_the_other_within_the_bound(
+    db_url, redis_client, consumers, record_property
+) -> None:
+    """The owner's heartbeat stops (paused, cut off) and it hands nothing back; its workers
+    keep running until the fence stops them."""
+    a, runner_a = consumers("inventory-a")
+    b, _ = consumers("inventory-b")
+    wait_until(lambda: live_owners(db_url) == split_as_assigned(["inventory-a", "inventory-b"]))
+    a_workers = list(a.running.values())
+
+    a.shutdown = lambda: None  # type: ignore[method-assign]  # no hand-back: just silence
+    runner_a.stop.set()
+    wait_until(runner_a.finished.is_set)
+    silenced = time.monotonic()
+    wait_until(
+        lambda: live_owners(db_url) == dict.fromkeys(range(PARTITIONS), "inventory-b"),
+        timeout=BOUND_S + MARGIN_S,
+        message=lambda: f"owners {live_owners(db_url)}",
+    )
+    owned_again = time.monotonic()
+    took = owned_again - a._renewed_at  # the bound counts from the owner's last renewal
+    record_property("takeover_after_last_renewal_s", round(took, 3))
+    record_property("takeover_after_silence_s", round(owned_again - silenced, 3))
+    print(
+        f"\ntakeover after a silent owner: {took:.3f} s after its last renewal,"
+        f" {owned_again - silenced:.3f} s after it fell silent (bound {BOUND_S} s)"
+    )
+    assert b.owned == list(range(PARTITIONS))
+
+    # the silenced owner's workers are fenced off and end by themselves
+    wait_until(
+        lambda: not any(running.thread.is_alive() for running in a_workers),
+        timeout=15,
+    )
+    events = publish_everywhere(redis_client)
+    wait_until(lambda: handled_once(db_url, events), timeout=30)
+    wait_until(lambda: nothing_pending(redis_client))
+
+
+def test_a_joining_consumer_gets_its_share_within_the_bound(
+    db_url, redis_client, consumers, record_property
+) -> None:
+    a, _ = consumers("inventory-a")
+    wait_until(lambda: live_owners(db_url) == dict.fromkeys(range(PARTITIONS), "inventory-a"))
+    before = publish_everywhere(redis_client)
+
+    joined = time.monotonic()
+    b, _ = consumers("inventory-b")
+    wanted = split_as_assigned(["inventory-a", "inventory-b"])
+    wait_until(
+        lambda: live_owners(db_url) == wanted and b.owned == [1, 3] and a.owned == [0, 2],
+        timeout=BOUND_S + MARGIN_S,
+        message=lambda: f"owners {live_owners(db_url)}",
+    )
+    took = time.monotonic() - joined
+    record_property("rebalance_after_join_s", round(took, 3))
+    print(f"\nrebalance after a join: {took:.3f} s (bound {BOUND_S} s)")
+
+    after = publish_everywhere(redis_client)
+    wait_until(lambda: handled_once(db_url, before + after), timeout=30)
+    wait_until(lambda: nothing_pending(redis_client))
+
+
+def test_a_consumer_that_stops_hands_its_partitions_back_at_once(
+    db_url, redis_client, consumers
+) -> None:
+    """A clean stop releases its leases: the other takes them at its next heartbeat, without
+    waiting for them to expire (lease_ms is set far beyond the test's deadline here)."""
+    _a, runner_a = consumers("inventory-a", lease_ms=60_000)
+    b, _ = consumers("inventory-b", lease_ms=60_000)
+    wait_until(lambda: live_owners(db_url) == split_as_assigned(["inventory-a", "inventory-b"]))
+    runner_a.stop.set()
+    wait_until(runner_a.finished.is_set)
+    wait_until(
+        lambda: live_owners(db_url) == dict.fromkeys(range(PARTITIONS), "inventory-b"),
+        timeout=BOUND_S + MARGIN_S,
+    )
+    wait_until(lambda: b.owned == list(range(PARTITIONS)))
+    with psycopg.connect(db_url) as conn:
+        members = conn.execute(
+            "SELECT consumer FROM consumer_members WHERE consumer_group = %s", (GROUP,)
+        ).fetchall()
+    assert members == [("inventory-b",)]  # a left the group
+
+
+# -- real processes --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spawn(clean_state) -> Iterator[Callable[..., subprocess.Popen]]:
+    started: list[subprocess.Popen] = []
+
+    def run(*args: str, **env_overrides: str) -> subprocess.Popen:
+        env = {
+            **os.environ,
+            **clean_state.env,
+            "METRICS_PORT_BASE": "0",
+            "STREAM_PARTITIONS": str(PARTITIONS),
+            "CONSUMER_LEASE_MS": str(LEASE_MS),
+            "CONSUMER_HEARTBEAT_MS": "200",
+            "CONSUMER_BLOCK_MS": "100",
+            **env_overrides,
+        }
+        env.pop("SAGA_CRASH_AT", None)
+        process = subprocess.Popen(
+            [SAGA, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        started.append(process)
+        return process
+
+    yield run
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=15)
+
+
+def test_two_consumer_processes_split_the_partitions_and_the_survivor_of_a_sigkill_owns_all(
+    clean_state, redis_client, spawn, record_property
+) -> None:
+    db_url = clean_state.db_urls[GROUP]
+    first = spawn("consume", "inventory", "--name", "inventory-a")
+    spawn("consume", "inventory", "--name", "inventory-b")
+    wanted = split_as_assigned(["inventory-a", "inventory-b"])
+    wait_until(
+        lambda: live_owners(db_url) == wanted,
+        timeout=60,  # two interpreters starting on a shared machine
+        message=lambda: f"owners {live_owners(db_url)}",
+    )
+    before = publish_everywhere(redis_client, per_partition=3)
+    wait_until(lambda: handled_once(db_url, before), timeout=30)
+
+    during = publish_everywhere(redis_client, per_partition=3)  # some may be pending at the kill
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=15)
+    killed = time.monotonic()
+    heartbeat_s = 0.2
+    wait_until(
+        lambda: live_owners(db_url) == dict.fromkeys(range(PARTITIONS), "inventory-b"),
+        timeout=LEASE_MS / 1000 + heartbeat_s + MARGIN_S,
+        message=lambda: f"owners {live_owners(db_url)}",
+    )
+    took = time.monotonic() - killed
+    record_property("takeover_after_sigkill_s", round(took, 3))
+    print(f"\ntakeover after SIGKILL: {took:.3f} s (bound {LEASE_MS / 1000 + heartbeat_s} s)")
+
+    after = publish_everywhere(redis_client, per_partition=3)
+    wait_until(lambda: handled_once(db_url, before + during + after), timeout=60)
+    wait_until(lambda: nothing_pending(redis_client), timeout=30)
+
+
+def test_a_process_with_another_partition_count_refuses_to_start(clean_state, spawn) -> None:
+    with psycopg.connect(clean_state.db_urls[GROUP], autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO deployment_settings (name, value) VALUES ('stream_partitions', %s)",
+            (str(PARTITIONS),),
+        )
+    process = spawn("consume", "inventory", "--name", "inventory-x", STREAM_PARTITIONS="6")
+    assert process.wait(timeout=60) != 0
+    stderr = process.stderr.read().decode()
+    assert "STREAM_PARTITIONS=6" in stderr
+    assert f"STREAM_PARTITIONS={PARTITIONS}" in stderr
