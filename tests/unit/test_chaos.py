@@ -186,3 +186,16 @@ def test_unknown_fault_kinds_are_refused(bad):
     result = CliRunner().invoke(cli, ["chaos", "--faults", bad])
     assert result.exit_code == 2
     assert "unknown" in result.output
+
+
+def test_redis_cluster_needs_the_cluster_support(monkeypatch):
+    import sys
+
+    from click.testing import CliRunner
+
+    from sagactl.main import cli
+
+    monkeypatch.setitem(sys.modules, "devstack.redis_cluster", None)  # not installed
+    result = CliRunner().invoke(cli, ["chaos", "--redis-cluster", "--orders", "1"])
+    assert result.exit_code == 1
+    assert "Redis Cluster support not installed" in result.output
