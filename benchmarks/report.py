@@ -198,7 +198,7 @@ def _scale_section(runs: Sequence[Results]) -> str:
                 "n/a" if cpu_ms is None else f"{cpu_ms:.1f}",
                 f"{best['latency_ms']['p50']:.0f}" if best else "-",
                 f"{best['latency_ms']['p99']:.0f}" if best else "-",
-                max((s["rate"] for s in run["steps"]), default=0),
+                _n(max((s["rate"] for s in run["steps"]), default=0)),
             ]
         )
     headers = ["consumers/service", "partitions", "orders/s kept up", "confirmed/s",
