@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from contracts.streams import DEFAULT_PARTITIONS, MAX_PARTITIONS
+
 if TYPE_CHECKING:
     from benchmarks.servers import Servers
 
@@ -28,6 +30,22 @@ def _rates(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[fl
     if not rates or min(rates) <= 0:
         raise click.BadParameter("at least one rate, all positive")
     return rates
+
+
+def _counts(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> tuple[int, ...]:
+    """`--consumers 1,2,4` or `--consumers 1 --consumers 2`: distinct, in the order given."""
+    counts: list[int] = []
+    for value in values:
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            if not part.strip().isdigit() or not 1 <= int(part) <= 64:
+                raise click.BadParameter(f"{part!r}: whole numbers from 1 to 64, e.g. 1,2,4")
+            if int(part) not in counts:
+                counts.append(int(part))
+    return tuple(counts) or (1,)
 
 
 @click.command()
@@ -91,6 +109,20 @@ def _rates(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[fl
     help="Threads sending the POSTs, one keep-alive connection each.",
 )
 @click.option(
+    "--consumers",
+    multiple=True,
+    callback=_counts,
+    help="Consumer processes per service in the end-to-end run: one run per count, e.g. "
+    "--consumers 1,2,4 (repeatable). Default: 1.",
+)
+@click.option(
+    "--partitions",
+    default=DEFAULT_PARTITIONS,
+    show_default=True,
+    type=click.IntRange(1, MAX_PARTITIONS),
+    help="STREAM_PARTITIONS of every measurement.",
+)
+@click.option(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     help="JSON results file. Default: bench-results-<UTC time>.json in the project.",
@@ -107,7 +139,9 @@ def bench(only: tuple[str, ...], output: Path | None, **sizes: Any) -> None:
     - without it: the given databases, migrated, their outbox and inbox TRUNCATED;
     - the REDIS_URL database is FLUSHED before each measurement: give it a scratch one.
 
-    Prints a table and writes every figure as JSON.
+    Prints a table and writes every figure as JSON. With several --consumers counts, the end
+    to end measurement runs once per count (a fresh system each time) and the table shows
+    orders/s and CPU-ms per confirmed order for each: the scale-out curve of this machine.
     """
     from benchmarks import report
     from benchmarks.servers import bench_servers
@@ -150,22 +184,36 @@ def _plan(servers: Servers, sizes: dict[str, Any]) -> dict[str, Callable[[], dic
         servers.db_urls["inventory"],
         servers.redis_url,
     )
+    partitions = sizes["partitions"]
+
+    def e2e(consumers: int) -> dict[str, Any]:
+        click.echo(f"  {consumers} consumer(s) per service, {partitions} partitions", err=True)
+        return end_to_end.measure(
+            servers.db_urls,
+            redis_url,
+            rates=sizes["e2e_rates"],
+            step_seconds=sizes["e2e_step_seconds"],
+            rise_by=sizes["e2e_rise_by"],
+            max_rate=sizes["e2e_max_rate"],
+            senders=sizes["e2e_senders"],
+            server_pids=servers.pids,
+            consumers=consumers,
+            partitions=partitions,
+        )
+
     return {
         "raw_limits": lambda: raw_limits.measure(
             orders, redis_url, xadd_single=sizes["xadd_single"],
             xadd_pipelined=sizes["xadd_pipelined"], pg_commits=sizes["pg_commits"]),
         "relay_drain": lambda: relay_drain.measure(
-            orders, redis_url, rows=sizes["relay_rows"], batch_size=sizes["relay_batch"]),
+            orders, redis_url, rows=sizes["relay_rows"], batch_size=sizes["relay_batch"],
+            partitions=partitions),
         "relay_latency": lambda: relay_latency.measure(
             orders, redis_url, rate=sizes["latency_rate"], seconds=sizes["latency_seconds"],
-            batch_size=sizes["relay_batch"]),
+            batch_size=sizes["relay_batch"], partitions=partitions),
         "consumer_throughput": lambda: consumer_throughput.measure(
-            inventory, redis_url, entries=sizes["consumer_entries"]),
-        "end_to_end": lambda: end_to_end.measure(
-            servers.db_urls, redis_url, rates=sizes["e2e_rates"],
-            step_seconds=sizes["e2e_step_seconds"], rise_by=sizes["e2e_rise_by"],
-            max_rate=sizes["e2e_max_rate"], senders=sizes["e2e_senders"],
-            server_pids=servers.pids),
+            inventory, redis_url, entries=sizes["consumer_entries"], partitions=partitions),
+        "end_to_end": lambda: end_to_end.combine([e2e(n) for n in sizes["consumers"]]),
     }  # fmt: skip
 
 

@@ -1,23 +1,32 @@
-"""One StreamConsumer, with the real inbox, over a stream that is already full.
+"""One consumer, with the real inbox, over partition streams that are already full.
 
-The handler does nothing, so what is measured is the plumbing every reaction pays for: read,
-decode and validate, one transaction holding the inbox row, XACK.
+The consumer owns every partition of its group (leases and Redis fences, as StreamConsumer
+takes them) and steps their PartitionWorkers in turn on one thread: the throughput of one
+consumer process's plumbing, without its worker threads contending for the GIL. The handler
+does nothing, so what is measured is what every reaction pays for: the fenced read, decode
+and validate, one transaction holding the lease fence and the inbox rows, XACK.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 
+import redis
+from psycopg_pool import ConnectionPool
+
 from benchmarks.sample import chunks, reset, stream_fields
-from contracts import Envelope
-from service_runtime.consumer import ConsumerSettings, StreamConsumer
+from contracts import DEFAULT_PARTITIONS, ORDERS_EVENTS, Envelope, partition_of, partition_stream
+from service_runtime.consumer import ConsumerSettings, OutcomeHook, PartitionWorker
 from service_runtime.db import connect, create_pool
+from service_runtime.ownership import PartitionLeases
 from service_runtime.redis_client import connect as redis_connect
+from service_runtime.stream_fence import StreamFence
 from service_runtime.unit_of_work import UnitOfWork
 
-STREAM = "bench.consumer"
-GROUP = "bench"
+RedisClient = redis.Redis
+
+GROUP = "inventory"  # a group that reads orders.events, where OrderPlaced comes from
+LEASE_SECONDS = 3600  # nobody else competes: no heartbeat needed while measuring
 
 
 def no_op(_uow: UnitOfWork, _envelope: Envelope) -> None:
@@ -25,56 +34,83 @@ def no_op(_uow: UnitOfWork, _envelope: Envelope) -> None:
 
 
 def measure(
-    db_url: str, redis_url: str, *, entries: int = 20_000, batch_size: int = 100
+    db_url: str,
+    redis_url: str,
+    *,
+    entries: int = 20_000,
+    batch_size: int = 100,
+    partitions: int = DEFAULT_PARTITIONS,
 ) -> dict[str, float]:
     reset([db_url], redis_url)
     client = redis_connect(redis_url)
     for size in chunks(entries, 500):
         pipe = client.pipeline(transaction=False)
         for _ in range(size):
-            pipe.xadd(STREAM, stream_fields())
+            fields = stream_fields()
+            partition = partition_of(fields["aggregate_id"], partitions)
+            pipe.xadd(partition_stream(ORDERS_EVENTS, partition), fields)
         pipe.execute()
 
     handled = 0
-    finished_at = 0.0
-    done = threading.Event()
 
     def on_outcome(_event_type: str, outcome: str, _seconds: float) -> None:
-        nonlocal handled, finished_at
+        nonlocal handled
         if outcome == "processed":
             handled += 1
-            if handled == entries:
-                finished_at = time.perf_counter()
-                done.set()
 
     pool = create_pool(db_url, name="bench-consumer", max_size=2, check_on_checkout=False)
     pool.wait(timeout=30)
     settings = ConsumerSettings(
-        group=GROUP, consumer=f"{GROUP}-1", streams=(STREAM,), batch_size=batch_size
+        group=GROUP, consumer=f"{GROUP}-bench", partitions=partitions, batch_size=batch_size
     )
-    consumer = StreamConsumer(client, pool, settings, {"OrderPlaced": no_op}, on_outcome)
-    consumer.ensure_groups()  # outside the clock: once per process lifetime
-    stop = threading.Event()
-    thread = threading.Thread(target=consumer.run, args=(stop,), name="bench-consumer")
-    started = time.perf_counter()
-    thread.start()
     try:
-        if not done.wait(timeout=max(120.0, entries / 200)):
-            raise RuntimeError(f"consumer handled {handled} of {entries} entries before timing out")
+        # outside the clock: once per ownership change
+        workers = _own_every_partition(client, pool, settings, on_outcome)
+        started = time.perf_counter()
+        deadline = time.monotonic() + max(120.0, entries / 200)
+        while handled < entries:
+            if not sum(worker.step() for worker in workers) and time.monotonic() > deadline:
+                raise RuntimeError(f"consumer handled {handled} of {entries} entries in time")
+        seconds = time.perf_counter() - started
+        pending = sum(
+            client.xpending(stream, GROUP)["pending"]
+            for worker in workers
+            for stream in worker.streams
+        )
     finally:
-        stop.set()
-        thread.join(timeout=30)
         pool.close()
-    pending = client.xpending(STREAM, GROUP)["pending"]
-    client.close()
+        client.close()
     with connect(db_url) as conn:
         inbox = conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
-    seconds = finished_at - started
     return {
         "entries": entries,
         "batch_size": batch_size,
+        "partitions": partitions,
         "seconds": seconds,
         "events_per_s": entries / seconds,
         "inbox_rows": inbox,
         "left_pending": pending,
     }
+
+
+def _own_every_partition(
+    client: RedisClient,
+    pool: ConnectionPool,
+    settings: ConsumerSettings,
+    on_outcome: OutcomeHook,
+) -> list[PartitionWorker]:
+    leases = PartitionLeases(settings.group, settings.consumer, LEASE_SECONDS)
+    fence = StreamFence(client)
+    workers: list[PartitionWorker] = []
+    with pool.connection() as conn:
+        for partition in range(settings.partitions):
+            lease = leases.acquire(conn, partition)
+            if lease is None or not fence.claim(settings.group, partition, lease.epoch):
+                raise RuntimeError(f"partition {partition} of {settings.group} is owned already")
+            worker = PartitionWorker(
+                client, fence, pool, settings, {"OrderPlaced": no_op}, lease, on_outcome=on_outcome
+            )
+            worker.ensure_groups()
+            worker.take_over_pending()
+            workers.append(worker)
+    return workers

@@ -4,8 +4,14 @@ per process and system-wide, and each process's memory at the end.
 
 Open loop: order i is handed to a sender at start + i/rate whatever happened to the ones
 before; a small pool of threads with one keep-alive connection each does the POSTs.
-Confirmations are seen by following `orders.events` (XREAD) and matched by order id, which
-costs the system nothing, unlike polling GET /orders/<id>.
+Confirmations are seen by following the partitions of `orders.events` (one XREAD) and matched
+by order id, which costs the system nothing, unlike polling GET /orders/<id>.
+
+Scale-out: the Procfile's consumers are replaced by `consumers` per service (each a
+`saga consume SVC --name SVC-<i>` sharing the group's `partitions`), so one command measures
+the curve for N = 1, 2, 4 ... on the same machine (`saga bench --consumers 1,2,4`). Each step
+also reports the CPU time of every process of the system and of the servers per confirmed
+order (`cpu_ms_per_confirmed`, the load generator not included).
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from benchmarks.sample import follow_stream, percentiles, reset
-from contracts import ORDERS_EVENTS
+from benchmarks.sample import follow_streams, percentiles, reset
+from contracts import DEFAULT_PARTITIONS, producer_streams
 from devstack.osutil import free_port, tail, wait_until
+from sagactl.supervisor import parse_procfile, with_consumer_replicas
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("orders", "inventory", "billing")
@@ -40,6 +47,7 @@ OUTCOMES = ("OrderConfirmed", "OrderRejected", "OrderCancelled")
 SPREAD = 10  # products and customers the orders rotate over
 _JSON = {"Content-Type": "application/json"}
 OTHER_LOAD = "other load (not this benchmark)"
+LOAD_GENERATOR = "bench load generator"
 
 
 @dataclass
@@ -61,16 +69,24 @@ def measure(
     max_rate: float = 1_000,
     senders: int = 32,
     server_pids: dict[str, int] | None = None,
+    consumers: int = 1,
+    partitions: int = DEFAULT_PARTITIONS,
 ) -> dict[str, Any]:
-    """Every rate in `rates`, then rising by `rise_by` while the last step kept up."""
+    """Every rate in `rates`, then rising by `rise_by` while the last step kept up; the system
+    runs `consumers` consumer processes per service over `partitions` partitions."""
     reset(list(db_urls.values()), redis_url)
     workdir = Path(tempfile.mkdtemp(prefix="saga-bench-e2e-"))
-    system = _System(db_urls, redis_url, workdir)
+    system = _System(db_urls, redis_url, workdir, consumers, partitions)
     outcomes: dict[str, tuple[str, float]] = {}
     stop = threading.Event()
     follower = threading.Thread(
-        target=follow_stream,
-        args=(redis_url, ORDERS_EVENTS, _record_outcome(outcomes), stop),
+        target=follow_streams,
+        args=(
+            redis_url,
+            producer_streams("orders", partitions),
+            _record_outcome(outcomes),
+            stop,
+        ),
         daemon=True,
     )
     follower.start()
@@ -95,13 +111,31 @@ def measure(
         system.stop()
         follower.join(timeout=5)
     shutil.rmtree(workdir, ignore_errors=True)
-    kept_up = [step["rate"] for step in steps if step["kept_up"]]
+    kept_up = [step for step in steps if step["kept_up"]]
+    best = max(kept_up, key=lambda step: step["rate"], default=None)
     return {
+        "consumers": consumers,
+        "partitions": partitions,
         "step_seconds": step_seconds,
         "senders": senders,
         "steps": steps,
-        "highest_sustained_rate": max(kept_up, default=0),
+        "highest_sustained_rate": best["rate"] if best else 0,
+        # at the highest rate kept up: what an order costs the whole system when it keeps up
+        "sustained_confirmed_per_s": best["confirmed_per_s"] if best else 0.0,
+        "cpu_ms_per_confirmed": best.get("cpu_ms_per_confirmed") if best else None,
         "memory_mb_at_end": memory,
+    }
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs of one bench (one per consumer count): the first one's figures at the top
+    level (the targets read those), every run under `runs`, and the scale-out curve."""
+    if len(runs) == 1:
+        return {**runs[0], "runs": runs}
+    return {
+        **runs[0],
+        "runs": runs,
+        "highest_sustained_rate": max(run["highest_sustained_rate"] for run in runs),
     }
 
 
@@ -146,7 +180,15 @@ def _run_step(
     for worker in workers:
         worker.join()
     _settle([s.order_id for s in sent if s.order_id], outcomes)
-    return _summary(rate, seconds, sent, outcomes, usage)
+    summary = _summary(rate, seconds, sent, outcomes, usage)
+    if monitor:
+        # from the first POST until the last outcome settled: all the work of these orders
+        cpu = monitor.system_cpu_seconds()
+        summary["cpu_seconds"] = round(cpu, 3)
+        summary["cpu_ms_per_confirmed"] = (
+            cpu * 1000 / summary["confirmed"] if summary["confirmed"] else None
+        )
+    return summary
 
 
 def _summary(
@@ -267,9 +309,17 @@ def _put(base_url: str, path: str, body: dict[str, Any]) -> None:
 
 
 class _System:
-    """The Procfile under honcho with its own ports, run dir and log."""
+    """The Procfile under honcho with its own ports, run dir and log; its consumers replaced
+    by `consumers` per service."""
 
-    def __init__(self, db_urls: dict[str, str], redis_url: str, workdir: Path) -> None:
+    def __init__(
+        self,
+        db_urls: dict[str, str],
+        redis_url: str,
+        workdir: Path,
+        consumers: int = 1,
+        partitions: int = DEFAULT_PARTITIONS,
+    ) -> None:
         ports = {service: free_port() for service in SERVICES}
         self.urls = {s: f"http://127.0.0.1:{port}" for s, port in ports.items()}
         self.log_path = workdir / "system.log"
@@ -283,11 +333,22 @@ class _System:
             # an order still queued behind an overload must not be cancelled for its deadline
             "PAYMENT_TIMEOUT_SECONDS": "3600",
             "METRICS_PORT_BASE": "0",  # no endpoints to collide with; the metrics still count
+            "STREAM_PARTITIONS": str(partitions),
+            "CONSUMERS_PER_SERVICE": str(consumers),
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         }
+        procfile = workdir / "Procfile"
+        procfile.write_text(procfile_with_consumers(PROJECT_ROOT / "Procfile", consumers))
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
-                [str(bin_dir / "honcho"), "-f", str(PROJECT_ROOT / "Procfile"), "start"],
+                [
+                    str(bin_dir / "honcho"),
+                    "-f",
+                    str(procfile),
+                    "-d",
+                    str(PROJECT_ROOT),
+                    "start",
+                ],
                 cwd=PROJECT_ROOT,
                 env=env,
                 stdout=log,
@@ -314,6 +375,12 @@ class _System:
             self.process.wait()
 
 
+def procfile_with_consumers(procfile: Path, consumers: int) -> str:
+    """The Procfile's text with `consumers` consumers per service, as run-all runs them."""
+    specs = with_consumer_replicas(parse_procfile(procfile), consumers)
+    return "".join(f"{spec.name}: {spec.command}\n" for spec in specs)
+
+
 def _status(base_url: str, path: str) -> int:
     url = urlsplit(base_url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=2)
@@ -337,7 +404,7 @@ class _Monitor:
         self._started = 0.0
 
     def _processes(self) -> list[tuple[str, psutil.Process]]:
-        found: list[tuple[str, psutil.Process]] = [("bench load generator", psutil.Process())]
+        found: list[tuple[str, psutil.Process]] = [(LOAD_GENERATOR, psutil.Process())]
         roots = [("honcho", self.honcho_pid), *self.server_pids.items()]
         for label, pid in roots:
             try:
@@ -362,6 +429,15 @@ class _Monitor:
         self._cpu_at_start = {pid: cpu for pid, (_label, cpu) in self._cpu().items()}
         self._started = time.perf_counter()
         psutil.cpu_percent(interval=None)  # the next call reports the time since this one
+
+    def system_cpu_seconds(self) -> float:
+        """CPU seconds of the system's processes and the servers since `begin` (a process
+        started since then counts from zero; one that ended since then is not counted)."""
+        return sum(
+            cpu - self._cpu_at_start.get(pid, 0.0)
+            for pid, (label, cpu) in self._cpu().items()
+            if label != LOAD_GENERATOR
+        )
 
     def end(self) -> dict[str, Any]:
         wall = time.perf_counter() - self._started

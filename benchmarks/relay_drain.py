@@ -1,4 +1,5 @@
-"""How fast the real Relay empties a backlog of committed outbox rows into a stream."""
+"""How fast the real Relay empties a backlog of committed outbox rows into its partition
+streams (orders.events.{p0} ... {pP-1}: the relay routes each row by its order id)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import threading
 import time
 
 from benchmarks.sample import fill_outbox, reset, wake_relay
+from contracts import DEFAULT_PARTITIONS, producer_streams
 from outbox_relay.relay import Relay, RelaySettings
 from service_runtime.db import connect
 from service_runtime.redis_client import connect as redis_connect
 
-STREAM = "bench.relay"
-
 
 def measure(
-    db_url: str, redis_url: str, *, rows: int = 100_000, batch_size: int = 500
+    db_url: str,
+    redis_url: str,
+    *,
+    rows: int = 100_000,
+    batch_size: int = 500,
+    partitions: int = DEFAULT_PARTITIONS,
 ) -> dict[str, float]:
     reset([db_url], redis_url)
     with connect(db_url) as conn:
@@ -37,7 +42,7 @@ def measure(
     relay = Relay(
         db_url,
         client,
-        RelaySettings(producer="orders", stream=STREAM, batch_size=batch_size),
+        RelaySettings(producer="orders", partitions=partitions, batch_size=batch_size),
         on_batch=on_batch,
     )
     stop = threading.Event()
@@ -55,13 +60,14 @@ def measure(
                 f"relay published {published} of {rows} rows before timing out"
                 + ("" if relay.published else " (is another relay active on this outbox?)")
             )
-        in_stream = client.xlen(STREAM)
+        in_stream = sum(client.xlen(s) for s in producer_streams("orders", partitions))
     finally:
         client.close()
     seconds = finished_at - started
     return {
         "rows": rows,
         "batch_size": batch_size,
+        "partitions": partitions,
         "fill_rows_per_s": rows / fill_seconds,
         "seconds": seconds,
         "events_per_s": rows / seconds,

@@ -14,16 +14,16 @@ from typing import Any
 
 from benchmarks.sample import (
     OUTBOX_COLUMNS,
-    follow_stream,
+    follow_streams,
     outbox_row,
     percentiles,
     reset,
     wake_relay,
 )
+from contracts import DEFAULT_PARTITIONS, producer_streams
 from service_runtime.db import connect
 from service_runtime.redis_client import connect as redis_connect
 
-STREAM = "bench.latency"
 _INSERT = f"INSERT INTO outbox ({OUTBOX_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
 
 
@@ -34,20 +34,23 @@ def measure(
     rate: float = 1_000,
     seconds: float = 10.0,
     batch_size: int = 500,
+    partitions: int = DEFAULT_PARTITIONS,
 ) -> dict[str, Any]:
     reset([db_url], redis_url)
     context = multiprocessing.get_context("spawn")
     stop_relay = context.Event()
     relay = context.Process(
-        target=_run_relay, args=(db_url, redis_url, batch_size, stop_relay), daemon=True
+        target=_run_relay,
+        args=(db_url, redis_url, batch_size, partitions, stop_relay),
+        daemon=True,
     )
     arrivals: dict[str, float] = {}
     stop_reader = threading.Event()
     reader = threading.Thread(
-        target=follow_stream,
+        target=follow_streams,
         args=(
             redis_url,
-            STREAM,
+            producer_streams("orders", partitions),
             _stamp_arrival(arrivals),
             stop_reader,
         ),
@@ -79,6 +82,7 @@ def measure(
     return {
         "rate": rate,
         "seconds": seconds,
+        "partitions": partitions,
         "rows": len(commits),
         "achieved_rate": len(commits) / (committed_at[-1] - committed_at[0])
         if len(committed_at) > 1
@@ -116,10 +120,10 @@ def _warm_up(conn: Any, arrivals: dict[str, float]) -> None:
         time.sleep(0.01)
 
 
-def _run_relay(db_url: str, redis_url: str, batch_size: int, stop: Any) -> None:
+def _run_relay(db_url: str, redis_url: str, batch_size: int, partitions: int, stop: Any) -> None:
     from outbox_relay.relay import Relay, RelaySettings
 
-    settings = RelaySettings(producer="orders", stream=STREAM, batch_size=batch_size)
+    settings = RelaySettings(producer="orders", partitions=partitions, batch_size=batch_size)
     # a multiprocessing Event has the is_set/wait the relay loop uses
     Relay(db_url, redis_connect(redis_url), settings).run(stop)
 

@@ -112,7 +112,10 @@ def render(results: Results) -> str:
         parts.append(_component_section(results))
     e2e = results.get("end_to_end")
     if e2e and "error" not in e2e:
-        parts += [_e2e_section(e2e), _process_section(e2e)]
+        runs = e2e.get("runs") or [e2e]
+        parts.append(_scale_section(runs))
+        for run in runs:
+            parts += [_e2e_section(run), _process_section(run)]
     elif e2e:
         parts.append(f"End to end: error: {e2e['error']}")
     parts.append(_targets_section(results))
@@ -173,6 +176,40 @@ def _component_section(results: Results) -> str:
     return "\n".join(["Relay and consumer", table, *errors])
 
 
+def _scale_section(runs: Sequence[Results]) -> str:
+    """One line per consumer count: the scale-out curve of this machine."""
+    rows = []
+    for run in runs:
+        best = next(
+            (
+                s
+                for s in run["steps"]
+                if s["kept_up"] and s["rate"] == run["highest_sustained_rate"]
+            ),
+            None,
+        )
+        cpu_ms = run.get("cpu_ms_per_confirmed")
+        rows.append(
+            [
+                run.get("consumers", 1),
+                run.get("partitions", "-"),
+                _n(run["highest_sustained_rate"]),
+                _n(run.get("sustained_confirmed_per_s")) if best else "-",
+                "n/a" if cpu_ms is None else f"{cpu_ms:.1f}",
+                f"{best['latency_ms']['p50']:.0f}" if best else "-",
+                f"{best['latency_ms']['p99']:.0f}" if best else "-",
+                _n(max((s["rate"] for s in run["steps"]), default=0)),
+            ]
+        )
+    headers = ["consumers/service", "partitions", "orders/s kept up", "confirmed/s",
+               "CPU-ms/order", "p50 ms", "p99 ms", "highest offered/s"]  # fmt: skip
+    return (
+        "Scale-out (per consumer count, a fresh system each: the highest offered rate it kept\n"
+        "  up with, and at that rate the confirmed orders/s, CPU-ms per confirmed order summed\n"
+        "  over every process of the system and the servers, and latency)\n" + _table(headers, rows)
+    )
+
+
 def _e2e_section(e2e: Results) -> str:
     rows = [
         [
@@ -187,18 +224,25 @@ def _e2e_section(e2e: Results) -> str:
             step["backlog_at_end"],
             f"{step['send_lag_ms']['p99']:.0f}",
             f"{step.get('system_cpu_percent', 0):.0f}",
+            "n/a"
+            if step.get("cpu_ms_per_confirmed") is None
+            else f"{step['cpu_ms_per_confirmed']:.1f}",
             "yes" if step["kept_up"] else "NO",
         ]
         for step in e2e["steps"]
     ]
     headers = ["offered/s", "orders", "confirmed", "errors", "p50 ms", "p95 ms", "p99 ms",
-               "confirmed/s", "backlog", "lag p99 ms", "CPU %", "kept up"]  # fmt: skip
+               "confirmed/s", "backlog", "lag p99 ms", "CPU %", "CPU-ms/order",
+               "kept up"]  # fmt: skip
     return (
-        f"End to end (POST to OrderConfirmed seen on {e2e['step_seconds']:g} s steps, "
+        f"End to end, {e2e.get('consumers', 1)} consumer(s) per service, "
+        f"{e2e.get('partitions', '?')} partitions "
+        f"(POST to OrderConfirmed seen on {e2e['step_seconds']:g} s steps, "
         f"open loop, {e2e['senders']} senders; highest rate kept up: "
         f"{_n(e2e['highest_sustained_rate'])}/s)\n"
         "  backlog: orders not yet confirmed when the schedule ended (kept up: none lost and at\n"
-        "  most a second's worth); lag: how late POSTs left against the schedule; CPU: machine\n"
+        "  most a second's worth); lag: how late POSTs left against the schedule; CPU %: machine;\n"
+        "  CPU-ms/order: CPU of the system and servers per confirmed order, until all settled\n"
         + _table(headers, rows)
     )
 

@@ -74,10 +74,14 @@ def fill_outbox(conn: psycopg.Connection, rows: int) -> None:
 
 def reset(db_urls: Sequence[str], redis_url: str) -> None:
     """Empty the outbox and inbox of each database and the Redis database: every measurement
-    starts from nothing left over by the one before."""
+    starts from nothing left over by the one before. Partition leases and consumer members go
+    too, with the Redis fences they pair with: the next consumers start from epoch 1."""
     for url in db_urls:
         with connect(url) as conn:
-            conn.execute("TRUNCATE outbox, inbox RESTART IDENTITY")
+            conn.execute(
+                "TRUNCATE outbox, inbox, partition_leases, consumer_members, delivery_failures"
+                " RESTART IDENTITY"
+            )
     with redis.Redis.from_url(redis_url) as client:
         client.flushdb()
 
@@ -106,20 +110,22 @@ def chunks(count: int, size: int) -> Iterator[int]:
         yield min(size, count - start)
 
 
-def follow_stream(
+def follow_streams(
     redis_url: str,
-    stream: str,
+    streams: Sequence[str],
     on_entry: Callable[[dict[str, str], float], None],
     stop: threading.Event,
 ) -> None:
-    """Read `stream` from its start until stopped; each entry with the time its batch arrived
-    (time.perf_counter), for measuring how long an event took to get there."""
+    """Read `streams` (e.g. every partition of a producer) from their start until stopped,
+    with one XREAD; each entry with the time its batch arrived (time.perf_counter), for
+    measuring how long an event took to get there. One Redis, not a cluster: the partitions
+    of one producer are in different slots."""
     client = redis_connect(redis_url)
-    last = "0-0"
+    last = dict.fromkeys(streams, "0-0")
     while not stop.is_set():
-        reply = client.xread({stream: last}, count=1_000, block=100)
+        reply = client.xread(last, count=1_000, block=100)
         seen = time.perf_counter()
-        for _stream, entries in reply or ():
+        for stream, entries in reply or ():
             for entry_id, fields in entries:
-                last = entry_id
+                last[stream] = entry_id
                 on_entry(fields, seen)

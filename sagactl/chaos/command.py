@@ -1,6 +1,12 @@
 """`saga chaos`: the whole system under load while processes and servers are killed, then the
-audit. Everything runs on its own embedded PostgreSQL and Redis in a temporary directory, so
-it never touches the `make run-all` stack."""
+audit. Everything runs on its own embedded PostgreSQL and Redis (or Redis Cluster) in a
+temporary directory, so it never touches the `make run-all` stack.
+
+Each service runs `--consumers` consumer processes in its group, sharing `--partitions`
+partitions; killing one moves its partitions to the others (or back to it, restarted, once its
+leases ran out). The report says how often partitions changed owner, the longest time one had
+no live owner, and how many transactions were retried after a deadlock or serialization
+failure."""
 
 from __future__ import annotations
 
@@ -17,30 +23,48 @@ from pathlib import Path
 from typing import Any
 
 import click
-import redis
 
+from contracts.streams import DEFAULT_PARTITIONS, MAX_PARTITIONS
 from devstack.osutil import free_port, wait_until
 from sagactl.audit import run_audit
 from sagactl.chaos import load, observe
-from sagactl.chaos.faults import KINDS, FaultInjector
+from sagactl.chaos.faults import KINDS, FaultInjector, is_consumer_process
 from sagactl.chaos.servers import ChaosServers
 from sagactl.processes import (
-    CONSUMER_METRICS_OFFSET,
     RELAY_METRICS_OFFSET,
     WORKER_METRICS_OFFSET,
+    consumer_metrics_offset,
 )
-from sagactl.supervisor import Backoff, LogFiles, Supervisor, parse_procfile, with_standby_relays
+from sagactl.supervisor import (
+    Backoff,
+    LogFiles,
+    ProcessSpec,
+    Supervisor,
+    parse_procfile,
+    with_consumer_replicas,
+    with_standby_relays,
+)
 from service_runtime.config import PROJECT_ROOT, SERVICES, run_dir
 
 # Short timeouts so that a soak of a few minutes exercises the slow paths too: stuck orders
 # time out, abandoned entries are claimed, failed ones retried.
 SOAK_SETTINGS = {
     "PAYMENT_TIMEOUT_SECONDS": "20",
-    "CONSUMER_CLAIM_IDLE_MS": "3000",
     "CONSUMER_RETRY_BASE_MS": "200",
     "RELAY_POLL_SECONDS": "0.5",
     "RELAY_STANDBY_RETRY_SECONDS": "0.5",
 }
+
+HOW_OWNERSHIP_IS_MEASURED = (
+    "changes: partition leases acquired after the load started, from the epochs in each "
+    "service's partition_leases (every acquisition increments a partition's epoch); "
+    "consumer_metrics: saga_partition_ownership_changes_total of the consumers (acquired, "
+    "released, lost), summed like the outcomes. longest_no_owner_s: partition_leases sampled "
+    "every 0.2 s on the database's clock; a partition has no owner from its lease's expires_at "
+    "until the next acquisition. conflicts_retried: saga_consumer_conflicts_total summed over "
+    "every consumer process lifetime."
+)
+DEFAULT_CHAOS_CONSUMERS = 3
 
 HOW_DUPLICATES_ARE_COUNTED = (
     "duplicates_absorbed: deliveries whose inbox row already existed, i.e. the consumers' "
@@ -100,6 +124,26 @@ def _fault_kinds(_ctx: click.Context, _param: click.Parameter, value: str) -> li
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write the JSON report [default: .run/chaos-report.json].",
 )
+@click.option(
+    "--consumers",
+    default=DEFAULT_CHAOS_CONSUMERS,
+    show_default=True,
+    type=click.IntRange(1, 9),
+    help="Consumer processes per service (one group each); the consumer faults kill them.",
+)
+@click.option(
+    "--partitions",
+    default=DEFAULT_PARTITIONS,
+    show_default=True,
+    type=click.IntRange(1, MAX_PARTITIONS),
+    help="STREAM_PARTITIONS of the soak's deployment.",
+)
+@click.option(
+    "--redis-cluster",
+    is_flag=True,
+    help="Streams on a local 3-master Redis Cluster (rq on a plain Redis); the Redis faults "
+    "then kill or restart one cluster node at a time.",
+)
 @click.option("--keep", is_flag=True, help="Keep the servers' data and process logs.")
 def chaos(
     orders: int,
@@ -112,6 +156,9 @@ def chaos(
     grace_seconds: float,
     seed: int | None,
     report_path: Path | None,
+    consumers: int,
+    partitions: int,
+    redis_cluster: bool,
     keep: bool,
 ) -> None:
     """Soak: place orders while killing processes and crashing Redis and PostgreSQL, wait for
@@ -128,11 +175,18 @@ def chaos(
         "seed": seed if seed is not None else random.SystemRandom().randrange(1_000_000),
         "quiet_timeout_s": quiet_timeout,
         "grace_seconds": grace_seconds,
+        "consumers_per_service": consumers,
+        "partitions": partitions,
+        "redis_cluster": redis_cluster,
         **SOAK_SETTINGS,
     }
     directory = Path(tempfile.mkdtemp(prefix="saga-chaos-"))  # short: PostgreSQL's socket
     click.echo(f"chaos run, seed {settings['seed']}, servers and logs in {directory}")
-    soak = Soak(settings, directory)
+    try:
+        soak = Soak(settings, directory)
+    except click.ClickException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     try:
         report = soak.run()
     finally:
@@ -159,16 +213,23 @@ class Soak:
         self.settings = settings
         self.directory = directory
         self.rng = random.Random(settings["seed"])
-        self.servers = ChaosServers(directory)
+        self.servers = ChaosServers(directory, redis_cluster=settings["redis_cluster"])
         self.supervisor: Supervisor | None = None
         self.injector: FaultInjector | None = None
 
     def run(self) -> dict[str, Any]:
         env = self.servers.start()
+        env["STREAM_PARTITIONS"] = str(self.settings["partitions"])
         ports = {s: free_port() for s in SERVICES}
-        metrics_base = _free_metrics_base()
-        self.supervisor = supervisor = Supervisor(
+        n_consumers = self.settings["consumers_per_service"]
+        metrics_base = _free_metrics_base(n_consumers)
+        specs, consumer_ports = with_consumers(
             with_standby_relays(parse_procfile(PROJECT_ROOT / "Procfile")),
+            n_consumers,
+            metrics_base,
+        )
+        self.supervisor = supervisor = Supervisor(
+            specs,
             _process_env(env, ports, metrics_base, self.directory),
             LogFiles(self.directory / "logs"),
             Backoff(initial=0.5, maximum=5.0),  # a soak wants its processes back quickly
@@ -177,6 +238,12 @@ class Soak:
         urls = {s: f"http://127.0.0.1:{port}" for s, port in ports.items()}
         if not wait_until(lambda: all(_ready(u) for u in urls.values()), 120, 0.5):
             raise click.ClickException(f"services not ready; logs in {self.directory / 'logs'}")
+        db_urls = {s: env[f"{s.upper()}_DATABASE_URL"] for s in SERVICES}
+        partitions = self.settings["partitions"]
+        if not observe.wait_for_owners(db_urls, partitions, timeout=120):
+            raise click.ClickException(
+                f"the consumers did not share out the partitions; logs in {self.directory / 'logs'}"
+            )
 
         catalogue = load.Catalogue.sized_for(self.settings["orders"], self.rng)
         load.seed(urls, catalogue)
@@ -185,22 +252,21 @@ class Soak:
             f"{len(catalogue.accounts)} accounts; placing {self.settings['orders']} orders "
             f"from {self.settings['clients']} clients"
         )
-        counters = observe.ConsumerCounters(
-            {s: metrics_base + CONSUMER_METRICS_OFFSET + i for i, s in enumerate(SERVICES)},
-            supervisor.pid,
-        )
+        counters = observe.ConsumerCounters(consumer_ports, supervisor.pid)
         self.injector = injector = FaultInjector(
             supervisor,
             self.servers,
-            env["REDIS_URL"],
             self.settings["fault_kinds"],
             self.settings["fault_interval_s"],
             random.Random(self.rng.random()),
-            before_kill=lambda name: counters.scrape(name) if name.endswith("consumer") else None,
+            before_kill=lambda name: counters.scrape(name) if is_consumer_process(name) else None,
         )
         stats = load.LoadStats()
+        acquisitions_before = observe.lease_acquisitions(db_urls)
+        sampler = observe.OwnershipSampler(db_urls, partitions)
         started = time.monotonic()
         counters.start()
+        sampler.start()
         injector.start()
         self._place_orders(urls["orders"], catalogue, stats)
         injector.stop()
@@ -208,17 +274,25 @@ class Soak:
         faults = sum(injector.log.by_kind.values())
         click.echo(f"load done in {load_seconds:.0f} s with {faults} faults; waiting for quiet")
 
-        client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True, socket_timeout=10)
-        db_urls = {s: env[f"{s.upper()}_DATABASE_URL"] for s in SERVICES}
+        client = self.servers.redis_client(socket_timeout=10)
 
         def check() -> dict[str, int]:
-            found = observe.backlog(db_urls, client)
+            found = observe.backlog(db_urls, client, partitions)
             if not supervisor.all_running():
                 found["processes not running"] = 1
             return found
 
         quiet_at, left = observe.wait_for_quiet(check, self.settings["quiet_timeout_s"])
         counters.stop()
+        sampler.stop()
+        acquisitions = observe.lease_acquisitions(db_urls)
+        changes = {g: acquisitions[g] - acquisitions_before[g] for g in acquisitions}
+        ownership = {
+            "changes": sum(changes.values()),
+            "changes_by_group": changes,
+            "consumer_metrics": counters.ownership_changes(),
+            **sampler.summary(),
+        }
         # with no fault at all, convergence is counted from the end of the load
         last_fault = injector.log.last_fault_at or started + load_seconds
         audit = run_audit(db_urls, self.settings["grace_seconds"])
@@ -252,9 +326,12 @@ class Soak:
             "unplanned_process_exits": supervisor.unplanned_exits(),
             "duplicates_absorbed": outcomes.get("duplicate", 0),
             "consumer_outcomes": outcomes,
-            "republished": observe.republished_duplicates(client),
+            "republished": observe.republished_duplicates(client, partitions),
             "how_duplicates_are_counted": HOW_DUPLICATES_ARE_COUNTED,
-            "dead_letters": observe.dead_letters(client),
+            "ownership": ownership,
+            "conflicts_retried": counters.conflicts(),
+            "how_ownership_is_measured": HOW_OWNERSHIP_IS_MEASURED,
+            "dead_letters": observe.dead_letters(client, partitions),
             "converged": quiet_at is not None,
             "backlog_left": left,
             "convergence_seconds": (
@@ -323,12 +400,19 @@ def format_report(report: dict[str, Any]) -> str:
     outcomes, republished = report["consumer_outcomes"], report["republished"]
     handled = outcomes.get("processed", 0) + report["duplicates_absorbed"]
     exits = {name: len(items) for name, items in report["unplanned_process_exits"].items()}
+    settings, ownership = report["settings"], report["ownership"]
+    longest = ownership["longest_no_owner"]
+    where = f" ({longest['group']} p{longest['partition']})" if longest else ""
+    by_change = ", ".join(f"{k} {v}" for k, v in ownership["consumer_metrics"].items()) or "none"
     converged = (
         f"{report['convergence_seconds']} s after the last fault"
         if report["converged"]
         else "NOT CONVERGED"
     )
     lines = [
+        f"consumers                {settings['consumers_per_service']} per service, "
+        f"{settings['partitions']} partitions"
+        + (", Redis Cluster" if settings.get("redis_cluster") else ""),
         f"orders placed            {o['placed']} ({statuses}); clients gave up on {o['gave_up']}",
         f"cancellations            {o['cancel_requested']} requested, "
         f"{o['cancel_accepted']} accepted, {o['cancel_refused_409']} refused (409)",
@@ -336,7 +420,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"faults injected          {faults['total']}: {kinds}",
         f"duplicates absorbed      {report['duplicates_absorbed']} of {handled} deliveries "
         f"handled ({republished['entries']} entries re-published by relays)",
-        f"dead letters             {sum(report['dead_letters'].values())}",
+        f"ownership changes        {ownership['changes']} leases acquired during the run "
+        f"(consumers counted: {by_change})",
+        f"longest without owner    {ownership['longest_no_owner_s']} s{where}",
+        f"conflicts retried        {report['conflicts_retried']}",
+        f"dead letters             {sum(d['total'] for d in report['dead_letters'].values())}",
         f"convergence              {converged}",
         f"invariant violations     {report['violations']}",
     ]
@@ -350,12 +438,30 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _free_metrics_base() -> int:
-    """A METRICS_PORT_BASE whose relay and consumer ports are all free (not the default 9100:
-    a running `make run-all` may hold those)."""
+def with_consumers(
+    specs: list[ProcessSpec], per_service: int, metrics_base: int
+) -> tuple[list[ProcessSpec], dict[str, int]]:
+    """The Procfile's consumers as `per_service` consumers of each service, as run-all runs
+    them (`SVC-consumer-<i>`: `saga consume SVC --instance i`); returns the specs and each
+    consumer's metrics port."""
+    ports = {
+        f"{service}-consumer-{i}": metrics_base + consumer_metrics_offset(service, i)
+        for service in SERVICES
+        for i in range(1, per_service + 1)
+    }
+    return with_consumer_replicas(specs, per_service), ports
+
+
+def _free_metrics_base(consumers_per_service: int = 1) -> int:
+    """A METRICS_PORT_BASE whose relay, worker and consumer ports are all free (not the
+    default 9100: a running `make run-all` may hold those)."""
     rng = random.Random()
-    offsets = [RELAY_METRICS_OFFSET + i for i in range(3)]
-    offsets += [CONSUMER_METRICS_OFFSET + i for i in range(3)] + [WORKER_METRICS_OFFSET]
+    offsets = [RELAY_METRICS_OFFSET + i for i in range(3)] + [WORKER_METRICS_OFFSET]
+    offsets += [
+        consumer_metrics_offset(service, i)
+        for service in SERVICES
+        for i in range(1, consumers_per_service + 1)
+    ]
     for _ in range(100):
         base = rng.randrange(20_000, 60_000)
         if all(_port_free(base + offset) for offset in offsets):
@@ -382,6 +488,7 @@ def _process_env(
         **{f"{s.upper()}_PORT": str(port) for s, port in ports.items()},
         **SOAK_SETTINGS,
         "METRICS_PORT_BASE": str(metrics_base),
+        "CONSUMERS_PER_SERVICE": "1",  # each consumer is a process of the supervisor's
         "SAGA_RUN_DIR": str(directory),  # never fall back to the run-all stack's stack.env
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
         "PYTHONUNBUFFERED": "1",

@@ -52,7 +52,6 @@ class FaultInjector(threading.Thread):
         self,
         supervisor: Supervisor,
         servers: ChaosServers,
-        redis_url: str,
         kinds: list[str],
         mean_interval: float,
         rng: random.Random,
@@ -62,7 +61,6 @@ class FaultInjector(threading.Thread):
         super().__init__(name="fault-injector", daemon=True)
         self.supervisor = supervisor
         self.servers = servers
-        self.redis_url = redis_url
         self.kinds = kinds
         self.mean_interval = mean_interval
         self.rng = rng
@@ -158,7 +156,14 @@ class FaultInjector(threading.Thread):
         return self._kill(next(name for name in pair if name != active_names[0]))
 
     def _consumer(self) -> str | None:
-        return self._kill(f"{self._service()}-consumer")
+        """One running consumer process of a service; its partitions move to the others."""
+        service = self._service()
+        names = [
+            name
+            for name in self.supervisor.names
+            if is_consumer_process(name, service) and self.supervisor.pid(name) is not None
+        ]
+        return self._kill(self.rng.choice(names)) if names else None
 
     def _outage(self, down: Callable[[], None], up: Callable[[], None]) -> str:
         down()
@@ -175,7 +180,15 @@ class FaultInjector(threading.Thread):
 
     def _redis(self) -> redis.Redis:
         if self._client is None:  # reconnects by itself after a Redis restart
-            self._client = redis.Redis.from_url(
-                self.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5
-            )
+            self._client = self.servers.redis_client(socket_connect_timeout=2, socket_timeout=5)
         return self._client
+
+
+def is_consumer_process(name: str, service: str | None = None) -> bool:
+    """`orders-consumer` (a Procfile's one consumer) or `orders-consumer-2` (one of several)."""
+    services = SERVICES if service is None else (service,)
+    return any(
+        name == f"{s}-consumer"
+        or (name.startswith(f"{s}-consumer-") and name[len(s) + 10 :].isdigit())
+        for s in services
+    )

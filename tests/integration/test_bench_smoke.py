@@ -64,7 +64,7 @@ def test_relay_and_consumer_measurements(clean_state):
 
 
 @pytest.mark.e2e
-def test_end_to_end_measurement(clean_state):
+def test_end_to_end_measurement_with_two_consumers_per_service(clean_state):
     result = end_to_end.measure(
         clean_state.db_urls,
         clean_state.redis_url,
@@ -72,6 +72,8 @@ def test_end_to_end_measurement(clean_state):
         step_seconds=2,
         rise_by=0,
         senders=4,
+        consumers=2,
+        partitions=4,
     )
 
     [step] = result["steps"]
@@ -80,11 +82,44 @@ def test_end_to_end_measurement(clean_state):
     assert_percentiles(step["latency_ms"])
     assert step["confirmed_per_s"] > 0
     assert 0 <= step["system_cpu_percent"] <= 100
-    # every Procfile process is watched, and so is the load generator
-    for name in ("orders-web", "orders-relay", "orders-consumer", "bench load generator"):
+    assert step["cpu_seconds"] > 0 and step["cpu_ms_per_confirmed"] > 0
+    assert (result["consumers"], result["partitions"]) == (2, 4)
+    # every process is watched (both consumers of each service), and the load generator
+    names = ("orders-web", "orders-relay", "orders-consumer-1", "billing-consumer-2")
+    for name in (*names, "bench load generator"):
         assert step["cpu_percent"][name] >= 0
         assert result["memory_mb_at_end"][name]["rss"] > 0
     assert result["highest_sustained_rate"] in (0, 5)  # kept up or not: timing, not judged
+    if result["highest_sustained_rate"]:
+        assert result["cpu_ms_per_confirmed"] == step["cpu_ms_per_confirmed"]
 
-    results = report.evaluate({"end_to_end": result})
-    assert "5" in report.render(results)
+    results = report.evaluate({"end_to_end": end_to_end.combine([result, result])})
+    table = report.render(results)
+    assert "Scale-out" in table and "CPU-ms/order" in table
+    assert "2 consumer(s) per service, 4 partitions" in table
+
+
+def test_procfile_consumers_are_replaced_by_n_per_service(tmp_path):
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(
+        "orders-web: saga web orders\norders-consumer: saga consume orders\n"
+        "billing-consumer-1: saga consume billing --name billing-1\nworker: saga worker\n"
+    )
+    lines = end_to_end.procfile_with_consumers(procfile, 2).splitlines()
+    assert lines[:2] == ["orders-web: saga web orders", "worker: saga worker"]
+    assert "orders-consumer-2: saga consume orders --name orders-2" in lines
+    assert "billing-consumer-1: saga consume billing --name billing-1" in lines
+    assert sum("saga consume" in line for line in lines) == 6
+
+
+def test_consumer_counts_parse_as_a_list_or_repeated():
+    from click.testing import CliRunner
+
+    from benchmarks.cli import bench
+
+    result = CliRunner().invoke(bench, ["--consumers", "1,x", "--only", "raw_limits"])
+    assert result.exit_code == 2 and "whole numbers" in result.output
+    from benchmarks.cli import _counts
+
+    assert _counts(None, None, ("1,2", "4", "2")) == (1, 2, 4)  # type: ignore[arg-type]
+    assert _counts(None, None, ()) == (1,)  # type: ignore[arg-type]

@@ -1,9 +1,11 @@
-"""The pure pieces of `saga chaos`: Procfile parsing, load shape, retries, counters, quiet."""
+"""The pure pieces of `saga chaos`: Procfile parsing, consumers per service, load shape,
+retries, counters, ownership gaps, quiet."""
 
 from __future__ import annotations
 
 import io
 import random
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -66,12 +68,44 @@ def test_a_request_is_repeated_identically_until_a_definitive_answer(monkeypatch
     assert len(set(map(repr, seen))) == 1  # the very same request each time
 
 
+def test_chaos_runs_n_consumers_per_service_each_with_its_metrics_port():
+    from sagactl.chaos.command import with_consumers
+    from sagactl.processes import consumer_metrics_offset
+    from service_runtime.config import PROJECT_ROOT
+
+    procfile = with_standby_relays(parse_procfile(PROJECT_ROOT / "Procfile"))
+    specs, ports = with_consumers(procfile, 3, 40_000)
+    consumers = [s for s in specs if "saga consume" in s.command]
+    assert len(consumers) == 9 and len(set(ports.values())) == 9
+    spec = next(s for s in specs if s.name == "billing-consumer-2")
+    assert spec.command == "saga consume billing --instance 2"
+    # `saga consume billing --instance 2` serves on METRICS_PORT_BASE + its offset
+    assert ports["billing-consumer-2"] == 40_000 + consumer_metrics_offset("billing", 2)
+    assert [s.name for s in specs if "saga consume" not in s.command] == [
+        s.name for s in procfile if "saga consume" not in s.command
+    ]
+
+
+def test_consumer_fault_targets_are_the_consumer_processes():
+    from sagactl.chaos.faults import is_consumer_process
+
+    assert is_consumer_process("orders-consumer-3")
+    assert is_consumer_process("orders-consumer", "orders")
+    assert not is_consumer_process("orders-consumer-3", "billing")
+    assert not is_consumer_process("orders-relay-standby")
+
+
 def test_consumer_counters_add_up_over_restarts(monkeypatch):
     """A restarted consumer starts from zero: the old process's last counts are kept."""
     pages = {
         "a": 'saga_consumer_events_total{event_type="X",group="orders",outcome="duplicate"} 2.0\n'
-        'saga_consumer_events_total{event_type="X",group="orders",outcome="processed"} 5.0\n',
-        "b": 'saga_consumer_events_total{event_type="Y",group="orders",outcome="duplicate"} 1.0\n',
+        'saga_consumer_events_total{event_type="X",group="orders",outcome="processed"} 5.0\n'
+        'saga_consumer_conflicts_total{group="orders"} 3.0\n'
+        'saga_partition_ownership_changes_total{change="acquired",group="orders"} 4.0\n',
+        "b": 'saga_consumer_events_total{event_type="Y",group="orders",outcome="duplicate"} 1.0\n'
+        'saga_consumer_conflicts_total{group="orders"} 1.0\n'
+        'saga_partition_ownership_changes_total{change="acquired",group="orders"} 2.0\n'
+        'saga_partition_ownership_changes_total{change="lost",group="orders"} 1.0\n',
     }
     current = {"pid": 1, "page": "a"}
     monkeypatch.setattr(
@@ -79,12 +113,55 @@ def test_consumer_counters_add_up_over_restarts(monkeypatch):
         "urlopen",
         lambda url, timeout: io.BytesIO(pages[current["page"]].encode()),
     )
-    counters = observe.ConsumerCounters({"orders": 1}, lambda _name: current["pid"])
-    counters.scrape("orders-consumer")
+    counters = observe.ConsumerCounters({"orders-consumer-1": 1}, lambda _name: current["pid"])
+    counters.scrape("orders-consumer-1")
     assert counters.totals() == {"duplicate": 2, "processed": 5}
     current.update(pid=2, page="b")  # killed and restarted
-    counters.scrape("orders-consumer")
+    counters.scrape("orders-consumer-1")
     assert counters.totals() == {"duplicate": 3, "processed": 5}
+    assert counters.conflicts() == 4
+    assert counters.ownership_changes() == {"acquired": 6, "lost": 1}
+
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def lease(partition, epoch, acquired, expires):
+    return {
+        "partition": partition,
+        "owner": "x",
+        "epoch": epoch,
+        "live": None,
+        "acquired_at": T0 + timedelta(seconds=acquired),
+        "expires_at": T0 + timedelta(seconds=expires),
+    }
+
+
+def test_a_partition_without_owner_is_a_gap_until_the_next_acquisition():
+    sampler = observe.OwnershipSampler({}, partitions=2)
+    at = lambda seconds: T0 + timedelta(seconds=seconds)  # noqa: E731
+    sampler.observe("orders", [lease(0, 1, 0, 5), lease(1, 1, 0, 5)], at(1))
+    sampler.observe("orders", [lease(0, 1, 0, 5), lease(1, 1, 0, 5)], at(6))  # expired at 5
+    assert sampler.summary()["unended_gaps"] == 2
+    sampler.observe("orders", [lease(0, 2, 7.5, 12.5), lease(1, 1, 0, 5)], at(8))
+    summary = sampler.summary()
+    assert summary["gaps"] == 2 and summary["unended_gaps"] == 1
+    assert summary["longest_no_owner_s"] == 3.0  # partition 1: 5 -> 8, still open
+    sampler.observe("orders", [lease(0, 2, 7.5, 12.5), lease(1, 2, 8.2, 13)], at(8.5))
+    gaps = {g["partition"]: g for g in sampler.summary()["top_gaps"]}
+    assert gaps[0]["seconds"] == 2.5 and gaps[0]["ended"]  # 5 -> 7.5
+    assert gaps[1]["seconds"] == 3.2 and gaps[1]["ended"]  # 5 -> 8.2
+
+
+def test_a_hand_over_between_two_samples_counts_its_gap():
+    sampler = observe.OwnershipSampler({}, partitions=1)
+    sampler.observe("billing", [lease(0, 3, 0, 5)], T0 + timedelta(seconds=1))
+    # released and taken again between the samples: no sample saw it without an owner
+    sampler.observe("billing", [lease(0, 4, 5.4, 10)], T0 + timedelta(seconds=6))
+    summary = sampler.summary()
+    assert summary["longest_no_owner_s"] == 0.4 and summary["gaps"] == 1
+    sampler.observe("billing", [lease(0, 5, 9, 14)], T0 + timedelta(seconds=9.5))
+    assert sampler.summary()["gaps"] == 1  # taken over before the lease ran out: no gap
 
 
 def test_quiet_means_several_empty_checks_in_a_row(monkeypatch):
@@ -108,3 +185,16 @@ def test_unknown_fault_kinds_are_refused(bad):
     result = CliRunner().invoke(cli, ["chaos", "--faults", bad])
     assert result.exit_code == 2
     assert "unknown" in result.output
+
+
+def test_redis_cluster_needs_the_cluster_support(monkeypatch):
+    import sys
+
+    from click.testing import CliRunner
+
+    from sagactl.main import cli
+
+    monkeypatch.setitem(sys.modules, "devstack.redis_cluster", None)  # not installed
+    result = CliRunner().invoke(cli, ["chaos", "--redis-cluster", "--orders", "1"])
+    assert result.exit_code == 1
+    assert "Redis Cluster support not installed" in result.output

@@ -1,0 +1,60 @@
+"""A real `saga chaos` at toy size: two consumers per service, consumers killed (SIGKILL) while
+the others own the rest of the partitions; then the audit. The long soaks stay behind
+`make chaos`; this only keeps the soak and its report working (no figure is judged here
+beyond being plausible)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sagactl.main import cli
+
+pytestmark = pytest.mark.e2e
+
+
+def test_consumer_kills_move_partitions_and_break_no_invariant(tmp_path, monkeypatch):
+    # a short lease, so that a killed consumer's partitions move within the toy soak
+    monkeypatch.setenv("CONSUMER_LEASE_MS", "2000")
+    monkeypatch.setenv("CONSUMER_HEARTBEAT_MS", "400")
+    report_path = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "chaos",
+            "--orders", "6",
+            "--clients", "2",
+            "--consumers", "2",
+            "--partitions", "4",
+            "--faults", "consumer",
+            "--duration", "4",
+            "--fault-interval", "1",
+            "--grace-seconds", "2",
+            "--quiet-timeout", "120",
+            "--seed", "3",
+            "--report", str(report_path),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+
+    assert report["violations"] == 0 and report["failures"] == []
+    assert report["orders"]["placed"] == 6
+    assert report["settings"]["consumers_per_service"] == 2
+    assert report["settings"]["partitions"] == 4
+    consumers = [name for name in report["processes"] if "-consumer-" in name]
+    assert len(consumers) == 6
+    assert report["faults"]["by_kind"]["consumer"] >= 1  # the first fault comes within 1.5 s
+
+    ownership = report["ownership"]
+    assert ownership["changes"] >= 1  # a killed consumer's partitions were acquired again
+    assert sum(ownership["changes_by_group"].values()) == ownership["changes"]
+    assert ownership["consumer_metrics"].get("acquired", 0) >= 1
+    assert ownership["samples"] > 0 and ownership["unended_gaps"] == 0
+    assert ownership["longest_no_owner_s"] >= 0
+    assert isinstance(report["conflicts_retried"], int) and report["conflicts_retried"] >= 0
+    assert all(d["total"] == 0 for d in report["dead_letters"].values())
+    for line in ("ownership changes", "longest without owner", "conflicts retried"):
+        assert line in result.output
