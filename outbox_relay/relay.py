@@ -22,12 +22,11 @@ from contracts import DEFAULT_PARTITIONS, relay_status_key
 from outbox_relay.publisher import FaultPoint, publish_batch
 from service_runtime.db import DB_OUTAGE_ERRORS, connect
 from service_runtime.failures import is_outage
-from service_runtime.locks import RELAY_LOCK_KEY
 from service_runtime.faults import no_faults
+from service_runtime.locks import RELAY_LOCK_KEY
 from service_runtime.metrics import RELAY_BACKLOG
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,8 @@ class Relay:
                 self.on_batch(sent)
             if time.monotonic() - status_reported >= 1.0 and self.published > reported:
                 # At most once a second: at low rates a write per batch doubles the round trips.
-                self._report_status(last_publish_at=_now(), published=self.published)
+                # Only a count: when a row was published is its published_at (`saga outbox`).
+                self._report_status(published=self.published)
                 status_reported, reported = time.monotonic(), self.published
             if time.monotonic() - backlog_checked >= 1.0:
                 RELAY_BACKLOG.labels(self.settings.producer).set(unpublished_count(conn))
@@ -119,7 +119,7 @@ class Relay:
                 self._wait_for_work(conn, stop)
 
     def _report_status(self, **fields: object) -> None:
-        """For `saga outbox`: who is active and when it last published (best effort)."""
+        """For `saga outbox`: who is active, since when, how much it published (best effort)."""
         try:
             self.redis.hset(
                 relay_status_key(self.settings.producer),

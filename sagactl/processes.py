@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -40,6 +41,7 @@ from service_runtime.logs import setup_logging
 from service_runtime.metrics import serve as serve_metrics
 from service_runtime.metrics import serve_multiprocess as serve_multiprocess_metrics
 from service_runtime.partitions import check_partition_count
+from service_runtime.retention import require_nested_windows
 
 RQ_QUEUE = "saga"
 
@@ -94,6 +96,7 @@ def web(service: str) -> None:
 def relay(service: str) -> None:
     """Publish SERVICE's outbox to its stream (standby while another relay is active)."""
     setup_logging(service, "relay")
+    _refuse_to_start_unless(require_nested_windows)
     settings = from_env(
         RelaySettings, "RELAY_", producer=service, partitions=_checked_partitions(service)
     )
@@ -111,12 +114,12 @@ def relay(service: str) -> None:
 @service_argument
 @click.option(
     "--name",
-    help="Consumer name in the group, unique among its live consumers. "
-    "Default: SERVICE-HOST-PID.",
+    help="Consumer name in the group, unique among its live consumers. Default: SERVICE-HOST-PID.",
 )
 def consume(service: str, name: str | None) -> None:
     """React to the events SERVICE subscribes to, on the partitions this consumer owns."""
     setup_logging(service, "consumer")
+    _refuse_to_start_unless(require_nested_windows)
     handlers = importlib.import_module(f"{service}_service.reactions").HANDLERS
     settings = from_env(
         ConsumerSettings,
@@ -148,6 +151,14 @@ def consume(service: str, name: str | None) -> None:
         pool.close()
 
 
+def _refuse_to_start_unless(check: Callable[[], None]) -> None:
+    """Run a start-up check; a ConfigError ends the process (exit 1) with its message."""
+    try:
+        check()
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from err
+
+
 def _checked_partitions(service: str) -> int:
     """STREAM_PARTITIONS, refused (exit with the reason) if the deployment has another."""
     partitions = stream_partitions()
@@ -169,6 +180,7 @@ def cron() -> None:
     from service_runtime.retention import run_retention
 
     setup_logging("saga", "cron")
+    _refuse_to_start_unless(require_nested_windows)
     # One enqueue a second would drown the log at INFO; failures still show.
     logging.getLogger("rq.cron").setLevel(logging.WARNING)
     # rq stores pickled bytes: it needs a client that does not decode responses.

@@ -9,7 +9,6 @@ import psycopg
 
 from service_runtime.locks import MIGRATIONS_LOCK_KEY
 
-
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     name text PRIMARY KEY,
