@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from contracts import ORDERS_EVENTS, partition_of, partition_stream
 from service_runtime.faults import CRASH_EXIT_CODE
 from tests.helpers import wait_until
 from tests.saga_driver import SagaDriver
@@ -58,14 +59,30 @@ def unpublished(shop: SagaDriver, service: str) -> int:
         return conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]
 
 
+def orders_stream(shop: SagaDriver, order_id: str) -> str:
+    return partition_stream(ORDERS_EVENTS, partition_of(order_id, shop.partitions))
+
+
+def hand_back_leases(shop: SagaDriver, group: str) -> None:
+    """The driver's consumer of `group` lets its leases run out, as a stopped consumer's do:
+    a spawned consumer then takes the partitions (under a new epoch)."""
+    with shop.pools[group].connection() as conn:
+        conn.execute(
+            "UPDATE partition_leases SET expires_at = clock_timestamp() - interval '1 second'"
+            " WHERE consumer_group = %s",
+            (group,),
+        )
+
+
 def test_relay_killed_between_xadd_and_marking_published_duplicates_never_loses(shop, spawn):
     order_id = shop.place("alice", [("apple", 1)])
+    stream = orders_stream(shop, order_id)
     crashed(spawn("relay", "orders", crash_at="after_xadd"))
-    assert shop.redis.xlen("orders.events") == 1  # in the stream...
+    assert shop.redis.xlen(stream) == 1  # in the stream...
     assert unpublished(shop, "orders") == 1  # ...and still unpublished in the outbox
     spawn("relay", "orders")
     wait_until(lambda: unpublished(shop, "orders") == 0)
-    entries = shop.redis.xrange("orders.events")
+    entries = shop.redis.xrange(stream)
     assert [fields["aggregate_id"] for _id, fields in entries] == [order_id, order_id]
     assert entries[0][1]["event_id"] == entries[1][1]["event_id"]  # a duplicate, not a new event
     shop.settle()  # consumers absorb it
@@ -77,16 +94,20 @@ def test_relay_killed_between_xadd_and_marking_published_duplicates_never_loses(
 def test_consumer_killed_around_its_commit_applies_the_event_once(shop, spawn, crash_at):
     order_id = shop.place("alice", [("apple", 2)])
     shop.publish("orders")
+    stream = orders_stream(shop, order_id)
+    hand_back_leases(shop, "inventory")
     crashed(spawn("consume", "inventory", "--name", "inventory-1", crash_at=crash_at))
     reserved = shop.reservation(order_id)
     if crash_at == "mid_handler":
         assert reserved is None  # rolled back with the process
     else:
         assert reserved["status"] == "held"  # committed, but never acknowledged
-    assert shop.redis.xpending("orders.events", "inventory")["pending"] == 1
+    assert shop.redis.xpending(stream, "inventory")["pending"] == 1
 
-    spawn("consume", "inventory", "--name", "inventory-1")  # same name: re-reads its pending
-    wait_until(lambda: shop.redis.xpending("orders.events", "inventory")["pending"] == 0)
+    # same name: once the dead process's leases run out, it owns them again (a new epoch)
+    # and re-reads its pending entries
+    spawn("consume", "inventory", "--name", "inventory-1")
+    wait_until(lambda: shop.redis.xpending(stream, "inventory")["pending"] == 0, timeout=60)
     assert shop.available("apple") == 3  # reserved once
     assert shop.reservation(order_id)["status"] == "held"
     assert unpublished(shop, "inventory") == 1  # exactly one StockReserved

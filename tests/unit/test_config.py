@@ -9,14 +9,14 @@ from service_runtime.consumer import ConsumerSettings
 
 def test_overrides_come_from_prefixed_variables(monkeypatch):
     monkeypatch.setenv("CONSUMER_BATCH_SIZE", "7")
-    monkeypatch.setenv("CONSUMER_MAINTENANCE_INTERVAL_S", "0.25")
-    settings = from_env(ConsumerSettings, "CONSUMER_", group="g", consumer="c", streams=("s",))
-    assert (settings.batch_size, settings.maintenance_interval_s) == (7, 0.25)
+    monkeypatch.setenv("CONSUMER_LEASE_MS", "2500")
+    settings = from_env(ConsumerSettings, "CONSUMER_", group="g", consumer="c", partitions=4)
+    assert (settings.batch_size, settings.lease_ms, settings.partitions) == (7, 2500, 4)
     assert settings.block_ms == ConsumerSettings.block_ms  # not set: the class default
 
 
 def test_given_values_win_over_the_environment(monkeypatch):
     monkeypatch.setenv("RELAY_BATCH_SIZE", "9")
-    monkeypatch.setenv("RELAY_STREAM", "ignored")
-    settings = from_env(RelaySettings, "RELAY_", producer="orders", stream="orders.events")
-    assert (settings.stream, settings.batch_size) == ("orders.events", 9)
+    monkeypatch.setenv("RELAY_PARTITIONS", "3")
+    settings = from_env(RelaySettings, "RELAY_", producer="orders", partitions=8)
+    assert (settings.partitions, settings.batch_size) == (8, 9)

@@ -255,7 +255,8 @@ def test_every_group_reads_the_other_services_streams_only():
         assert set(streams) <= set(STREAM_OF_PRODUCER.values())
 
 
-def test_dead_letter_and_redrive_streams_are_per_group():
-    assert dead_letter_stream("inventory") == "inventory.dead-letters"
-    assert redrive_stream("inventory") == "inventory.redrive"
-    assert dead_letter_stream("orders") != dead_letter_stream("billing")
+def test_dead_letter_and_redrive_streams_are_per_group_and_partition():
+    assert dead_letter_stream("inventory", 3) == "inventory.dead-letters.{p3}"
+    assert redrive_stream("inventory", 3) == "inventory.redrive.{p3}"
+    assert dead_letter_stream("orders", 0) != dead_letter_stream("billing", 0)
+    assert dead_letter_stream("orders", 0) != dead_letter_stream("orders", 1)
