@@ -280,6 +280,8 @@ def trace(order_id: str, as_json: bool) -> None:
     ]
     for line in dead:
         click.echo(line)
+    if dead:
+        click.echo()
     for service, s in report["state"].items():
         if s is None:
             state_rows.append([service, "(none)", None, None])
