@@ -231,7 +231,9 @@ def trimmed_streams(partitions: int) -> list[tuple[str, tuple[str, ...]]]:
 
 def run_retention() -> dict[str, Any]:
     """rq job: trim the streams first (the outbox, pruned after, covers a longer window), then
-    prune every service's outbox, inbox and delivery failures."""
+    prune every service's outbox, inbox and delivery failures. Refuses (ConfigError) to run
+    with windows that do not nest."""
+    require_nested_windows()
     windows = from_env(Windows, "")
     report: dict[str, Any] = {}
     client = redis_connect(redis_url())

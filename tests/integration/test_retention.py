@@ -234,6 +234,7 @@ def test_windows_that_do_not_nest_name_the_variables():
     ],
 )
 def test_processes_refuse_to_start_when_the_windows_do_not_nest(command, env, tmp_path):
+    """Issue 9 item 14: every relay, consumer and the cron check the windows first."""
     saga = Path(sys.executable).parent / "saga"
     # No servers: the check comes before any connection.
     clean = {k: v for k, v in os.environ.items() if not k.endswith(("_URL", "_HOURS"))}
@@ -274,3 +275,19 @@ def test_republish_after_redis_data_loss_goes_to_the_partitions_and_is_absorbed(
     assert shop.available("apple") == 3
     assert shop.balance("alice") == 700
     assert shop.order(order_id)["status"] == "confirmed"
+
+
+def test_retention_refuses_to_run_with_windows_that_do_not_nest(shop, cli_env, monkeypatch):
+    from click.testing import CliRunner
+
+    from sagactl.main import cli
+
+    shop.place("alice", [("apple", 1)])
+    shop.publish("orders")
+    age_rows(shop.db_urls["orders"], "outbox", "published_at", 30)
+    monkeypatch.setenv("OUTBOX_RETENTION_HOURS", "12")
+    result = CliRunner().invoke(cli, ["retention"])
+    assert result.exit_code == 1
+    assert "OUTBOX_RETENTION_HOURS (12)" in result.output and "Traceback" not in result.output
+    with psycopg.connect(shop.db_urls["orders"]) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 1  # nothing pruned
