@@ -10,6 +10,7 @@ import psycopg
 import pytest
 import requests
 
+from contracts import DEFAULT_PARTITIONS, partition_of, partition_stream
 from tests.helpers import wait_until
 
 TERMINAL = {"confirmed", "rejected", "cancelled"}
@@ -86,9 +87,11 @@ def shop(api):
 
 
 def events_of(system, stream: str, order_id: str) -> list[dict]:
+    """The order's events on base stream `stream`, from the order's partition stream."""
+    partition = partition_stream(stream, partition_of(order_id, DEFAULT_PARTITIONS))
     return [
         fields
-        for _id, fields in system.redis().xrange(stream)
+        for _id, fields in system.redis().xrange(partition)
         if fields["aggregate_id"] == order_id
     ]
 
@@ -320,9 +323,11 @@ def test_consumer_groups_exist_and_drain(system, shop):
         "inventory.events": {"orders", "billing"},
         "billing.events": {"orders", "inventory"},
     }
-    for stream, groups in expected.items():
-        wait_until(lambda s=stream: all(g["pending"] == 0 for g in client.xinfo_groups(s)))
-        assert {g["name"] for g in client.xinfo_groups(stream)} == groups
+    for base, groups in expected.items():
+        for p in range(DEFAULT_PARTITIONS):
+            stream = partition_stream(base, p)
+            wait_until(lambda s=stream: all(g["pending"] == 0 for g in client.xinfo_groups(s)))
+            assert {g["name"] for g in client.xinfo_groups(stream)} == groups
 
 
 @pytest.mark.parametrize("service,path", [("orders", "/orders"), ("inventory", "/products")])
