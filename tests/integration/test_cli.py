@@ -32,7 +32,7 @@ from sagactl.inspect.streams import follow_entries
 from sagactl.main import cli
 from service_runtime.consumer import ConsumerSettings, PartitionWorker
 from service_runtime.ownership import PartitionLeases
-from tests.helpers import stream_total, wait_until
+from tests.helpers import EXPIRE_LEASES, stream_total, wait_until
 from tests.partition_steps import drain, own_partitions
 
 SAGA_TYPES = ["OrderPlaced", "StockReserved", "PaymentCaptured", "OrderConfirmed"]
@@ -88,7 +88,8 @@ def take_over(shop, group: str, name: str, handlers=None, **settings) -> tuple[l
     """Replace `group`'s consumer in the driver by `name` owning every partition (a new
     epoch for each), with `handlers` (default: the group's own); its outcomes are counted."""
     with shop.pools[group].connection() as conn:
-        conn.execute("DELETE FROM partition_leases WHERE consumer_group = %s", (group,))
+        # expired, not deleted: the new owner takes them under a new epoch (fencing the old)
+        conn.execute(EXPIRE_LEASES, (group,))
     outcomes: Counter = Counter()
     workers = own_partitions(
         shop.redis,

@@ -15,7 +15,7 @@ import pytest
 
 from contracts import ORDERS_EVENTS, partition_of, partition_stream
 from service_runtime.faults import CRASH_EXIT_CODE
-from tests.helpers import wait_until
+from tests.helpers import EXPIRE_LEASES, wait_until
 from tests.saga_driver import SagaDriver
 
 SAGA = str(Path(sys.executable).parent / "saga")
@@ -67,11 +67,7 @@ def hand_back_leases(shop: SagaDriver, group: str) -> None:
     """The driver's consumer of `group` lets its leases run out, as a stopped consumer's do:
     a spawned consumer then takes the partitions (under a new epoch)."""
     with shop.pools[group].connection() as conn:
-        conn.execute(
-            "UPDATE partition_leases SET expires_at = clock_timestamp() - interval '1 second'"
-            " WHERE consumer_group = %s",
-            (group,),
-        )
+        conn.execute(EXPIRE_LEASES, (group,))
 
 
 def test_relay_killed_between_xadd_and_marking_published_duplicates_never_loses(shop, spawn):

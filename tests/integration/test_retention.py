@@ -27,7 +27,7 @@ from service_runtime.retention import (
     run_retention,
     trim_partition_stream,
 )
-from tests.helpers import stream_total
+from tests.helpers import EXPIRE_LEASES, stream_total
 from tests.partition_steps import drain, own_partitions
 
 STREAM = partition_stream(ORDERS_EVENTS, 0)  # read by inventory and billing
@@ -154,7 +154,7 @@ def test_a_pending_entry_the_handler_keeps_failing_survives_retention_and_is_han
         HANDLERS["OrderPlaced"](uow, event)
 
     with shop.pools["inventory"].connection() as conn:
-        conn.execute("DELETE FROM partition_leases WHERE consumer_group = 'inventory'")
+        conn.execute(EXPIRE_LEASES, ("inventory",))
     outcomes: Counter = Counter()
     settings = ConsumerSettings(group="inventory", consumer="inventory-2", max_deliveries=5)
     shop.consumers["inventory"] = workers = own_partitions(
@@ -262,7 +262,7 @@ def test_republish_after_redis_data_loss_goes_to_the_partitions_and_is_absorbed(
     # the consumers lose their partitions (fenced) and own them again under a new epoch
     for service in shop.consumers:
         with shop.pools[service].connection() as conn:
-            conn.execute("DELETE FROM partition_leases WHERE consumer_group = %s", (service,))
+            conn.execute(EXPIRE_LEASES, (service,))
         shop.consumers[service] = shop.consumer(service, f"{service}-2")
     since = datetime.now(UTC) - timedelta(hours=1)
     assert sum(republish(shop.db_urls[s], since) for s in shop.db_urls) >= 4
