@@ -114,7 +114,8 @@ def relay(service: str) -> None:
 @service_argument
 @click.option(
     "--name",
-    help="Consumer name in the group, unique among its live consumers. Default: SERVICE-HOST-PID.",
+    help="Consumer name in the group, unique among its live consumers. "
+    "Default: SERVICE-HOST-PID.",
 )
 def consume(service: str, name: str | None) -> None:
     """React to the events SERVICE subscribes to, on the partitions this consumer owns."""
