@@ -89,7 +89,8 @@ def group_streams(group: str, partition: int) -> tuple[str, ...]:
 
 
 def relay_status_key(producer: str) -> str:
-    """A Redis hash the active relay keeps current: holder, active_since, last_publish_at."""
+    """A Redis hash the active relay keeps current: holder, active_since, published (a count;
+    the time of the last publish is the outbox's own published_at)."""
     return f"saga:relay:{producer}"
 
 

@@ -51,7 +51,6 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.database = a.datid
   AND now() - coalesce(a.state_change, a.backend_start) > make_interval(secs => %s)
 """
 
-
 @dataclass(frozen=True)
 class RelaySettings:
     producer: str
@@ -176,7 +175,8 @@ class Relay:
                 self.on_batch(sent)
             if time.monotonic() - status_reported >= 1.0 and self.published > reported:
                 # At most once a second: at low rates a write per batch doubles the round trips.
-                self._report_status(last_publish_at=_now(), published=self.published)
+                # Only a count: when a row was published is its published_at (`saga outbox`).
+                self._report_status(published=self.published)
                 status_reported, reported = time.monotonic(), self.published
             if time.monotonic() - backlog_checked >= 1.0:
                 RELAY_BACKLOG.labels(self.settings.producer).set(unpublished_count(conn))
@@ -185,7 +185,7 @@ class Relay:
                 self._wait_for_work(conn, stop)
 
     def _report_status(self, **fields: object) -> None:
-        """For `saga outbox`: who is active and when it last published (best effort)."""
+        """For `saga outbox`: who is active, since when, how much it published (best effort)."""
         try:
             self.redis.hset(
                 relay_status_key(self.settings.producer),

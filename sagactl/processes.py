@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -41,6 +42,7 @@ from service_runtime.logs import setup_logging
 from service_runtime.metrics import serve as serve_metrics
 from service_runtime.metrics import serve_multiprocess as serve_multiprocess_metrics
 from service_runtime.partitions import check_partition_count
+from service_runtime.retention import require_nested_windows
 
 RQ_QUEUE = "saga"
 
@@ -102,6 +104,7 @@ def web(service: str) -> None:
 def relay(service: str) -> None:
     """Publish SERVICE's outbox to its stream (standby while another relay is active)."""
     setup_logging(service, "relay")
+    _refuse_to_start_unless(require_nested_windows)
     settings = from_env(
         RelaySettings, "RELAY_", producer=service, partitions=_checked_partitions(service)
     )
@@ -131,6 +134,7 @@ def relay(service: str) -> None:
 def consume(service: str, name: str | None, instance: int | None) -> None:
     """React to the events SERVICE subscribes to, on the partitions this consumer owns."""
     setup_logging(service, "consumer")
+    _refuse_to_start_unless(require_nested_windows)
     handlers = importlib.import_module(f"{service}_service.reactions").HANDLERS
     settings = from_env(
         ConsumerSettings,
@@ -166,6 +170,14 @@ def consume(service: str, name: str | None, instance: int | None) -> None:
         pool.close()
 
 
+def _refuse_to_start_unless(check: Callable[[], None]) -> None:
+    """Run a start-up check; a ConfigError ends the process (exit 1) with its message."""
+    try:
+        check()
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from err
+
+
 def _checked_partitions(service: str) -> int:
     """STREAM_PARTITIONS, refused (exit with the reason) if the deployment has another."""
     partitions = stream_partitions()
@@ -187,6 +199,7 @@ def cron() -> None:
     from service_runtime.retention import run_retention
 
     setup_logging("saga", "cron")
+    _refuse_to_start_unless(require_nested_windows)
     # One enqueue a second would drown the log at INFO; failures still show.
     logging.getLogger("rq.cron").setLevel(logging.WARNING)
     # rq stores pickled bytes: it needs a client that does not decode responses. And a plain

@@ -7,14 +7,15 @@ from datetime import datetime
 
 import click
 
-from service_runtime.config import SERVICES, database_url
+from service_runtime.config import SERVICES, ConfigError, database_url
 from service_runtime.db import connect
 from service_runtime.retention import run_retention
 
 
 def republish(database_url_: str, since: datetime) -> int:
     """Mark published outbox rows committed since `since` as unpublished: the relay sends them
-    again (after Redis lost its data); consumers' inboxes absorb what they had already seen."""
+    again (after Redis lost its data), each to its order's partition stream as it routes every
+    row; consumers' inboxes absorb what they had already seen."""
     with connect(database_url_) as conn:
         return conn.execute(
             "UPDATE outbox SET published_at = NULL "
@@ -44,8 +45,13 @@ def republish_command(service: str, since: datetime) -> None:
 
 @click.command("retention")
 def retention_command() -> None:
-    """Prune old outbox and inbox rows and trim the streams now (the cron job does it hourly)."""
-    click.echo(json.dumps(run_retention(), indent=2))
+    """Trim the streams (never below what a group has not acknowledged) and prune old outbox,
+    inbox and delivery-failure rows now (the cron job does it hourly)."""
+    try:
+        report = run_retention()
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(json.dumps(report, indent=2))
 
 
 COMMANDS = [republish_command, retention_command]

@@ -89,6 +89,16 @@ PARTITION_CHANGES = Counter(
 PARTITIONS_OWNED = Gauge(
     "saga_partitions_owned", "Partitions this consumer owns", ["group", "consumer"]
 )
+RETENTION_PRUNED = Counter(
+    "saga_retention_removed_total",
+    "Rows pruned (outbox, inbox, delivery_failures) and stream entries trimmed by retention",
+    ["what"],
+)
+RETENTION_TRIM_HELD = Counter(
+    "saga_retention_trim_held_back_total",
+    "Trims of a stream held back by a group with old pending or undelivered entries there",
+    ["group"],
+)
 JOBS_RUN = Counter("saga_jobs_total", "rq jobs finished, by job", ["job"])
 
 

@@ -54,6 +54,14 @@ def stream_total(client: Any, base: str, partitions: int = 8) -> int:
     return sum(client.xlen(partition_stream(base, p)) for p in range(partitions))
 
 
+# A consumer's leases as they are when it stopped renewing them: the next owner takes each
+# partition under a new epoch (unlike deleting the rows, which would start epochs again at 1).
+EXPIRE_LEASES = (
+    "UPDATE partition_leases SET expires_at = clock_timestamp() - interval '1 second'"
+    " WHERE consumer_group = %s"
+)
+
+
 class FreezableProxy:
     """A TCP forwarder between a client and a server that can stop forwarding without closing
     any socket: both ends see a peer that is alive (the kernel still acknowledges) but silent,

@@ -22,6 +22,7 @@ from outbox_relay.publisher import publish_batch
 from service_runtime.consumer import ConsumerSettings, PartitionWorker
 from service_runtime.db import create_pool
 from service_runtime.ownership import assignment
+from tests.helpers import EXPIRE_LEASES
 from tests.partition_steps import drain, own_partitions
 
 SERVICES = ("orders", "inventory", "billing")
@@ -66,7 +67,7 @@ class SagaDriver:
         """Hand SERVICE's partitions back (for a real `saga consume` process to take them);
         deliver() then does nothing for SERVICE."""
         with self.pools[service].connection() as conn:
-            conn.execute("DELETE FROM partition_leases WHERE consumer_group = %s", (service,))
+            conn.execute(EXPIRE_LEASES, (service,))
         self.consumers[service] = []
 
     def split(
@@ -80,7 +81,7 @@ class SagaDriver:
         members do (service_runtime.ownership.assignment), or as `plan` says (one set of
         partitions per consumer); returns each one's workers."""
         with self.pools[service].connection() as conn:
-            conn.execute("DELETE FROM partition_leases WHERE consumer_group = %s", (service,))
+            conn.execute(EXPIRE_LEASES, (service,))  # new owners, new epochs
         names = [f"{service}-{i}" for i in range(count)]
         if plan is None:
             plan = [assignment(names, self.partitions, name) for name in names]

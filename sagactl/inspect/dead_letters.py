@@ -1,20 +1,22 @@
 """`saga dead-letters list|show|redrive`: entries a group gave up on, and sending them back.
 
-A re-drive goes to the failing group's own `<group>.redrive` stream, never to the original
-stream: the other groups reading that stream handled the event already and must not see it
-again.
+Dead letters live in one stream per group and partition (`inventory.dead-letters.{p3}`). A
+re-drive goes to the failing group's own re-drive stream of the entry's partition
+(`inventory.redrive.{p3}`), never to the original stream: the other groups reading that stream
+handled the event already and must not see it again.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import click
 import redis
 
-from contracts import ENVELOPE_FIELDS, SUBSCRIPTIONS, dead_letter_stream, redrive_stream
+from contracts import ENVELOPE_FIELDS, dead_letter_stream, partition_index
 from sagactl.inspect.common import (
     entry_time,
     friendly_errors,
@@ -26,11 +28,20 @@ from sagactl.inspect.common import (
     short_time,
     table,
 )
+from sagactl.inspect.partitions import (
+    GROUPS,
+    deployment_partitions,
+    find_entries,
+    id_key,
+    redrive_target,
+)
 
-GROUPS = tuple(SUBSCRIPTIONS)
 REDRIVE_BATCH = 200
 WATCH_RETRIES = 20
 _ENTRY_ID = re.compile(r"^\d+-\d+$")
+# A re-driven entry carries these besides the envelope: the consumer checks the producer
+# against the original stream, and a second failure keeps pointing at the original entry.
+REDRIVE_FIELDS = (*ENVELOPE_FIELDS, "original_stream", "original_id")
 
 
 def _entry_ids(_ctx: click.Context, _param: click.Parameter, values: Any) -> Any:
@@ -42,11 +53,19 @@ def _entry_ids(_ctx: click.Context, _param: click.Parameter, values: Any) -> Any
 
 
 group_choice = click.Choice(GROUPS)
+partition_option = click.option(
+    "--partition",
+    "-p",
+    type=click.IntRange(min=0),
+    help="Only this partition (entry ids are unique per partition stream only).",
+)
 
 
-def summary(group: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
+def summary(group: str, stream: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
     return {
         "group": group,
+        "partition": partition_index(stream),
+        "stream": stream,
         "id": entry_id,
         "dead_lettered_at": iso_text(fields.get("dead_lettered_at")) or entry_time(entry_id),
         "original_stream": fields.get("original_stream"),
@@ -59,28 +78,43 @@ def summary(group: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any]
     }
 
 
+def _sources(group: str, partitions: int, partition: int | None) -> list[str]:
+    if partition is not None and partition >= partitions:
+        raise click.ClickException(f"no partition {partition} (partitions 0 to {partitions - 1})")
+    chosen = range(partitions) if partition is None else (partition,)
+    return [dead_letter_stream(group, p) for p in chosen]
+
+
 @click.group("dead-letters")
 def dead_letters() -> None:
-    """List, show and re-drive the entries a group gave up on."""
+    """List, show and re-drive the entries a group gave up on (all partitions)."""
 
 
 @dead_letters.command("list")
 @click.argument("group", required=False, type=group_choice, metavar="[GROUP]")
+@partition_option
 @click.option("--count", "-n", default=100, show_default=True, type=click.IntRange(min=1))
 @json_option
 @friendly_errors
-def list_command(group: str | None, count: int, as_json: bool) -> None:
-    """Dead letters of GROUP (default: every group), oldest first."""
+def list_command(group: str | None, partition: int | None, count: int, as_json: bool) -> None:
+    """Dead letters of GROUP (default: every group) over all partitions, oldest first."""
     client = open_redis()
+    partitions = deployment_partitions()
     groups = (group,) if group else GROUPS
-    totals = {g: client.xlen(dead_letter_stream(g)) for g in groups}
-    letters = [
-        summary(g, entry_id, fields)
-        for g in groups
-        for entry_id, fields in client.xrange(dead_letter_stream(g), count=count)
-    ]
+    totals: dict[str, int] = {}
+    letters: list[dict[str, Any]] = []
+    for g in groups:
+        sources = _sources(g, partitions, partition)
+        totals[g] = sum(client.xlen(source) for source in sources)
+        found = [
+            summary(g, source, entry_id, fields)
+            for source in sources
+            for entry_id, fields in client.xrange(source, count=count)
+        ]
+        found.sort(key=lambda d: (id_key(d["id"]), d["partition"]))
+        letters += found[:count]
     if as_json:
-        print_json({"totals": totals, "dead_letters": letters})
+        print_json({"partitions": partitions, "totals": totals, "dead_letters": letters})
         return
     if not letters:
         click.echo(f"no dead letters ({', '.join(groups)})")
@@ -88,6 +122,7 @@ def list_command(group: str | None, count: int, as_json: bool) -> None:
     rows = [
         [
             d["group"],
+            d["partition"],
             d["id"],
             short_time(d["dead_lettered_at"]),
             d["original_stream"],
@@ -97,7 +132,16 @@ def list_command(group: str | None, count: int, as_json: bool) -> None:
         ]
         for d in letters
     ]
-    headers = ["GROUP", "ENTRY", "DEAD-LETTERED AT", "FROM", "TYPE", "ATTEMPTS", "ERROR"]
+    headers = [
+        "GROUP",
+        "PARTITION",
+        "ENTRY",
+        "DEAD-LETTERED AT",
+        "FROM",
+        "TYPE",
+        "ATTEMPTS",
+        "ERROR",
+    ]
     click.echo(table(headers, rows))
     for g, total in totals.items():
         shown = sum(1 for d in letters if d["group"] == g)
@@ -112,28 +156,40 @@ def _one_line(text: str | None, width: int) -> str | None:
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
+def _one_match(
+    matches: list[tuple[str, dict[str, str]]], entry_id: str, where: str
+) -> tuple[str, dict[str, str]]:
+    if not matches:
+        raise click.ClickException(f"no dead letter {entry_id} in {where}")
+    if len(matches) > 1:
+        raise click.ClickException(
+            f"{entry_id} is in {', '.join(s for s, _ in matches)}: "
+            "say which with --group and --partition"
+        )
+    return matches[0]
+
+
 @dead_letters.command("show")
 @click.argument("entry_id", callback=_entry_ids)
 @click.option("--group", type=group_choice, help="Look only in this group's dead letters.")
+@partition_option
 @json_option
 @friendly_errors
-def show_command(entry_id: str, group: str | None, as_json: bool) -> None:
+def show_command(entry_id: str, group: str | None, partition: int | None, as_json: bool) -> None:
     """Show one dead letter in full: error, attempts, origin and the event itself."""
     client = open_redis()
-    for g in (group,) if group else GROUPS:
-        found = client.xrange(dead_letter_stream(g), min=entry_id, max=entry_id, count=1)
-        if found:
-            fields = found[0][1]
-            break
-    else:
-        where = dead_letter_stream(group) if group else "any group's dead letters"
-        raise click.ClickException(f"no dead letter {entry_id} in {where}")
+    partitions = deployment_partitions()
+    groups = (group,) if group else GROUPS
+    sources = [s for g in groups for s in _sources(g, partitions, partition)]
+    where = f"{group}'s dead letters" if group else "any group's dead letters"
+    source, fields = _one_match(find_entries(client, sources, entry_id), entry_id, where)
+    g = next(g for g in groups if source in _sources(g, partitions, None))
     payload = parse_payload(fields.get("payload"))
     if as_json:
-        print_json({**summary(g, entry_id, fields), "fields": fields, "payload": payload})
+        print_json({**summary(g, source, entry_id, fields), "fields": fields, "payload": payload})
         return
     width = max(len(k) for k in fields)
-    click.echo(f"dead letter {entry_id} of group {g} ({dead_letter_stream(g)})")
+    click.echo(f"dead letter {entry_id} of group {g} ({source})")
     for key, value in fields.items():
         if key != "payload":
             click.echo(f"  {key.ljust(width)}  {value}".rstrip())
@@ -141,47 +197,78 @@ def show_command(entry_id: str, group: str | None, as_json: bool) -> None:
     click.echo(f"  {'payload'.ljust(width)}  " + text.replace("\n", "\n  " + " " * (width + 2)))
 
 
-def redrive(client: redis.Redis, group: str, ids: list[str] | None) -> list[dict[str, Any]]:
-    """Move dead letters (the given ids, or all present now) to the group's re-drive stream.
+Picked = list[tuple[str, str, dict[str, str]]]  # (dead-letter stream, entry id, fields)
+
+
+def redrive(
+    client: redis.Redis,
+    group: str,
+    partitions: int,
+    ids: list[str] | None,
+    partition: int | None = None,
+) -> list[dict[str, Any]]:
+    """Move dead letters (the given ids, or all present now) to the group's re-drive stream of
+    each entry's partition (redrive_target).
 
     Per batch, XADD of the original envelope and XDEL of the dead letter run in one MULTI,
     under WATCH: an entry is never both re-driven and kept, nor re-driven twice.
     """
-    source, target = dead_letter_stream(group), redrive_stream(group)
+    sources = _sources(group, partitions, partition)
     if ids is not None:  # given by hand: all of them in one transaction, or none
-        return _redrive_batch(client, source, target, list(dict.fromkeys(ids)), None)
-    # Only what is there now: a re-driven entry that fails again comes back with a new id
-    # and must not be picked up by this same run.
-    newest = client.xrevrange(source, max="+", min="-", count=1)
-    if not newest:
-        return []
+        wanted = list(dict.fromkeys(ids))
+
+        def by_id(pipe: redis.client.Pipeline) -> Picked:
+            picked = []
+            for entry_id in wanted:
+                matches = find_entries(pipe, sources, entry_id)
+                where = sources[0] if len(sources) == 1 else f"{group}'s dead letters"
+                source, fields = _one_match(matches, entry_id, where)
+                picked.append((source, entry_id, fields))
+            return picked
+
+        return _redrive_batch(client, group, partitions, sources, by_id)
     moved: list[dict[str, Any]] = []
-    while batch := _redrive_batch(client, source, target, None, newest[0][0]):
-        moved += batch
+    for source in sources:
+        # Only what is there now: a re-driven entry that fails again comes back with a new id
+        # and must not be picked up by this same run.
+        newest = client.xrevrange(source, max="+", min="-", count=1)
+        if not newest:
+            continue
+
+        def page(
+            pipe: redis.client.Pipeline, source: str = source, up_to: str = newest[0][0]
+        ) -> Picked:
+            entries = pipe.xrange(source, min="-", max=up_to, count=REDRIVE_BATCH)
+            return [(source, entry_id, fields) for entry_id, fields in entries]
+
+        while batch := _redrive_batch(client, group, partitions, [source], page):
+            moved += batch
     return moved
 
 
 def _redrive_batch(
-    client: redis.Redis, source: str, target: str, ids: list[str] | None, up_to: str | None
+    client: redis.Redis,
+    group: str,
+    partitions: int,
+    watched: list[str],
+    pick: Callable[[redis.client.Pipeline], Picked],
 ) -> list[dict[str, Any]]:
     with client.pipeline(transaction=True) as pipe:
         for _ in range(WATCH_RETRIES):
             try:
-                pipe.watch(source)
-                if ids is None:
-                    entries = pipe.xrange(source, min="-", max=up_to, count=REDRIVE_BATCH)
-                else:
-                    entries = [e for i in ids for e in pipe.xrange(source, i, i, count=1)]
-                    missing = sorted(set(ids) - {e[0] for e in entries})
-                    if missing:
-                        raise click.ClickException(
-                            f"no dead letter {', '.join(missing)} in {source} (nothing re-driven)"
-                        )
+                pipe.watch(*watched)
+                entries = pick(pipe)
                 if not entries:
                     return []
+                targets = [
+                    redrive_target(group, f, source, partitions) for source, _i, f in entries
+                ]
                 pipe.multi()
-                for entry_id, fields in entries:
-                    pipe.xadd(target, {k: fields[k] for k in ENVELOPE_FIELDS if k in fields})
+                for (source, entry_id, fields), target in zip(entries, targets, strict=True):
+                    record = {k: fields[k] for k in REDRIVE_FIELDS if k in fields}
+                    record.setdefault("original_stream", source)
+                    record.setdefault("original_id", entry_id)
+                    pipe.xadd(target, record)
                     pipe.xdel(source, entry_id)
                 replies = pipe.execute()
             except redis.WatchError:
@@ -189,43 +276,60 @@ def _redrive_batch(
             return [
                 {
                     "id": entry_id,
+                    "partition": partition_index(target),
+                    "from": source,
+                    "stream": target,
                     "redrive_id": new_id,
                     "event_type": fields.get("event_type"),
                     "event_id": fields.get("event_id"),
                 }
-                for (entry_id, fields), new_id in zip(entries, replies[::2], strict=True)
+                for (source, entry_id, fields), target, new_id in zip(
+                    entries, targets, replies[::2], strict=True
+                )
             ]
-    raise click.ClickException(f"{source} kept changing; nothing more re-driven, try again")
+    raise click.ClickException(
+        f"{', '.join(watched)} kept changing; nothing more re-driven, try again"
+    )
 
 
 @dead_letters.command("redrive")
 @click.argument("entry_ids", nargs=-1, callback=_entry_ids)
 @click.option("--all", "redrive_all", is_flag=True, help="Every dead letter of the group.")
 @click.option("--group", required=True, type=group_choice, help="The group that failed.")
+@partition_option
 @json_option
 @friendly_errors
 def redrive_command(
-    entry_ids: tuple[str, ...], redrive_all: bool, group: str, as_json: bool
+    entry_ids: tuple[str, ...],
+    redrive_all: bool,
+    group: str,
+    partition: int | None,
+    as_json: bool,
 ) -> None:
     """Send dead letters back to the failing group.
 
-    Each goes to the group's own re-drive stream (never to the original stream, which other
-    groups read) and is removed from the dead letters, both in one transaction.
+    Each goes to the group's own re-drive stream of the entry's partition (never to the
+    original stream, which other groups read) and is removed from the dead letters, both in
+    one transaction.
     """
     if bool(entry_ids) == redrive_all:
         raise click.UsageError("give entry ids or --all (not both)")
     client = open_redis()
-    moved = redrive(client, group, None if redrive_all else list(entry_ids))
+    partitions = deployment_partitions()
+    moved = redrive(client, group, partitions, None if redrive_all else list(entry_ids), partition)
     if as_json:
-        print_json({"group": group, "stream": redrive_stream(group), "redriven": moved})
+        print_json({"group": group, "redriven": moved})
         return
     if not moved:
         click.echo(f"no dead letters for {group}")
         return
     click.echo(
         table(
-            ["DEAD LETTER", "TYPE", "EVENT", f"NOW IN {redrive_stream(group)}"],
-            [[m["id"], m["event_type"], m["event_id"], m["redrive_id"]] for m in moved],
+            ["DEAD LETTER", "TYPE", "EVENT", "NOW IN", "AS"],
+            [
+                [m["id"], m["event_type"], m["event_id"], m["stream"], m["redrive_id"]]
+                for m in moved
+            ],
         )
     )
     click.echo(f"{len(moved)} re-driven to {group}")

@@ -1,8 +1,14 @@
-"""`saga outbox`: per service, what waits to be published and which relay is publishing it."""
+"""`saga outbox`: per service, what waits to be published and which relay is publishing it.
+
+LAST PUBLISH is the newest published_at of the outbox itself, the time the relay marked the
+row published, on the database's clock (and its age on the same clock). The relay's status
+hash only says who is active and since when: the relay writes it at most once a second, so a
+time taken from it would lag behind the truth.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import click
@@ -44,19 +50,18 @@ def outbox_report(conn: psycopg.Connection, relay: dict[str, str]) -> dict[str, 
     unpublished, oldest, last_published, now, locked = conn.execute(
         _OUTBOX_STATE, (RELAY_LOCK_KEY,)
     ).fetchone()
-    last_publish = _hash_time(relay.get("last_publish_at"))
     return {
         "unpublished": unpublished,
         "oldest_unpublished_at": iso(oldest),
         "oldest_unpublished_age_ms": millis_between(oldest, now),
+        # pruned rows take their times with them: None once the whole window is pruned
         "last_published_at": iso(last_published),
+        "last_published_age_ms": millis_between(last_published, now),
         "relay": {
             # the hash outlives a dead relay; the lock says whether one is active now
             "lock_held": locked,
             "holder": relay.get("holder"),
             "active_since": iso(_hash_time(relay.get("active_since"))),
-            "last_publish_at": iso(last_publish),
-            "last_publish_age_ms": millis_between(last_publish, datetime.now(UTC)),
             "published": int(relay["published"]) if relay.get("published") else None,
         },
     }
@@ -90,8 +95,8 @@ def outbox(as_json: bool) -> None:
     for service, r in reports.items():
         relay = r["relay"]
         holder = relay["holder"] if relay["lock_held"] else f"none (last: {relay['holder']})"
-        last = relay["last_publish_at"] or r["last_published_at"]
-        age = duration(relay["last_publish_age_ms"])
+        last = r["last_published_at"]
+        age = duration(r["last_published_age_ms"])
         rows.append(
             [
                 service,

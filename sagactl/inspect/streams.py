@@ -12,10 +12,10 @@ import redis
 
 from contracts import (
     ENVELOPE_FIELDS,
-    STREAM_OF_PRODUCER,
-    SUBSCRIPTIONS,
+    base_of,
     dead_letter_stream,
-    redrive_stream,
+    group_streams,
+    partition_index,
 )
 from sagactl.inspect.common import (
     duration,
@@ -28,31 +28,26 @@ from sagactl.inspect.common import (
     short_time,
     table,
 )
-from service_runtime.redis_client import scan_keys
+from sagactl.inspect.partitions import (
+    GROUPS,
+    NO_OWNER,
+    all_bases,
+    check_group,
+    deployment_partitions,
+    group_owners,
+    id_key,
+    lease_text,
+    owner_text,
+    partition_streams,
+    reads,
+    resolve_stream,
+)
 
-EVENT_STREAMS = tuple(STREAM_OF_PRODUCER.values())
-GROUPS = tuple(SUBSCRIPTIONS)
 # Counting lag by hand (Redis < 7) walks the undelivered entries; stop somewhere sane.
 LAG_COUNT_LIMIT = 10_000
 # `tail --type` walks back until it has COUNT matches; bounded for a type that never comes.
 TAIL_SCAN_LIMIT = 100_000
 Entry = tuple[str, dict[str, str]]
-
-
-def known_streams() -> tuple[str, ...]:
-    """Every stream the system may write: events, and each group's dead letters and re-drives."""
-    per_group = [name for g in GROUPS for name in (dead_letter_stream(g), redrive_stream(g))]
-    return (*EVENT_STREAMS, *per_group)
-
-
-def existing_streams(client: redis.Redis) -> list[str]:
-    """The event streams (always) plus the dead-letter and re-drive streams that exist."""
-    found = {
-        key
-        for pattern in ("*.dead-letters", "*.redrive")
-        for key in scan_keys(client, pattern, type_="stream")  # every master of a cluster
-    }
-    return [*EVENT_STREAMS, *sorted(found)]
 
 
 def as_pairs(reply: Any) -> list[tuple[str, list[Entry]]]:
@@ -65,50 +60,54 @@ def as_pairs(reply: Any) -> list[tuple[str, list[Entry]]]:
 # -- saga streams ------------------------------------------------------------------------------
 
 # A group's dead letters come from all the streams it reads; counting them per stream means
-# reading the dead-letter stream, so only up to this many (a long one keeps its total only).
+# reading the dead-letter streams, so only up to this many (a long one keeps its total only).
 DEAD_LETTER_SCAN_LIMIT = 10_000
 
 
-def dead_letter_origins(client: redis.Redis, group: str) -> Counter[str] | None:
-    """How many of group's dead letters came from each stream; None when too many to read."""
-    source = dead_letter_stream(group)
-    if client.xlen(source) > DEAD_LETTER_SCAN_LIMIT:
+def dead_letter_origins(client: redis.Redis, group: str, partitions: int) -> Counter[str] | None:
+    """How many of group's dead letters came from each (partition) stream; None if too many."""
+    sources = [dead_letter_stream(group, p) for p in range(partitions)]
+    if sum(client.xlen(source) for source in sources) > DEAD_LETTER_SCAN_LIMIT:
         return None
     origins: Counter[str] = Counter()
-    start = "-"
-    while page := client.xrange(source, min=start, max="+", count=1000):
-        origins.update(fields.get("original_stream", "?") for _id, fields in page)
-        start = f"({page[-1][0]}"
+    for source in sources:
+        start = "-"
+        while page := client.xrange(source, min=start, max="+", count=1000):
+            origins.update(fields.get("original_stream", "?") for _id, fields in page)
+            start = f"({page[-1][0]}"
     return origins
 
 
 def stream_report(
     client: redis.Redis, stream: str, origins: dict[str, Counter[str] | None]
 ) -> dict[str, Any]:
+    """One partition stream: length, first and last entry, and each group reading it."""
+    report: dict[str, Any] = {
+        "stream": stream,
+        "partition": partition_index(stream),
+        "exists": False,
+        "length": 0,
+        "first_entry_id": None,
+        "first_entry_at": None,
+        "last_entry_id": None,
+        "last_entry_at": None,
+        "groups": [],
+    }
     if client.type(stream) != "stream":
-        return {
-            "stream": stream,
-            "exists": False,
-            "length": 0,
-            "first_entry_id": None,
-            "first_entry_at": None,
-            "last_entry_id": None,
-            "last_entry_at": None,
-            "groups": [],
-        }
+        return report
     info = client.xinfo_stream(stream)
     first = (info.get("first-entry") or [None])[0]
     last = (info.get("last-entry") or [None])[0]
-    return {
-        "stream": stream,
-        "exists": True,
-        "length": info["length"],
-        "first_entry_id": first,
-        "first_entry_at": entry_time(first),
-        "last_entry_id": last,
-        "last_entry_at": entry_time(last),
-        "groups": [group_report(client, stream, g, origins) for g in client.xinfo_groups(stream)],
-    }
+    report.update(
+        exists=True,
+        length=info["length"],
+        first_entry_id=first,
+        first_entry_at=entry_time(first),
+        last_entry_id=last,
+        last_entry_at=entry_time(last),
+        groups=[group_report(client, stream, g, origins) for g in client.xinfo_groups(stream)],
+    )
+    return report
 
 
 def group_report(
@@ -135,7 +134,6 @@ def group_report(
         "lag_capped": capped,
         "oldest_pending_id": oldest_id,
         "oldest_pending_idle_ms": oldest_idle,
-        "dead_letters": client.xlen(dead_letter_stream(group)),
         "dead_letters_from_stream": None if from_here is None else from_here[stream],
     }
 
@@ -153,65 +151,160 @@ def count_after(client: redis.Redis, stream: str, after_id: str) -> tuple[int, b
     return counted, True
 
 
+def base_report(base: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A base stream: totals over its partitions, and each partition's report."""
+    present = [p for p in parts if p["exists"]]
+    firsts = [(p["first_entry_id"], p["first_entry_at"]) for p in present if p["first_entry_id"]]
+    lasts = [(p["last_entry_id"], p["last_entry_at"]) for p in present if p["last_entry_id"]]
+    first = min(firsts, key=lambda pair: id_key(pair[0]), default=(None, None))
+    last = max(lasts, key=lambda pair: id_key(pair[0]), default=(None, None))
+    return {
+        "stream": base,
+        "length": sum(p["length"] for p in parts),
+        "partitions_present": len(present),
+        "first_entry_at": first[1],
+        "last_entry_at": last[1],
+        "partitions": parts,
+    }
+
+
+def partition_summary(
+    group: str,
+    partition: int,
+    lease: dict[str, Any],
+    by_stream: dict[str, dict[str, Any]],
+    dead_letters: int,
+) -> dict[str, Any]:
+    """One group x partition: its owner, and pending/lag summed over the streams it reads
+    there (its subscriptions and its re-drive stream of that partition)."""
+    reports = [
+        g
+        for stream in group_streams(group, partition)
+        for g in by_stream.get(stream, {}).get("groups", [])
+        if g["group"] == group
+    ]
+    idles = [
+        g["oldest_pending_idle_ms"] for g in reports if g["oldest_pending_idle_ms"] is not None
+    ]
+    return {
+        "group": group,
+        "partition": partition,
+        "owner": lease["owner"],
+        "epoch": lease["epoch"],
+        "lease_live": lease["live"],
+        "lease_expires_at": lease["expires_at"],
+        "pending": sum(g["pending"] for g in reports),
+        "lag": sum(g["lag"] for g in reports),
+        "lag_capped": any(g["lag_capped"] for g in reports),
+        "oldest_pending_idle_ms": max(idles, default=None),
+        "dead_letters": dead_letters,
+        "streams": list(group_streams(group, partition)),
+    }
+
+
+def streams_report(client: redis.Redis, partitions: int) -> dict[str, Any]:
+    """Everything `saga streams` shows, for JSON and for the tables."""
+    origins = {group: dead_letter_origins(client, group, partitions) for group in GROUPS}
+    by_stream: dict[str, dict[str, Any]] = {}
+    bases = []
+    for base in all_bases():
+        parts = [stream_report(client, s, origins) for s in partition_streams(base, partitions)]
+        by_stream.update((p["stream"], p) for p in parts)
+        bases.append(base_report(base, parts))
+    groups = []
+    for group in GROUPS:
+        leases = group_owners(group)
+        for p in range(partitions):
+            dead = by_stream[dead_letter_stream(group, p)]["length"]
+            groups.append(partition_summary(group, p, leases.get(p, NO_OWNER), by_stream, dead))
+    return {"partitions": partitions, "streams": bases, "groups": groups}
+
+
 @click.command()
+@click.option(
+    "--by-partition", is_flag=True, help="One row per partition stream, not per base stream."
+)
 @json_option
 @friendly_errors
-def streams(as_json: bool) -> None:
-    """Streams, their consumer groups, lag and dead letters.
+def streams(by_partition: bool, as_json: bool) -> None:
+    """Streams, their partitions, who owns each partition, lag and dead letters.
 
-    Per stream: length, first and last entry time. Per group: consumers, pending entries,
-    lag (entries not delivered yet), the oldest pending entry's idle time, dead letters.
+    Per stream: length over all partitions, first and last entry time. Per group and
+    partition: the owning consumer (lease epoch, live or expired), pending entries, lag
+    (entries not delivered yet), the oldest pending entry's idle time, dead letters.
     """
     client = open_redis()
-    origins = {group: dead_letter_origins(client, group) for group in GROUPS}
-    reports = [stream_report(client, name, origins) for name in existing_streams(client)]
+    report = streams_report(client, deployment_partitions())
     if as_json:
-        print_json({"streams": reports})
+        print_json(report)
         return
-    click.echo(
-        table(
-            ["STREAM", "LENGTH", "FIRST ENTRY", "LAST ENTRY"],
+    if by_partition:
+        rows = [
             [
-                [
-                    r["stream"] + ("" if r["exists"] else " (absent)"),
-                    r["length"],
-                    short_time(r["first_entry_at"]),
-                    short_time(r["last_entry_at"]),
-                ]
-                for r in reports
-            ],
-        )
-    )
+                p["stream"] + ("" if p["exists"] else " (absent)"),
+                p["length"],
+                short_time(p["first_entry_at"]),
+                short_time(p["last_entry_at"]),
+            ]
+            for r in report["streams"]
+            for p in r["partitions"]
+        ]
+    else:
+        rows = [
+            [
+                r["stream"],
+                r["length"],
+                f"{r['partitions_present']}/{report['partitions']}",
+                short_time(r["first_entry_at"]),
+                short_time(r["last_entry_at"]),
+            ]
+            for r in report["streams"]
+        ]
+    headers = ["STREAM", "LENGTH", "FIRST ENTRY", "LAST ENTRY"]
+    if not by_partition:
+        headers.insert(2, "PARTITIONS")
+    click.echo(table(headers, rows))
+    click.echo()
+    click.echo(partitions_table(report["groups"]))
+
+
+def partitions_table(summaries: list[dict[str, Any]]) -> str:
+    """One row per group x partition (owner first: the question is usually "who has it")."""
     rows = [
         [
-            r["stream"],
-            g["group"],
-            g["consumers"],
-            g["pending"],
-            f">={g['lag']}" if g["lag_capped"] else g["lag"],
-            duration(g["oldest_pending_idle_ms"]),
-            _dead_letters_cell(g),
+            s["group"],
+            s["partition"],
+            owner_text({"owner": s["owner"], "live": s["lease_live"]}),
+            s["epoch"],
+            lease_text({"owner": s["owner"], "live": s["lease_live"]}),
+            s["pending"],
+            f">={s['lag']}" if s["lag_capped"] else s["lag"],
+            duration(s["oldest_pending_idle_ms"]),
+            s["dead_letters"],
         ]
-        for r in reports
-        for g in r["groups"]
+        for s in summaries
     ]
-    headers = ["STREAM", "GROUP", "CONSUMERS", "PENDING", "LAG", "OLDEST PENDING", "DEAD LETTERS"]
-    click.echo()
-    click.echo(table(headers, rows) if rows else "no consumer groups yet")
-
-
-def _dead_letters_cell(group: dict[str, Any]) -> str:
-    if group["dead_letters_from_stream"] is None:
-        return f"{group['dead_letters']} (all streams)"
-    return str(group["dead_letters_from_stream"])
+    headers = [
+        "GROUP",
+        "PARTITION",
+        "OWNER",
+        "EPOCH",
+        "LEASE",
+        "PENDING",
+        "LAG",
+        "OLDEST PENDING",
+        "DEAD LETTERS",
+    ]
+    return table(headers, rows)
 
 
 # -- saga tail ---------------------------------------------------------------------------------
 
 
-def readable(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
+def readable(entry_id: str, fields: dict[str, str], stream: str | None = None) -> dict[str, Any]:
     """An entry as a reader wants it; never fails, since invalid entries are worth seeing too."""
     return {
+        "stream": stream,
         "id": entry_id,
         "time": entry_time(entry_id),
         "event_type": fields.get("event_type"),
@@ -229,19 +322,11 @@ def tail_line(event: dict[str, Any]) -> str:
     payload = event["payload"]
     text = json.dumps(payload, separators=(",", ":")) if not isinstance(payload, str) else payload
     extra = "".join(f"  {k}={v}" for k, v in event["extra"].items())
+    where = f"p{partition_index(event['stream'])}  " if event.get("stream") else ""
     return (
-        f"{short_time(event['time'])}  {event['event_type'] or '?':<22}  "
+        f"{short_time(event['time'])}  {where}{event['event_type'] or '?':<22}  "
         f"aggregate={event['aggregate_id']}  correlation={event['correlation_id']}  {text}{extra}"
     )
-
-
-def check_stream(client: redis.Redis, stream: str) -> None:
-    kind = client.type(stream)
-    if kind == "none" and stream in known_streams():
-        return  # a known stream nobody has written yet: simply empty
-    if kind != "stream":
-        known = ", ".join(existing_streams(client))
-        raise click.ClickException(f"no stream named {stream!r} (streams: {known})")
 
 
 def last_entries(
@@ -260,17 +345,28 @@ def last_entries(
     return list(reversed(found[:count]))
 
 
+def newest_ids(client: redis.Redis, streams: list[str]) -> dict[str, str]:
+    """Each stream's newest entry id ("0-0" when empty): where --follow starts."""
+    pipe = client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xrevrange(stream, max="+", min="-", count=1)
+    return {
+        stream: newest[0][0] if newest else "0-0"
+        for stream, newest in zip(streams, pipe.execute(), strict=True)
+    }
+
+
 def follow_entries(
-    client: redis.Redis, stream: str, after_id: str, block_ms: int = 1000
-) -> Iterator[Entry]:
-    """New entries after after_id as they arrive (XREAD BLOCK); runs until interrupted."""
+    client: redis.Redis, after: dict[str, str], block_ms: int = 1000
+) -> Iterator[tuple[str, Entry]]:
+    """(stream, entry) for new entries after each stream's id (XREAD BLOCK over all of them);
+    runs until interrupted."""
+    after = dict(after)
     while True:
-        for _stream, entries in as_pairs(
-            client.xread({stream: after_id}, count=100, block=block_ms)
-        ):
+        for stream, entries in as_pairs(client.xread(after, count=100, block=block_ms)):
             for entry in entries:
-                after_id = entry[0]
-                yield entry
+                after[stream] = entry[0]
+                yield stream, entry
 
 
 @click.command()
@@ -285,14 +381,26 @@ def follow_entries(
 def tail(stream: str, follow: bool, event_type: str | None, count: int, as_json: bool) -> None:
     """The last events of STREAM, decoded.
 
-    With --follow, new events are printed as they arrive until Ctrl-C; with --json too,
-    as one JSON object per line.
+    STREAM is a base stream (orders.events: all its partitions, merged in time order) or one
+    partition stream (orders.events.{p3}). With --follow, new events are printed as they
+    arrive until Ctrl-C; with --json too, as one JSON object per line.
     """
     client = open_redis()
-    check_stream(client, stream)
-    newest = client.xrevrange(stream, max="+", min="-", count=1)
-    top_id = newest[0][0] if newest else "0-0"
-    events = [readable(*e) for e in last_entries(client, stream, top_id, count, event_type)]
+    names = resolve_stream(stream, deployment_partitions())
+    tops = newest_ids(client, names)
+    merged = (
+        sorted(
+            (
+                (name, entry)
+                for name in names
+                for entry in last_entries(client, name, tops[name], count, event_type)
+            ),
+            key=lambda pair: id_key(pair[1][0]),
+        )[-count:]
+        if count
+        else []
+    )
+    events = [readable(*entry, stream=name) for name, entry in merged]
     if as_json and not follow:
         print_json({"stream": stream, "entries": events})
         return
@@ -303,9 +411,9 @@ def tail(stream: str, follow: bool, event_type: str | None, count: int, as_json:
             click.echo(f"{stream}: no entries" + (f" of type {event_type}" if event_type else ""))
         return
     try:
-        for entry in follow_entries(client, stream, top_id):
+        for name, entry in follow_entries(client, tops):
             if event_type in (None, entry[1].get("event_type")):
-                event = readable(*entry)
+                event = readable(*entry, stream=name)
                 click.echo(json.dumps(event) if as_json else tail_line(event))
     except KeyboardInterrupt:
         pass  # Ctrl-C is how --follow ends: not an error
@@ -314,35 +422,39 @@ def tail(stream: str, follow: bool, event_type: str | None, count: int, as_json:
 # -- saga pending ------------------------------------------------------------------------------
 
 
-def group_streams(group: str, stream: str | None) -> tuple[str, ...]:
-    if group not in SUBSCRIPTIONS:
-        raise click.ClickException(f"unknown group {group!r} (groups: {', '.join(GROUPS)})")
-    reads = (*SUBSCRIPTIONS[group], redrive_stream(group))
+def pending_streams(group: str, stream: str | None, partitions: int) -> list[str]:
+    """The partition streams of GROUP to look at: all it reads, or those of STREAM."""
+    check_group(group)
     if stream is None:
-        return reads
-    if stream not in reads:
+        return [s for base in reads(group) for s in partition_streams(base, partitions)]
+    if base_of(stream) not in reads(group):
         raise click.ClickException(
-            f"group {group} does not read {stream!r} (it reads {', '.join(reads)})"
+            f"group {group} does not read {stream!r} (it reads {', '.join(reads(group))})"
         )
-    return (stream,)
+    return resolve_stream(stream, partitions)
 
 
 def pending_entries(client: redis.Redis, group: str, stream: str, count: int) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "stream": stream,
+        "partition": partition_index(stream),
+        "total": 0,
+        "entries": [],
+    }
     try:
         total = client.xpending(stream, group)["pending"]
-        rows = client.xpending_range(stream, group, min="-", max="+", count=count)
+        rows = client.xpending_range(stream, group, min="-", max="+", count=count) if total else []
     except redis.ResponseError as err:
         if "NOGROUP" not in str(err):
             raise
-        return {"stream": stream, "total": 0, "entries": []}
+        return report
     pipe = client.pipeline(transaction=False)
     for row in rows:
         pipe.xrange(stream, min=row["message_id"], max=row["message_id"], count=1)
     bodies = pipe.execute() if rows else []
-    entries = []
     for row, body in zip(rows, bodies, strict=True):
         fields = body[0][1] if body else {}  # trimmed away while pending: no body left
-        entries.append(
+        report["entries"].append(
             {
                 "id": row["message_id"],
                 "time": entry_time(row["message_id"]),
@@ -354,33 +466,77 @@ def pending_entries(client: redis.Redis, group: str, stream: str, count: int) ->
                 "deliveries": row["times_delivered"],
             }
         )
-    return {"stream": stream, "total": total, "entries": entries}
+    report["total"] = total
+    return report
 
 
 @click.command()
 @click.argument("group")
 @click.argument("stream", required=False)
+@click.option("--partition", "-p", type=click.IntRange(min=0), help="Only this partition.")
 @click.option("--count", "-n", default=100, show_default=True, type=click.IntRange(min=1))
 @json_option
 @friendly_errors
-def pending(group: str, stream: str | None, count: int, as_json: bool) -> None:
-    """Entries GROUP was given but has not acknowledged.
+def pending(
+    group: str, stream: str | None, partition: int | None, count: int, as_json: bool
+) -> None:
+    """Who owns each partition of GROUP, and the entries it was given but has not acknowledged.
 
-    For each: its consumer, idle time and delivery count, on all of GROUP's streams or on
-    STREAM only.
+    First one row per partition: its owner (lease epoch, live or expired) and how many entries
+    are pending there. Then each pending entry: its consumer (flagged when that consumer is
+    not the partition's owner, e.g. a dead previous owner), idle time and delivery count, on
+    all of GROUP's streams or on STREAM only (a base stream or one partition stream).
     """
-    names = group_streams(group, stream)
     client = open_redis()
+    partitions = deployment_partitions()
+    if partition is not None and partition >= partitions:
+        raise click.ClickException(f"no partition {partition} (partitions 0 to {partitions - 1})")
+    names = [
+        s
+        for s in pending_streams(group, stream, partitions)
+        if partition is None or partition_index(s) == partition
+    ]
+    leases = group_owners(group)
     reports = [pending_entries(client, group, name, count) for name in names]
+    shown = sorted({r["partition"] for r in reports})
+    owners = [
+        {
+            "partition": p,
+            **leases.get(p, NO_OWNER),
+            "pending": sum(r["total"] for r in reports if r["partition"] == p),
+        }
+        for p in shown
+    ]
+    for r in reports:
+        lease = leases.get(r["partition"], NO_OWNER)
+        for e in r["entries"]:
+            e["held_by_owner"] = bool(lease["live"]) and e["consumer"] == lease["owner"]
     if as_json:
-        print_json({"group": group, "streams": reports})
+        print_json({"group": group, "partitions": partitions, "owners": owners, "streams": reports})
         return
+    click.echo(
+        table(
+            ["PARTITION", "OWNER", "EPOCH", "LEASE", "EXPIRES", "PENDING"],
+            [
+                [
+                    o["partition"],
+                    owner_text(o),
+                    o["epoch"],
+                    lease_text(o),
+                    short_time(o["expires_at"]),
+                    o["pending"],
+                ]
+                for o in owners
+            ],
+        )
+    )
+    click.echo()
     rows = [
         [
             r["stream"],
             e["id"],
             e["event_type"],
-            e["consumer"],
+            e["consumer"] + ("" if e["held_by_owner"] else " (not owner)"),
             duration(e["idle_ms"]),
             e["deliveries"],
             e["correlation_id"],
@@ -389,7 +545,8 @@ def pending(group: str, stream: str | None, count: int, as_json: bool) -> None:
         for e in r["entries"]
     ]
     if not rows:
-        click.echo(f"group {group}: nothing pending on {', '.join(names)}")
+        where = stream or ", ".join(reads(group))
+        click.echo(f"group {group}: nothing pending on {where}")
         return
     headers = ["STREAM", "ENTRY", "TYPE", "CONSUMER", "IDLE", "DELIVERIES", "CORRELATION"]
     click.echo(table(headers, rows))

@@ -2,7 +2,10 @@
 
 Every event of an order's saga carries the order id as its correlation id, so each service's
 outbox gives the events it produced (committed_at, published_at) and each subscribing
-group's inbox tells when that group processed them. Outbox and inbox rows are pruned after
+group's inbox tells when that group processed them. The events are found in the order's
+partition streams (`orders.events.{pN}`, N = partition_of(order id)) with their entry ids; an
+event a group gave up on is found in that group's dead letters of the same partition and shown
+as dead-lettered, with the dead letter's entry id. Outbox and inbox rows are pruned after
 their retention window: an old order shows its current state but a shorter timeline.
 """
 
@@ -14,7 +17,13 @@ from typing import Any
 
 import click
 
-from contracts import STREAM_OF_PRODUCER, SUBSCRIPTIONS
+from contracts import (
+    STREAM_OF_PRODUCER,
+    SUBSCRIPTIONS,
+    dead_letter_stream,
+    partition_of,
+    partition_stream,
+)
 from sagactl.inspect.common import (
     duration,
     friendly_errors,
@@ -22,10 +31,12 @@ from sagactl.inspect.common import (
     json_option,
     millis_between,
     open_db,
+    open_redis,
     print_json,
     short_time,
     table,
 )
+from sagactl.inspect.partitions import deployment_partitions, scan_for_events
 from service_runtime.config import SERVICES
 
 _EVENTS = """
@@ -36,6 +47,13 @@ _PROCESSED = """
 SELECT event_id::text, processed_at, stream, entry_id
 FROM inbox WHERE consumer_group = %s AND event_id = ANY(%s::uuid[])
 """
+_FAILURES = """
+SELECT event_id, max(attempts), (array_agg(last_error ORDER BY updated_at DESC))[1]
+FROM delivery_failures WHERE consumer_group = %s AND event_id = ANY(%s) GROUP BY event_id
+"""
+# Stream entry ids are times: start looking this long before the first commit (clock skew
+# between PostgreSQL and Redis, which stamps the ids).
+_SCAN_MARGIN_MS = 60_000
 _STATE = {
     "orders": "SELECT status, reason, total_cents, customer_id FROM orders WHERE order_id = %s",
     "inventory": "SELECT status, reason, total_cents, customer_id FROM reservations"
@@ -62,6 +80,8 @@ def _hop_ms(start: Any, end: Any) -> float | None:
 
 
 def trace_order(order_id: str) -> dict[str, Any]:
+    partitions = deployment_partitions()
+    partition = partition_of(order_id, partitions)
     events: list[dict[str, Any]] = []
     state: dict[str, Any] = {}
     for producer in SERVICES:
@@ -74,7 +94,10 @@ def trace_order(order_id: str) -> dict[str, Any]:
                         "event_id": event_id,
                         "event_type": event_type,
                         "producer": producer,
-                        "stream": STREAM_OF_PRODUCER[producer],
+                        "stream": partition_stream(
+                            STREAM_OF_PRODUCER[producer], partition_of(aggregate_id, partitions)
+                        ),
+                        "entry_id": None,
                         "aggregate_id": aggregate_id,
                         "causation_id": causation,
                         "committed_at": created,
@@ -84,28 +107,91 @@ def trace_order(order_id: str) -> dict[str, Any]:
             row = conn.execute(_STATE[producer], (order_id,)).fetchone()
             state[producer] = _state(producer, row)
     processed: dict[tuple[str, str], Any] = {}
+    failures: dict[tuple[str, str], tuple[int, str]] = {}
     ids = [e["event_id"] for e in events]
     for group in SUBSCRIPTIONS:
         with open_db(group) as conn:
             for event_id, at, _stream, _entry in conn.execute(_PROCESSED, (group, ids)):
                 processed[(group, event_id)] = at
+            for event_id, attempts, error in conn.execute(_FAILURES, (group, ids)):
+                failures[(group, event_id)] = (attempts, error)
+    client = open_redis()
+    _find_entries(client, events)
+    dead = _find_dead_letters(client, events, processed, partitions)
     events.sort(key=lambda e: e["committed_at"])
     for event in events:
         event["commit_to_publish_ms"] = _hop_ms(event["committed_at"], event["published_at"])
         event["deliveries"] = []
         for group in subscribers(event["producer"]):
-            at = processed.get((group, event["event_id"]))
+            key = (group, event["event_id"])
+            at = processed.get(key)
+            handles = event["event_type"] in handled_types(group)
+            attempts, error = failures.get(key, (None, None))
             event["deliveries"].append(
                 {
                     "group": group,
-                    "handles": event["event_type"] in handled_types(group),
+                    "handles": handles,
+                    "status": _status(handles, event, at, dead.get(key), attempts),
                     "processed_at": iso(at),
                     "publish_to_processed_ms": _hop_ms(event["published_at"], at),
+                    "dead_letter": dead.get(key),
+                    "failed_attempts": attempts,
+                    "last_error": error if at is None else None,
                 }
             )
         event["committed_at"] = iso(event["committed_at"])
         event["published_at"] = iso(event["published_at"])
-    return {"order_id": order_id, "events": events, "state": state}
+    return {"order_id": order_id, "partition": partition, "events": events, "state": state}
+
+
+def _status(
+    handles: bool, event: dict[str, Any], at: Any, dead: dict[str, str] | None, attempts: Any
+) -> str:
+    """processed, dead_lettered, failing (retried), not_handled, pending, not_published."""
+    if at is not None:
+        return "processed"
+    if dead is not None:
+        return "dead_lettered"
+    if not handles:
+        return "not_handled"
+    if attempts:
+        return "failing"
+    return "pending" if event["published_at"] else "not_published"
+
+
+def _find_entries(client: Any, events: list[dict[str, Any]]) -> None:
+    """Each published event's entry id in its partition stream."""
+    by_stream: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        if event["published_at"]:
+            by_stream.setdefault(event["stream"], []).append(event)
+    for stream, found_in in by_stream.items():
+        first = min(e["committed_at"] for e in found_in)
+        start = f"{max(int(first.timestamp() * 1000) - _SCAN_MARGIN_MS, 0)}-0"
+        entries = scan_for_events(client, stream, {e["event_id"] for e in found_in}, start)
+        for event in found_in:
+            event["entry_id"] = entries.get(event["event_id"])
+
+
+def _find_dead_letters(
+    client: Any,
+    events: list[dict[str, Any]],
+    processed: dict[tuple[str, str], Any],
+    partitions: int,
+) -> dict[tuple[str, str], dict[str, str]]:
+    """(group, event_id) -> {stream, id} of the dead letter, for events not processed."""
+    wanted: dict[str, dict[str, set[str]]] = {}  # group -> dead-letter stream -> event ids
+    for event in events:
+        for group in subscribers(event["producer"]):
+            if (group, event["event_id"]) not in processed:
+                stream = dead_letter_stream(group, partition_of(event["aggregate_id"], partitions))
+                wanted.setdefault(group, {}).setdefault(stream, set()).add(event["event_id"])
+    dead: dict[tuple[str, str], dict[str, str]] = {}
+    for group, streams in wanted.items():
+        for stream, event_ids in streams.items():
+            for event_id, entry_id in scan_for_events(client, stream, event_ids).items():
+                dead[(group, event_id)] = {"stream": stream, "id": entry_id}
+    return dead
 
 
 def _state(service: str, row: tuple | None) -> dict[str, Any] | None:
@@ -117,14 +203,21 @@ def _state(service: str, row: tuple | None) -> dict[str, Any] | None:
     return {"status": status, "reason": reason, "total_cents": cents, "customer_id": extra}
 
 
-def _delivery_text(event: dict[str, Any], delivery: dict[str, Any]) -> tuple[str, str | None]:
-    if delivery["processed_at"]:
+def _delivery_text(delivery: dict[str, Any]) -> tuple[str, str | None]:
+    status = delivery["status"]
+    if status == "processed":
         return short_time(delivery["processed_at"]) or "", duration(
             delivery["publish_to_processed_ms"]
         )
-    if not delivery["handles"]:
-        return "(not handled)", None
-    return ("not yet" if event["published_at"] else "not published yet"), None
+    if status == "dead_lettered":
+        return f"dead-lettered {delivery['dead_letter']['id']}", None
+    if status == "failing":
+        return f"failing, retried (attempt {delivery['failed_attempts']})", None
+    return {
+        "not_handled": "(not handled)",
+        "pending": "not yet",
+        "not_published": "not published yet",
+    }[status], None
 
 
 @click.command()
@@ -151,7 +244,7 @@ def trace(order_id: str, as_json: bool) -> None:
     for n, event in enumerate(report["events"], 1):
         for i, delivery in enumerate(event["deliveries"] or [{}]):
             first = i == 0
-            when, hop = _delivery_text(event, delivery) if delivery else ("", None)
+            when, hop = _delivery_text(delivery) if delivery else ("", None)
             rows.append(
                 [
                     n if first else "",
@@ -164,7 +257,7 @@ def trace(order_id: str, as_json: bool) -> None:
                     hop,
                 ]
             )
-    click.echo(f"order {order_id}")
+    click.echo(f"order {order_id} (partition {report['partition']})")
     headers = [
         "#",
         "COMMITTED AT",
@@ -178,6 +271,17 @@ def trace(order_id: str, as_json: bool) -> None:
     click.echo(table(headers, rows) if rows else "no events in any outbox (pruned?)")
     click.echo()
     state_rows = []
+    dead = [
+        f"{d['group']}: {event['event_type']} dead-lettered as {d['dead_letter']['id']} in "
+        f"{d['dead_letter']['stream']} ({d['last_error'] or 'see saga dead-letters show'})"
+        for event in report["events"]
+        for d in event["deliveries"]
+        if d["status"] == "dead_lettered"
+    ]
+    for line in dead:
+        click.echo(line)
+    if dead:
+        click.echo()
     for service, s in report["state"].items():
         if s is None:
             state_rows.append([service, "(none)", None, None])

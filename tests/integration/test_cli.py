@@ -3,9 +3,11 @@ through click's CliRunner against a real saga on real PostgreSQL and Redis."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import threading
 import uuid
+from collections import Counter
 
 import psycopg
 import pytest
@@ -15,17 +17,23 @@ from click.testing import CliRunner, Result
 from contracts import (
     ENVELOPE_FIELDS,
     ORDERS_EVENTS,
-    SUBSCRIPTIONS,
     dead_letter_stream,
+    partition_of,
+    partition_stream,
     redrive_stream,
+    relay_status_key,
 )
 from devstack.osutil import free_port
 from inventory_service.reactions import HANDLERS as INVENTORY_HANDLERS
 from outbox_relay.relay import Relay, RelaySettings
+from sagactl.inspect.common import iso
+from sagactl.inspect.partitions import all_bases
 from sagactl.inspect.streams import follow_entries
 from sagactl.main import cli
-from service_runtime.consumer import ConsumerSettings, StreamConsumer
-from tests.helpers import wait_until
+from service_runtime.consumer import ConsumerSettings, PartitionWorker
+from service_runtime.ownership import PartitionLeases
+from tests.helpers import EXPIRE_LEASES, stream_total, wait_until
+from tests.partition_steps import drain, own_partitions
 
 SAGA_TYPES = ["OrderPlaced", "StockReserved", "PaymentCaptured", "OrderConfirmed"]
 
@@ -69,77 +77,185 @@ def redis_major(client: redis_lib.Redis) -> int:
     return int(client.info("server")["redis_version"].split(".")[0])
 
 
+P = 8  # the driver's (and the default) partition count
+
+
+def part(order_id: str) -> int:
+    return partition_of(order_id, P)
+
+
+def take_over(shop, group: str, name: str, handlers=None, **settings) -> tuple[list, Counter]:
+    """Replace `group`'s consumer in the driver by `name` owning every partition (a new
+    epoch for each), with `handlers` (default: the group's own); its outcomes are counted."""
+    with shop.pools[group].connection() as conn:
+        # expired, not deleted: the new owner takes them under a new epoch (fencing the old)
+        conn.execute(EXPIRE_LEASES, (group,))
+    outcomes: Counter = Counter()
+    workers = own_partitions(
+        shop.redis,
+        shop.pools[group],
+        ConsumerSettings(group=group, consumer=name, partitions=P, **settings),
+        handlers or importlib.import_module(f"{group}_service.reactions").HANDLERS,
+        on_outcome=lambda _type, outcome, _s: outcomes.update([outcome]),
+    )
+    shop.consumers[group] = workers
+    return workers, outcomes
+
+
+def worker_of(workers: list[PartitionWorker], partition: int) -> PartitionWorker:
+    return next(w for w in workers if w.partition == partition)
+
+
 # -- streams, tail, pending --------------------------------------------------------------------
 
 
-def test_streams_reports_lengths_groups_lag_and_pending(shop):
-    shop.place("alice", [("apple", 2)])
+def test_streams_reports_lengths_groups_lag_and_pending_per_partition(shop):
+    order_id = shop.place("alice", [("apple", 2)])
     shop.settle()
+    p = part(order_id)
 
-    report = {s["stream"]: s for s in saga_json("streams")["streams"]}
-    assert list(report) == [
-        "orders.events",
-        "inventory.events",
-        "billing.events",
-        # the consumers created their re-drive streams; no dead-letter stream exists yet
-        "billing.redrive",
-        "inventory.redrive",
-        "orders.redrive",
-    ]
-    assert report["orders.events"]["length"] == 2  # OrderPlaced, OrderConfirmed
-    assert report["inventory.events"]["length"] == 1
-    assert report["billing.events"]["length"] == 1
-    orders = report["orders.events"]
-    assert orders["first_entry_at"] <= orders["last_entry_at"]
-    groups = {g["group"]: g for g in orders["groups"]}
+    report = saga_json("streams")
+    assert report["partitions"] == P
+    bases = {s["stream"]: s for s in report["streams"]}
+    assert list(bases) == all_bases()
+    assert bases["orders.events"]["length"] == 2  # OrderPlaced, OrderConfirmed
+    assert bases["orders.events"]["partitions_present"] == P  # the consumers created them all
+    assert bases["inventory.events"]["length"] == 1
+    assert bases["billing.events"]["length"] == 1
+    orders = {x["partition"]: x for x in bases["orders.events"]["partitions"]}
+    assert orders[p]["stream"] == partition_stream(ORDERS_EVENTS, p)
+    assert orders[p]["length"] == 2
+    assert sum(x["length"] for x in orders.values()) == 2
+    assert orders[p]["first_entry_at"] <= orders[p]["last_entry_at"]
+    groups = {g["group"]: g for g in orders[p]["groups"]}
     assert set(groups) == {"inventory", "billing"}
     for group in groups.values():
-        assert (group["pending"], group["lag"], group["dead_letters"]) == (0, 0, 0)
+        assert (group["pending"], group["lag"], group["dead_letters_from_stream"]) == (0, 0, 0)
         assert group["consumers"] == 1
         assert group["oldest_pending_idle_ms"] is None
     expected_source = "redis" if redis_major(shop.redis) >= 7 else "counted"
     assert groups["inventory"]["lag_source"] == expected_source
+    summaries = {(s["group"], s["partition"]): s for s in report["groups"]}
+    assert len(summaries) == 3 * P
+    for (group, _p), s in summaries.items():
+        assert (s["owner"], s["epoch"], s["lease_live"]) == (f"{group}-1", 1, True)
+        assert (s["pending"], s["lag"], s["dead_letters"]) == (0, 0, 0)
 
     text = saga("streams").output
-    assert "orders.events" in text and "LAG" in text and "DEAD LETTERS" in text
-    assert "inventory.redrive" in text
+    for word in ("orders.events", "PARTITION", "OWNER", "EPOCH", "LAG", "DEAD LETTERS"):
+        assert word in text
+    assert "inventory-1" in text and "live" in text
+    assert partition_stream(ORDERS_EVENTS, p) in saga("streams", "--by-partition").output
 
-    # One order published but not delivered (lag), one entry read but never acknowledged.
-    shop.place("alice", [("apple", 1)])
+    # One order published but not delivered (lag), one entry read but never acknowledged by a
+    # consumer that does not own the partition.
+    second = shop.place("alice", [("apple", 1)])
     shop.publish("orders")
-    shop.redis.xreadgroup("inventory", "inventory-9", {ORDERS_EVENTS: ">"}, count=1)
-    groups = {
-        g["group"]: g
-        for s in saga_json("streams")["streams"]
-        if s["stream"] == ORDERS_EVENTS
-        for g in s["groups"]
-    }
-    assert (groups["inventory"]["pending"], groups["inventory"]["lag"]) == (1, 0)
-    assert groups["inventory"]["consumers"] == 2
-    assert groups["inventory"]["oldest_pending_idle_ms"] >= 0
-    assert (groups["billing"]["pending"], groups["billing"]["lag"]) == (0, 1)
+    q = part(second)
+    stream = partition_stream(ORDERS_EVENTS, q)
+    shop.redis.xreadgroup("inventory", "inventory-9", {stream: ">"}, count=1)
+    report = saga_json("streams")
+    summaries = {(s["group"], s["partition"]): s for s in report["groups"]}
+    assert (summaries[("inventory", q)]["pending"], summaries[("inventory", q)]["lag"]) == (1, 0)
+    assert summaries[("inventory", q)]["oldest_pending_idle_ms"] >= 0
+    assert (summaries[("billing", q)]["pending"], summaries[("billing", q)]["lag"]) == (0, 1)
+    part_q = next(
+        x
+        for b in report["streams"]
+        if b["stream"] == ORDERS_EVENTS
+        for x in b["partitions"]
+        if x["partition"] == q
+    )
+    assert {g["group"]: g["consumers"] for g in part_q["groups"]}["inventory"] == 2
 
     pending = saga_json("pending", "inventory")
+    assert [o["partition"] for o in pending["owners"]] == list(range(P))
+    owner_q = pending["owners"][q]
+    assert (owner_q["owner"], owner_q["epoch"], owner_q["live"], owner_q["pending"]) == (
+        "inventory-1",
+        1,
+        True,
+        1,
+    )
     entries = [e for s in pending["streams"] for e in s["entries"]]
     assert len(entries) == 1
     assert entries[0]["consumer"] == "inventory-9"
+    assert entries[0]["held_by_owner"] is False
     assert entries[0]["deliveries"] == 1
     assert entries[0]["event_type"] == "OrderPlaced"
     assert entries[0]["idle_ms"] >= 0
     text = saga("pending", "inventory", ORDERS_EVENTS).output
-    assert "inventory-9" in text and "OrderPlaced" in text
+    assert "inventory-9 (not owner)" in text and "OrderPlaced" in text
+    assert "inventory-9" in saga("pending", "inventory", stream).output
+    only_q = saga_json("pending", "inventory", "--partition", str(q))
+    assert [o["partition"] for o in only_q["owners"]] == [q]
     assert "nothing pending" in saga("pending", "billing").output
     assert "unknown group" in failed("pending", "shipping")
     assert "does not read" in failed("pending", "orders", ORDERS_EVENTS)
+    assert "no partition" in failed("pending", "orders", "--partition", str(P))
 
 
-def test_tail_decodes_filters_and_follows(shop):
+def test_streams_and_pending_show_who_owns_each_partition(shop):
+    order_id = shop.place("alice", [("apple", 1)])
+    shop.publish("orders")
+    p = part(order_id)
+    # inventory's partitions shared by two consumers, as two live members would share them
+    first, second = shop.split("inventory", 2)
+    mine = {w.partition for w in second}
+    # one lease of the first consumer ran out (a paused or dead consumer), and one of the
+    # second's ran out and was taken by a third consumer (a new epoch)
+    lost = min(w.partition for w in first)
+    moved = min(mine)
+    expire = (
+        "UPDATE partition_leases SET expires_at = clock_timestamp() - interval '1 second'"
+        " WHERE consumer_group = 'inventory' AND partition = %s"
+    )
+    with shop.pools["inventory"].connection() as conn:
+        conn.execute(expire, (lost,))
+        conn.execute(expire, (moved,))
+        assert PartitionLeases("inventory", "inventory-5", 60).acquire(conn, moved).epoch == 2
+
+    summaries = {
+        s["partition"]: s for s in saga_json("streams")["groups"] if s["group"] == "inventory"
+    }
+    for partition, s in summaries.items():
+        if partition == moved:
+            assert (s["owner"], s["epoch"], s["lease_live"]) == ("inventory-5", 2, True)
+        else:
+            expected = "inventory-1" if partition in mine else "inventory-0"
+            assert (s["owner"], s["epoch"]) == (expected, 1)
+            assert s["lease_live"] is (partition != lost)
+    text = saga("streams").output
+    rows = [line.split() for line in text.splitlines() if line.startswith("inventory ")]
+    by_partition = {int(row[1]): row for row in rows}
+    assert by_partition[lost][2:5] == ["(inventory-0)", "1", "expired"]
+    assert by_partition[moved][2:5] == ["inventory-5", "2", "live"]
+    live = max(mine)
+    assert by_partition[live][2:5] == ["inventory-1", "1", "live"]
+
+    # the owner of the order's partition reads the entry but has not acknowledged it yet
+    owner = worker_of(first + second, p)
+    owner.redis.xreadgroup("inventory", owner.settings.consumer, {owner.streams[0]: ">"})
+    pending = saga_json("pending", "inventory")
+    owners = {o["partition"]: o for o in pending["owners"]}
+    assert owners[p]["pending"] == 1
+    assert owners[lost]["live"] is False
+    (entry,) = [e for s in pending["streams"] for e in s["entries"]]
+    assert entry["consumer"] == owner.settings.consumer
+    # held by its owner, unless its lease ran out or moved to inventory-5 meanwhile
+    assert entry["held_by_owner"] is (p not in (lost, moved))
+    text = saga("pending", "inventory").output
+    assert "EXPIRES" in text and "expired" in text and owner.settings.consumer in text
+
+
+def test_tail_decodes_filters_and_follows_across_partitions(shop):
     order_id = shop.place("alice", [("apple", 2)])
     shop.settle()
 
     events = saga_json("tail", ORDERS_EVENTS)["entries"]
     assert [e["event_type"] for e in events] == ["OrderPlaced", "OrderConfirmed"]
     assert {e["correlation_id"] for e in events} == {order_id}
+    assert {e["stream"] for e in events} == {partition_stream(ORDERS_EVENTS, part(order_id))}
     assert events[0]["payload"]["items"] == [{"sku": "apple", "quantity": 2}]
     assert events[1]["payload"]["total_cents"] == 300
 
@@ -147,21 +263,40 @@ def test_tail_decodes_filters_and_follows(shop):
     assert [e["event_type"] for e in only] == ["OrderConfirmed"]
     last = saga_json("tail", ORDERS_EVENTS, "--count", "1")["entries"]
     assert [e["event_type"] for e in last] == ["OrderConfirmed"]
+    one = partition_stream(ORDERS_EVENTS, part(order_id))
+    assert len(saga_json("tail", one)["entries"]) == 2
+
+    # orders in other partitions merge in time order (entries of one pipelined batch share
+    # a millisecond: across streams their order within it is unknown, so a set here)
+    others = [shop.place("alice", [("apple", 1)]) for _ in range(6)]
+    shop.publish("orders")
+    placed = saga_json("tail", ORDERS_EVENTS, "--type", "OrderPlaced", "-n", "6")["entries"]
+    assert {e["correlation_id"] for e in placed} == set(others)
+    assert [e["time"] for e in placed] == sorted(e["time"] for e in placed)
+    assert len({e["stream"] for e in placed}) > 1  # six orders in one partition: unlikely
 
     text = saga("tail", "billing.events").output
     assert "PaymentCaptured" in text and order_id in text and '"amount_cents":300' in text
     assert "no entries" in saga("tail", "orders.dead-letters").output  # known, not written yet
     assert "no stream named" in failed("tail", "nope.events")
+    assert "no stream named" in failed("tail", partition_stream(ORDERS_EVENTS, P))
 
-    # --follow: XREAD BLOCK from the newest entry on, so only what comes after
-    newest = shop.redis.xrevrange(ORDERS_EVENTS, count=1)[0][0]
-    shop.place("alice", [("apple", 1)])
+    # --follow: XREAD BLOCK from each partition's newest entry on, so only what comes after
+    streams = [partition_stream(ORDERS_EVENTS, i) for i in range(P)]
+    newest = {s: (shop.redis.xrevrange(s, count=1) or [("0-0", {})])[0][0] for s in streams}
+    later = shop.place("alice", [("apple", 1)])
     shop.publish("orders")
-    entry_id, fields = next(follow_entries(shop.redis, ORDERS_EVENTS, newest, block_ms=100))
-    assert entry_id > newest and fields["event_type"] == "OrderPlaced"
+    stream, (_entry_id, fields) = next(follow_entries(shop.redis, newest, block_ms=100))
+    assert stream == partition_stream(ORDERS_EVENTS, part(later))
+    assert fields["event_type"] == "OrderPlaced" and fields["correlation_id"] == later
 
 
 # -- outbox ------------------------------------------------------------------------------------
+
+
+def last_published_at(url: str) -> str:
+    with psycopg.connect(url) as conn:
+        return iso(conn.execute("SELECT max(published_at) FROM outbox").fetchone()[0])
 
 
 def test_outbox_shows_backlog_and_the_active_relay(shop, cli_env):
@@ -170,6 +305,7 @@ def test_outbox_shows_backlog_and_the_active_relay(shop, cli_env):
     assert list(report) == ["orders", "inventory", "billing"]
     assert report["orders"]["unpublished"] == 1
     assert report["orders"]["oldest_unpublished_age_ms"] >= 0
+    assert report["orders"]["last_published_at"] is None
     assert report["inventory"]["unpublished"] == 0
     assert report["inventory"]["oldest_unpublished_age_ms"] is None
     assert not report["orders"]["relay"]["lock_held"]
@@ -178,22 +314,22 @@ def test_outbox_shows_backlog_and_the_active_relay(shop, cli_env):
     relay = Relay(
         cli_env.db_urls["orders"],
         shop.redis,
-        RelaySettings(producer="orders", stream=ORDERS_EVENTS, poll_seconds=0.1),
+        RelaySettings(producer="orders", partitions=P, poll_seconds=0.1),
     )
     stop = threading.Event()
     thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
     thread.start()
     try:
         wait_until(lambda: relay.published == 1, message="the relay did not publish")
+        wait_until(lambda: shop.redis.hget(relay_status_key("orders"), "published") == "1")
         report = saga_json("outbox")["outbox"]
         orders = report["orders"]
         assert orders["unpublished"] == 0
         assert orders["relay"]["lock_held"] is True
         assert orders["relay"]["holder"]
         assert orders["relay"]["published"] == 1
-        assert orders["relay"]["last_publish_at"] >= orders["relay"]["active_since"]
-        assert orders["relay"]["last_publish_age_ms"] >= 0
-        assert orders["last_published_at"]
+        assert orders["last_published_at"] >= orders["relay"]["active_since"]
+        assert orders["last_published_age_ms"] >= 0
         assert not report["billing"]["relay"]["lock_held"]  # advisory locks are per database
         text = saga("outbox").output
         row = next(line for line in text.splitlines() if line.startswith("orders"))
@@ -204,6 +340,29 @@ def test_outbox_shows_backlog_and_the_active_relay(shop, cli_env):
     assert not thread.is_alive()
 
 
+def test_outbox_last_publish_is_the_rows_published_at(shop, cli_env):
+    """Issue 9 item 16: LAST PUBLISH is when the row was marked published, not the relay's
+    status report (written at most once a second, so up to a second late)."""
+    shop.place("alice", [("apple", 1)])
+    shop.publish("orders")
+    truth = last_published_at(cli_env.db_urls["orders"])
+    orders = saga_json("outbox")["outbox"]["orders"]
+    assert orders["last_published_at"] == truth
+    # a stale status hash (a relay that reported a second earlier) changes nothing
+    shop.redis.hset(
+        relay_status_key("orders"),
+        mapping={"holder": "relay-1", "last_publish_at": "2000-01-01T00:00:00+00:00"},
+    )
+    assert saga_json("outbox")["outbox"]["orders"]["last_published_at"] == truth
+    row = next(line for line in saga("outbox").output.splitlines() if line.startswith("orders"))
+    assert truth.replace("T", " ").rstrip("Z") in row
+    shop.place("alice", [("apple", 1)])
+    shop.publish("orders")
+    newer = last_published_at(cli_env.db_urls["orders"])
+    assert newer > truth
+    assert saga_json("outbox")["outbox"]["orders"]["last_published_at"] == newer
+
+
 # -- trace -------------------------------------------------------------------------------------
 
 
@@ -212,12 +371,18 @@ def test_trace_shows_the_saga_timeline_and_each_services_state(shop):
     shop.settle()
 
     report = saga_json("trace", order_id)
+    assert report["partition"] == part(order_id)
     events = report["events"]
     assert [e["event_type"] for e in events] == SAGA_TYPES
     assert [e["producer"] for e in events] == ["orders", "inventory", "billing", "orders"]
     for event in events:
         assert event["committed_at"] <= event["published_at"]
         assert event["commit_to_publish_ms"] >= 0
+        assert event["stream"].endswith(f".{{p{part(order_id)}}}")
+        ((_entry_id, fields),) = shop.redis.xrange(
+            event["stream"], event["entry_id"], event["entry_id"]
+        )
+        assert fields["event_id"] == event["event_id"]
     handled = {
         (e["event_type"], d["group"]): d for e in events for d in e["deliveries"] if d["handles"]
     }
@@ -228,15 +393,13 @@ def test_trace_shows_the_saga_timeline_and_each_services_state(shop):
         ("PaymentCaptured", "orders"),
     }
     for delivery in handled.values():
+        assert delivery["status"] == "processed"
         assert delivery["processed_at"] is not None
         assert delivery["publish_to_processed_ms"] >= 0
     placed = {d["group"]: d for d in events[0]["deliveries"]}
-    assert placed["billing"] == {
-        "group": "billing",
-        "handles": False,
-        "processed_at": None,
-        "publish_to_processed_ms": None,
-    }
+    assert placed["billing"]["status"] == "not_handled"
+    assert placed["billing"]["processed_at"] is None
+    assert placed["billing"]["dead_letter"] is None
     # each event names its cause: the saga is one chain from OrderPlaced
     assert events[1]["causation_id"] == events[0]["event_id"]
     assert events[2]["causation_id"] == events[1]["event_id"]
@@ -249,7 +412,7 @@ def test_trace_shows_the_saga_timeline_and_each_services_state(shop):
     text = saga("trace", order_id).output
     positions = [text.index(name) for name in SAGA_TYPES]
     assert positions == sorted(positions)
-    assert "(not handled)" in text
+    assert "(not handled)" in text and f"(partition {part(order_id)})" in text
     for word in ("confirmed", "held", "captured", "COMMIT->PUBLISH", "PUBLISH->PROCESSED"):
         assert word in text
 
@@ -260,10 +423,9 @@ def test_trace_shows_the_saga_timeline_and_each_services_state(shop):
 # -- dead letters ------------------------------------------------------------------------------
 
 
-def test_dead_letters_list_show_and_redrive_to_the_failing_group_only(shop):
-    order_id = shop.place("alice", [("apple", 2)])
-    shop.publish("orders")
-    # inventory's handler fails and gives up at once; billing ignores OrderPlaced and acks it
+def failing_inventory(shop) -> tuple[list[PartitionWorker], Counter, dict]:
+    """inventory's consumer replaced by one whose OrderPlaced handler fails (while
+    broken["failing"]) and gives up at once."""
     broken = {"failing": True}
 
     def flaky(uow, event):
@@ -271,40 +433,77 @@ def test_dead_letters_list_show_and_redrive_to_the_failing_group_only(shop):
             raise RuntimeError("stock database on fire")
         INVENTORY_HANDLERS["OrderPlaced"](uow, event)
 
-    settings = ConsumerSettings(
-        group="inventory",
-        consumer="inventory-7",
-        streams=SUBSCRIPTIONS["inventory"],
+    workers, outcomes = take_over(
+        shop,
+        "inventory",
+        "inventory-7",
+        {**INVENTORY_HANDLERS, "OrderPlaced": flaky},
         max_deliveries=1,
     )
-    failing = StreamConsumer(shop.redis, shop.pools["inventory"], settings, {"OrderPlaced": flaky})
-    assert failing.read_new_once() == 1
-    assert failing.stats.dead_lettered == 1
-    assert shop.deliver("billing") == 1
+    return workers, outcomes, broken
+
+
+def test_trace_shows_a_dead_lettered_event_with_its_dead_letter_id(shop):
+    """Issue 9 item 16: a dead-lettered event is "dead-lettered <entry id>", not "not yet"."""
+    workers, outcomes, _broken = failing_inventory(shop)
+    order_id = shop.place("alice", [("apple", 2)])
+    shop.publish("orders")
+    assert drain(workers) == 1 and outcomes["dead_lettered"] == 1
+    ((dead_id, _fields),) = shop.redis.xrange(dead_letter_stream("inventory", part(order_id)))
+
+    report = saga_json("trace", order_id)
+    placed = {d["group"]: d for d in report["events"][0]["deliveries"]}
+    assert placed["inventory"]["status"] == "dead_lettered"
+    assert placed["inventory"]["dead_letter"] == {
+        "stream": dead_letter_stream("inventory", part(order_id)),
+        "id": dead_id,
+    }
+    assert placed["inventory"]["failed_attempts"] == 1
+    assert "stock database on fire" in placed["inventory"]["last_error"]
+    text = saga("trace", order_id).output
+    assert f"dead-lettered {dead_id}" in text
+    assert "not yet" not in text
+
+
+def test_dead_letters_list_show_and_redrive_to_the_failing_group_only(shop):
+    workers, outcomes, broken = failing_inventory(shop)
+    order_id = shop.place("alice", [("apple", 2)])
+    p = part(order_id)
+    shop.publish("orders")
+    assert drain(workers) == 1
+    assert outcomes["dead_lettered"] == 1
+    assert shop.deliver("billing") == 1  # billing ignores OrderPlaced and acknowledges it
 
     letters = saga_json("dead-letters", "list")
     assert letters["totals"] == {"orders": 0, "inventory": 1, "billing": 0}
     (letter,) = letters["dead_letters"]
     assert letter["group"] == "inventory"
+    assert (letter["partition"], letter["stream"]) == (p, dead_letter_stream("inventory", p))
     assert letter["event_type"] == "OrderPlaced"
     assert letter["correlation_id"] == order_id
-    assert letter["original_stream"] == ORDERS_EVENTS
+    assert letter["original_stream"] == partition_stream(ORDERS_EVENTS, p)
     assert letter["attempts"] == 1
     assert "stock database on fire" in letter["error"]
     assert "stock database on fire" in saga("dead-letters", "list", "inventory").output
-    streams = {s["stream"]: s for s in saga_json("streams")["streams"]}
+    assert saga_json("dead-letters", "list", "--partition", str((p + 1) % P))["dead_letters"] == []
+    report = saga_json("streams")
+    summaries = {(s["group"], s["partition"]): s for s in report["groups"]}
+    assert summaries[("inventory", p)]["dead_letters"] == 1
+    assert sum(s["dead_letters"] for s in summaries.values()) == 1
     counts = {
-        (s, g["group"]): (g["dead_letters"], g["dead_letters_from_stream"])
-        for s in (ORDERS_EVENTS, "billing.events")
-        for g in streams[s]["groups"]
+        (x["stream"], g["group"]): g["dead_letters_from_stream"]
+        for b in report["streams"]
+        for x in b["partitions"]
+        if x["partition"] == p
+        for g in x["groups"]
     }
-    assert counts[(ORDERS_EVENTS, "inventory")] == (1, 1)
-    assert counts[("billing.events", "inventory")] == (1, 0)  # it came from orders.events
-    assert counts[(ORDERS_EVENTS, "billing")] == (0, 0)
+    assert counts[(partition_stream(ORDERS_EVENTS, p), "inventory")] == 1
+    assert counts[(partition_stream("billing.events", p), "inventory")] == 0
+    assert counts[(partition_stream(ORDERS_EVENTS, p), "billing")] == 0
     assert "no dead letters" in saga("dead-letters", "list", "billing").output
 
     shown = saga_json("dead-letters", "show", letter["id"])
-    assert shown["group"] == "inventory"
+    assert shown["group"] == "inventory" and shown["partition"] == p
     assert shown["payload"]["order_id"] == order_id
     assert shown["fields"]["original_id"] == letter["original_id"]
     text = saga("dead-letters", "show", letter["id"], "--group", "inventory").output
@@ -313,29 +512,33 @@ def test_dead_letters_list_show_and_redrive_to_the_failing_group_only(shop):
     assert "not a stream entry id" in failed("dead-letters", "show", "abc")
 
     assert "no dead letter 1-1" in failed("dead-letters", "redrive", "1-1", "--group", "inventory")
-    assert shop.redis.xlen(dead_letter_stream("inventory")) == 1  # nothing moved
+    assert shop.redis.xlen(dead_letter_stream("inventory", p)) == 1  # nothing moved
     assert failed("dead-letters", "redrive", "--group", "inventory")  # neither ids nor --all
 
-    orders_length = shop.redis.xlen(ORDERS_EVENTS)
+    orders_length = stream_total(shop.redis, ORDERS_EVENTS)
     moved = saga_json("dead-letters", "redrive", letter["id"], "--group", "inventory")
-    assert [m["id"] for m in moved["redriven"]] == [letter["id"]]
-    assert shop.redis.xlen(dead_letter_stream("inventory")) == 0
-    ((_, fields),) = shop.redis.xrange(redrive_stream("inventory"))
-    assert set(fields) == set(ENVELOPE_FIELDS)  # the original envelope, not the dead letter
-    assert shop.redis.xlen(ORDERS_EVENTS) == orders_length  # the original stream is untouched
+    assert [(m["id"], m["stream"]) for m in moved["redriven"]] == [
+        (letter["id"], redrive_stream("inventory", p))
+    ]
+    assert shop.redis.xlen(dead_letter_stream("inventory", p)) == 0
+    ((_, fields),) = shop.redis.xrange(redrive_stream("inventory", p))
+    # the original envelope, and where it came from (not the dead letter's error and counts)
+    assert set(fields) == {*ENVELOPE_FIELDS, "original_stream", "original_id"}
+    assert fields["original_stream"] == partition_stream(ORDERS_EVENTS, p)
+    assert stream_total(shop.redis, ORDERS_EVENTS) == orders_length  # originals untouched
 
     # billing, the other group on orders.events, never sees it again
     assert shop.deliver("billing") == 0
     # inventory, fixed, handles it from its re-drive stream, and the saga completes
     broken["failing"] = False
-    assert failing.read_new_once() == 1
-    assert failing.stats.processed == 1
+    assert drain(workers) == 1
+    assert outcomes["processed"] == 1
     with psycopg.connect(shop.db_urls["inventory"]) as conn:
         stream = conn.execute(
             "SELECT stream FROM inbox WHERE consumer_group = 'inventory'"
             " AND event_type = 'OrderPlaced'"
         ).fetchone()[0]
-    assert stream == redrive_stream("inventory")
+    assert stream == redrive_stream("inventory", p)
     shop.settle()
     assert shop.order(order_id)["status"] == "confirmed"
 
@@ -343,24 +546,49 @@ def test_dead_letters_list_show_and_redrive_to_the_failing_group_only(shop):
 def test_redrive_all_takes_only_what_is_there_now(shop):
     # An entry that breaks its contract: every group that handles its type dead-letters it
     # at once (inventory and billing both react to OrderCancelled).
-    shop.redis.xadd(ORDERS_EVENTS, {"event_type": "OrderCancelled", "payload": "{not json"})
+    order_id = str(uuid.uuid4())
+    p = part(order_id)
+    shop.redis.xadd(
+        partition_stream(ORDERS_EVENTS, p),
+        {"event_type": "OrderCancelled", "aggregate_id": order_id, "payload": "{not json"},
+    )
     assert shop.deliver("inventory") == 1 and shop.deliver("billing") == 1
     letters = saga_json("dead-letters", "list")
     assert letters["totals"] == {"orders": 0, "inventory": 1, "billing": 1}
     assert all(d["error"].startswith("contract:") for d in letters["dead_letters"])
     old_id = next(d["id"] for d in letters["dead_letters"] if d["group"] == "billing")
-    assert saga_json("dead-letters", "show", old_id)["payload"] == "{not json"
+    shown = saga_json("dead-letters", "show", old_id, "--group", "billing")
+    assert shown["payload"] == "{not json"
 
     text = saga("dead-letters", "redrive", "--all", "--group", "billing").output
-    assert "1 re-driven to billing" in text
+    assert "1 re-driven to billing" in text and redrive_stream("billing", p) in text
     # still broken: billing dead-letters it again, under a new id; inventory's stays put
     assert shop.deliver("billing") == 1
     again = saga_json("dead-letters", "list", "billing")["dead_letters"]
     assert len(again) == 1 and again[0]["id"] != old_id
-    assert again[0]["original_stream"] == redrive_stream("billing")
-    assert shop.redis.xlen(dead_letter_stream("inventory")) == 1
+    # it still points at the entry it came from, in the partition it belongs to
+    assert again[0]["original_stream"] == partition_stream(ORDERS_EVENTS, p)
+    assert again[0]["partition"] == p
+    assert shop.redis.xlen(dead_letter_stream("inventory", p)) == 1
     nothing = saga("dead-letters", "redrive", "--all", "--group", "orders").output
     assert "no dead letters for orders" in nothing
+
+
+def test_redrive_of_an_id_in_two_partitions_asks_which(shop):
+    """Entry ids are unique per stream only: the same id in two partitions is ambiguous."""
+    for partition in (1, 2):
+        shop.redis.xadd(
+            dead_letter_stream("orders", partition),
+            {"event_type": "PaymentCaptured", "error": "x", "attempts": "1"},
+            id="1000-1",
+        )
+    assert "say which" in failed("dead-letters", "show", "1000-1")
+    assert "say which" in failed("dead-letters", "redrive", "1000-1", "--group", "orders")
+    assert shop.redis.xlen(dead_letter_stream("orders", 1)) == 1  # nothing moved
+    moved = saga_json("dead-letters", "redrive", "1000-1", "--group", "orders", "-p", "2")
+    assert [m["stream"] for m in moved["redriven"]] == [redrive_stream("orders", 2)]
+    assert shop.redis.xlen(dead_letter_stream("orders", 2)) == 0
+    assert shop.redis.xlen(dead_letter_stream("orders", 1)) == 1
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -380,3 +608,16 @@ def test_unreachable_servers_give_one_clear_line(cli_env, monkeypatch):
 
     monkeypatch.delenv("REDIS_URL")  # and no stack.env in SAGA_RUN_DIR either
     assert "REDIS_URL is not set" in failed("streams")
+
+
+def test_partition_count_comes_from_the_setting_else_the_deployment(shop, monkeypatch):
+    from service_runtime.partitions import check_partition_count, partitions_in_use
+
+    monkeypatch.delenv("STREAM_PARTITIONS", raising=False)
+    assert partitions_in_use() == P  # nothing recorded: the default
+    with psycopg.connect(shop.db_urls["inventory"], autocommit=True) as conn:
+        check_partition_count(conn, 4, "inventory")
+    assert partitions_in_use() == 4
+    assert saga_json("streams")["partitions"] == 4
+    monkeypatch.setenv("STREAM_PARTITIONS", "2")
+    assert partitions_in_use() == 2

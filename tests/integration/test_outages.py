@@ -11,13 +11,14 @@ import importlib
 import shutil
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from contracts import STREAM_OF_PRODUCER, SUBSCRIPTIONS
+from contracts import DEFAULT_PARTITIONS, ORDERS_EVENTS
 from devstack.osutil import free_port
 from devstack.postgres import EmbeddedPostgres
 from devstack.provision import provision
@@ -25,10 +26,11 @@ from devstack.redis import EmbeddedRedis
 from orders_service.app import create_app as orders_app
 from outbox_relay.relay import Relay, RelaySettings
 from service_runtime import redis_client
-from service_runtime.consumer import ConsumerSettings, StreamConsumer
+from service_runtime.consumer import ConsumerSettings
+from service_runtime.consumer_group import StreamConsumer
 from service_runtime.db import create_pool
 from service_runtime.migrations import migrate
-from tests.helpers import wait_until
+from tests.helpers import stream_total, wait_until
 
 ORDER = {"customer_id": "alice", "items": [{"sku": "apple", "quantity": 1}]}
 
@@ -80,19 +82,28 @@ def relay_for(url: str, client) -> Relay:
         client,
         RelaySettings(
             producer="orders",
-            stream=STREAM_OF_PRODUCER["orders"],
+            partitions=DEFAULT_PARTITIONS,
             poll_seconds=0.2,
             standby_retry_seconds=0.2,
         ),
     )
 
 
-def inventory_consumer(client, pool) -> StreamConsumer:
+def inventory_consumer(client, pool) -> tuple[StreamConsumer, Counter]:
+    """inventory's consumer (all partitions: it is the only member) and its outcomes."""
     handlers = importlib.import_module("inventory_service.reactions").HANDLERS
     settings = ConsumerSettings(
-        group="inventory", consumer="inventory-1", streams=SUBSCRIPTIONS["inventory"], block_ms=100
+        group="inventory", consumer="inventory-1", partitions=DEFAULT_PARTITIONS, block_ms=100
     )
-    return StreamConsumer(client, pool, settings, handlers)
+    outcomes: Counter = Counter()
+    consumer = StreamConsumer(
+        client,
+        pool,
+        settings,
+        handlers,
+        on_outcome=lambda _type, outcome, _seconds: outcomes.update([outcome]),
+    )
+    return consumer, outcomes
 
 
 def test_redis_outage_buffers_in_the_outbox_and_everything_resumes(clean_state, own_redis, threads):
@@ -101,11 +112,11 @@ def test_redis_outage_buffers_in_the_outbox_and_everything_resumes(clean_state, 
     pools = [create_pool(orders_url, name="o"), create_pool(inventory_url, name="i")]
     api = orders_app(pools[0]).test_client()
     relay = relay_for(orders_url, client)
-    consumer = inventory_consumer(client, pools[1])
+    consumer, outcomes = inventory_consumer(client, pools[1])
     relay_thread, consumer_thread = threads(relay.run), threads(consumer.run)
     try:
         assert api.post("/orders", json=ORDER).status_code == 201
-        wait_until(lambda: consumer.stats.processed == 1)
+        wait_until(lambda: outcomes["processed"] == 1)
 
         own_redis.stop()
         accepted = [api.post("/orders", json=ORDER) for _ in range(5)]
@@ -115,9 +126,9 @@ def test_redis_outage_buffers_in_the_outbox_and_everything_resumes(clean_state, 
             assert conn.execute(unpublished).fetchone()[0] == 5
 
         own_redis.start()
-        wait_until(lambda: consumer.stats.processed == 6, timeout=30)
+        wait_until(lambda: outcomes["processed"] == 6, timeout=30)
         assert relay_thread.is_alive() and consumer_thread.is_alive()  # no restart needed
-        assert client.xlen("orders.events") == 6
+        assert stream_total(client, ORDERS_EVENTS) == 6
         with psycopg.connect(orders_url) as conn:
             assert conn.execute(unpublished).fetchone()[0] == 0
     finally:
@@ -134,11 +145,11 @@ def test_postgres_outage_gives_503_writes_nothing_and_recovers(own_postgres, own
     ]
     api = orders_app(pools[0]).test_client()
     relay = relay_for(urls["orders"], client)
-    consumer = inventory_consumer(client, pools[1])
+    consumer, outcomes = inventory_consumer(client, pools[1])
     relay_thread, consumer_thread = threads(relay.run), threads(consumer.run)
     try:
         assert api.post("/orders", json=ORDER).status_code == 201
-        wait_until(lambda: consumer.stats.processed == 1)
+        wait_until(lambda: outcomes["processed"] == 1)
 
         server.stop()
         down = api.post("/orders", json=ORDER)
@@ -151,7 +162,7 @@ def test_postgres_outage_gives_503_writes_nothing_and_recovers(own_postgres, own
         server.start()
         wait_until(lambda: api.get("/ready").status_code == 200, timeout=30)
         assert api.post("/orders", json=ORDER).status_code == 201
-        wait_until(lambda: consumer.stats.processed == 2, timeout=30)
+        wait_until(lambda: outcomes["processed"] == 2, timeout=30)
         assert relay_thread.is_alive() and consumer_thread.is_alive()
         with psycopg.connect(urls["orders"]) as conn:
             assert conn.execute("SELECT count(*) FROM orders").fetchone()[0] == 2  # not 3

@@ -5,18 +5,28 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import pytest
 
-from contracts import ENVELOPE_FIELDS, decode_entry
+from contracts import (
+    ENVELOPE_FIELDS,
+    INVENTORY_EVENTS,
+    decode_entry,
+    partition_of,
+    partition_stream,
+)
 from outbox_relay.publisher import publish_batch
 from outbox_relay.relay import Relay, RelaySettings
 from service_runtime.locks import RELAY_LOCK_KEY
 from service_runtime.unit_of_work import UnitOfWork
 from tests.helpers import FreezableProxy, order_placed_payload, wait_until
 
-STREAM = "inventory.events"
 PRODUCER = "inventory"
+# One partition: every row in one stream, so id order is one order to check. Routing over
+# several partitions has its own test below.
+PARTITIONS = 1
+STREAM = partition_stream(INVENTORY_EVENTS, 0)
 
 
 class Crash(Exception):
@@ -39,14 +49,19 @@ def outbox_ids(db, *, published: bool | None = None) -> list[str]:
 def publish(db, redis_client, batch_size: int = 100, fault=None) -> int:
     kwargs = {"fault": fault} if fault else {}
     return publish_batch(
-        db, redis_client, stream=STREAM, producer=PRODUCER, batch_size=batch_size, **kwargs
+        db,
+        redis_client,
+        producer=PRODUCER,
+        partitions=PARTITIONS,
+        batch_size=batch_size,
+        **kwargs,
     )
 
 
 def settings(**overrides) -> RelaySettings:
     values = dict(
         producer=PRODUCER,
-        stream=STREAM,
+        partitions=PARTITIONS,
         batch_size=100,
         poll_seconds=0.2,
         standby_retry_seconds=0.05,
@@ -86,6 +101,16 @@ def test_publishes_in_id_order_with_flat_readable_fields(db, redis_client, emit)
         envelope = decode_entry(fields)  # and it is on contract for every consumer
         assert envelope.payload == payload
     assert outbox_ids(db, published=False) == []
+
+
+def test_each_row_goes_to_its_orders_partition_in_id_order(db, redis_client, emit):
+    emitted = [(emit(order_id), order_id) for order_id in [str(uuid.uuid4()) for _ in range(20)]]
+    emitted += [(emit(order_id), order_id) for _e, order_id in emitted[:5]]  # second events
+    assert publish_batch(db, redis_client, producer=PRODUCER, partitions=8, batch_size=100) == 25
+    for partition in range(8):
+        stream = partition_stream(INVENTORY_EVENTS, partition)
+        expected = [e for e, order_id in emitted if partition_of(order_id, 8) == partition]
+        assert [f["event_id"] for _id, f in redis_client.xrange(stream)] == expected
 
 
 def test_nothing_to_publish_touches_nothing(db, redis_client):
