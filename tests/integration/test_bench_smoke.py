@@ -103,13 +103,17 @@ def test_procfile_consumers_are_replaced_by_n_per_service(tmp_path):
     procfile = tmp_path / "Procfile"
     procfile.write_text(
         "orders-web: saga web orders\norders-consumer: saga consume orders\n"
-        "billing-consumer-1: saga consume billing --name billing-1\nworker: saga worker\n"
+        "billing-consumer: saga consume billing\nworker: saga worker\n"
     )
     lines = end_to_end.procfile_with_consumers(procfile, 2).splitlines()
-    assert lines[:2] == ["orders-web: saga web orders", "worker: saga worker"]
-    assert "orders-consumer-2: saga consume orders --name orders-2" in lines
-    assert "billing-consumer-1: saga consume billing --name billing-1" in lines
-    assert sum("saga consume" in line for line in lines) == 6
+    assert lines == [
+        "orders-web: saga web orders",
+        "orders-consumer-1: saga consume orders --instance 1",
+        "orders-consumer-2: saga consume orders --instance 2",
+        "billing-consumer-1: saga consume billing --instance 1",
+        "billing-consumer-2: saga consume billing --instance 2",
+        "worker: saga worker",
+    ]
 
 
 def test_consumer_counts_parse_as_a_list_or_repeated():
