@@ -49,6 +49,14 @@ _REDIS_OUTAGE_REPLIES = (
 )
 
 
+# The replies redis-py maps to their own classes (stripping the code from the message).
+_REDIS_OUTAGE_REPLY_TYPES: tuple[type[BaseException], ...] = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.BusyLoadingError,
+)
+
+
 def classify(err: BaseException) -> FailureKind:
     if isinstance(err, CONFLICT_ERRORS):
         return FailureKind.CONFLICT
@@ -61,7 +69,7 @@ def classify(err: BaseException) -> FailureKind:
         if state is None or state.startswith(("08", "57P", "53")):
             return FailureKind.OUTAGE
         return FailureKind.ERROR
-    if isinstance(err, REDIS_OUTAGE_ERRORS):
+    if isinstance(err, (*REDIS_OUTAGE_ERRORS, *_REDIS_OUTAGE_REPLY_TYPES)):
         return FailureKind.OUTAGE
     if isinstance(err, redis.ResponseError) and str(err).startswith(_REDIS_OUTAGE_REPLIES):
         return FailureKind.OUTAGE

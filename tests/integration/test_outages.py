@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from redis.exceptions import OutOfMemoryError
 
 from contracts import DEFAULT_PARTITIONS, ORDERS_EVENTS
 from devstack.osutil import free_port
@@ -166,6 +167,44 @@ def test_postgres_outage_gives_503_writes_nothing_and_recovers(own_postgres, own
         assert relay_thread.is_alive() and consumer_thread.is_alive()
         with psycopg.connect(urls["orders"]) as conn:
             assert conn.execute("SELECT count(*) FROM orders").fetchone()[0] == 2  # not 3
+    finally:
+        for pool in pools:
+            pool.close()
+
+
+def test_redis_error_replies_are_outages_the_relay_and_consumer_survive(
+    clean_state, own_redis, threads
+):
+    """OOM (and MISCONF, READONLY, LOADING: the same kind of reply) used to be a ResponseError
+    nobody caught: the relay and the consumers exited. Now they back off and resume."""
+    orders_url, inventory_url = clean_state.db_urls["orders"], clean_state.db_urls["inventory"]
+    client = redis_client.connect(own_redis.url)
+    pools = [create_pool(orders_url, name="o"), create_pool(inventory_url, name="i")]
+    api = orders_app(pools[0]).test_client()
+    relay = relay_for(orders_url, client)
+    consumer, outcomes = inventory_consumer(client, pools[1])
+    relay_thread, consumer_thread = threads(relay.run), threads(consumer.run)
+    try:
+        assert api.post("/orders", json=ORDER).status_code == 201
+        wait_until(lambda: outcomes["processed"] == 1)
+
+        # Every write is now refused with "OOM command not allowed when used memory > ...".
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")
+        with pytest.raises(OutOfMemoryError):  # a ResponseError: nothing caught it before
+            client.xadd("probe.{p0}", {"a": "1"})
+        accepted = [api.post("/orders", json=ORDER) for _ in range(3)]
+        assert [r.status_code for r in accepted] == [201] * 3  # the outbox buffers
+        unpublished = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+        with psycopg.connect(orders_url) as conn:
+            # the relay keeps trying: the rows stay unpublished while Redis refuses them
+            wait_until(lambda: conn.execute(unpublished).fetchone()[0] == 3)
+        assert relay_thread.is_alive() and consumer_thread.is_alive()
+
+        client.config_set("maxmemory", "0")
+        wait_until(lambda: outcomes["processed"] == 4, timeout=30)
+        assert relay_thread.is_alive() and consumer_thread.is_alive()  # never restarted
+        assert outcomes["failed"] == 0 and outcomes["dead_lettered"] == 0
     finally:
         for pool in pools:
             pool.close()
