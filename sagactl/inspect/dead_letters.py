@@ -279,7 +279,7 @@ def _redrive_batch(
                 if not entries:
                     return []
                 targets = [
-                    redrive_target(group, f, source, partitions) for source, _i, f in entries
+                    redrive_target(group, f, source, partitions) for _s, _i, f in entries
                 ]
                 if len(by_slot(client, [source, *targets])) > 1:
                     raise click.ClickException(
@@ -288,7 +288,7 @@ def _redrive_batch(
                         "them in one transaction; nothing more re-driven"
                     )
                 pipe.multi()
-                for (source, entry_id, fields), target in zip(entries, targets, strict=True):
+                for (_s, entry_id, fields), target in zip(entries, targets, strict=True):
                     record = {k: fields[k] for k in REDRIVE_FIELDS if k in fields}
                     record.setdefault("original_stream", source)
                     record.setdefault("original_id", entry_id)
@@ -307,7 +307,7 @@ def _redrive_batch(
                     "event_type": fields.get("event_type"),
                     "event_id": fields.get("event_id"),
                 }
-                for (source, entry_id, fields), target, new_id in zip(
+                for (_s, entry_id, fields), target, new_id in zip(
                     entries, targets, replies[::2], strict=True
                 )
             ]
