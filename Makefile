@@ -21,9 +21,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 	$(MAKE) test-cluster
 
-# The stream and saga suites again, on a real 3-master Redis Cluster the tests start themselves
+# The stream, saga and operator CLI suites again, on a real 3-master Redis Cluster the tests
+# start themselves
 CLUSTER_SUITES := tests/integration/test_saga.py tests/integration/test_consumer.py \
-	tests/integration/test_relay.py tests/integration/test_crashes.py
+	tests/integration/test_relay.py tests/integration/test_crashes.py \
+	tests/integration/test_cli.py tests/integration/test_audit.py
 
 test-cluster: $(STAMP)
 	SAGA_TEST_REDIS_CLUSTER=1 $(BIN)/python -m pytest $(CLUSTER_SUITES)

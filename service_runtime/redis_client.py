@@ -10,7 +10,7 @@ its keys share one slot (a common hash tag such as `{p3}`), else CrossSlotTransa
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import redis
@@ -144,19 +144,52 @@ def read_group(
     """
     if not isinstance(client, redis.RedisCluster):
         return client.xreadgroup(group, consumer, dict(streams), count=count, block=block)
-    slots = {client.keyslot(name) for name in streams}
-    if len(slots) != 1:
-        raise RedisClusterException(
-            f"XREADGROUP over {sorted(streams)}: the streams must share one hash tag"
-        )
-    node = client.nodes_manager.get_node_from_slot(slots.pop())
-    pieces: list[Any] = ["GROUP", group, consumer]
+    pieces: list[Any] = ["GROUP", group, consumer, *_read_options(streams, count, block)]
+    return client.execute_command("XREADGROUP", *pieces, target_nodes=_node_of(client, streams))
+
+
+def read(
+    client: RedisClient,
+    streams: Mapping[str, str],
+    *,
+    count: int | None = None,
+    block: int | None = None,
+) -> Any:
+    """XREAD over `streams` (name -> id), the same reply as `client.xread`; on a cluster the
+    streams must share one slot (see `by_slot`), routed as `read_group` routes its reads."""
+    if not isinstance(client, redis.RedisCluster):
+        return client.xread(dict(streams), count=count, block=block)
+    pieces = _read_options(streams, count, block)
+    return client.execute_command("XREAD", *pieces, target_nodes=_node_of(client, streams))
+
+
+def _read_options(streams: Mapping[str, str], count: int | None, block: int | None) -> list[Any]:
+    pieces: list[Any] = []
     if count is not None:
         pieces += ["COUNT", count]
     if block is not None:
         pieces += ["BLOCK", block]
-    pieces += ["STREAMS", *streams.keys(), *streams.values()]
-    return client.execute_command("XREADGROUP", *pieces, target_nodes=node)
+    return [*pieces, "STREAMS", *streams.keys(), *streams.values()]
+
+
+def _node_of(client: redis.RedisCluster, keys: Iterable[str]) -> Any:
+    """The master serving the one slot of `keys` (an error naming them if they span several)."""
+    keys = list(keys)
+    slots = {client.keyslot(key) for key in keys}
+    if len(slots) != 1:
+        raise RedisClusterException(f"{sorted(keys)}: the keys must share one hash tag")
+    return client.nodes_manager.get_node_from_slot(slots.pop())
+
+
+def by_slot(client: RedisClient, keys: Iterable[str]) -> list[list[str]]:
+    """`keys` in groups a multi-key command (or a MULTI) may use together, each in the given
+    order: all of them on a plain Redis, one group per slot on a cluster (the streams of one
+    partition, sharing the hash tag `{p3}`, are one group)."""
+    groups: dict[int, list[str]] = {}
+    for key in keys:
+        slot = client.keyslot(key) if isinstance(client, redis.RedisCluster) else 0
+        groups.setdefault(slot, []).append(key)
+    return list(groups.values())
 
 
 def flush(client: RedisClient) -> None:

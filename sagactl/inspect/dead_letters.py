@@ -35,6 +35,7 @@ from sagactl.inspect.partitions import (
     id_key,
     redrive_target,
 )
+from service_runtime.redis_client import RedisClient, by_slot
 
 REDRIVE_BATCH = 200
 WATCH_RETRIES = 20
@@ -201,7 +202,7 @@ Picked = list[tuple[str, str, dict[str, str]]]  # (dead-letter stream, entry id,
 
 
 def redrive(
-    client: redis.Redis,
+    client: RedisClient,
     group: str,
     partitions: int,
     ids: list[str] | None,
@@ -210,24 +211,40 @@ def redrive(
     """Move dead letters (the given ids, or all present now) to the group's re-drive stream of
     each entry's partition (redrive_target).
 
-    Per batch, XADD of the original envelope and XDEL of the dead letter run in one MULTI,
-    under WATCH: an entry is never both re-driven and kept, nor re-driven twice.
+    One transaction per dead-letter stream (a partition: one hash tag, so one slot on a
+    cluster too): under WATCH, a MULTI with the XADD of each original envelope and the XDEL
+    of its dead letter, so an entry is never both re-driven and kept, nor re-driven twice.
+    Ids given by hand are all looked up first: when one is missing or ambiguous, nothing moves.
     """
     sources = _sources(group, partitions, partition)
-    if ids is not None:  # given by hand: all of them in one transaction, or none
-        wanted = list(dict.fromkeys(ids))
+    if ids is not None:
+        where = sources[0] if len(sources) == 1 else f"{group}'s dead letters"
+        by_source: dict[str, list[str]] = {}
+        for entry_id in dict.fromkeys(ids):
+            source, _fields = _one_match(find_entries(client, sources, entry_id), entry_id, where)
+            by_source.setdefault(source, []).append(entry_id)
+        moved: list[dict[str, Any]] = []
+        for source, wanted in by_source.items():
 
-        def by_id(pipe: redis.client.Pipeline) -> Picked:
-            picked = []
-            for entry_id in wanted:
-                matches = find_entries(pipe, sources, entry_id)
-                where = sources[0] if len(sources) == 1 else f"{group}'s dead letters"
-                source, fields = _one_match(matches, entry_id, where)
-                picked.append((source, entry_id, fields))
-            return picked
+            def by_id(
+                pipe: redis.client.Pipeline, source: str = source, wanted: list[str] = wanted
+            ) -> Picked:
+                picked = []
+                for entry_id in wanted:
+                    found = pipe.xrange(source, min=entry_id, max=entry_id, count=1)
+                    if not found:  # re-driven by someone else since the look-up
+                        raise click.ClickException(f"no dead letter {entry_id} in {source} now")
+                    picked.append((source, entry_id, found[0][1]))
+                return picked
 
-        return _redrive_batch(client, group, partitions, sources, by_id)
-    moved: list[dict[str, Any]] = []
+            try:
+                moved += _redrive_batch(client, group, partitions, source, by_id)
+            except click.ClickException as err:
+                if moved:
+                    err.message += f" (re-driven already: {', '.join(m['id'] for m in moved)})"
+                raise
+        return moved
+    moved = []
     for source in sources:
         # Only what is there now: a re-driven entry that fails again comes back with a new id
         # and must not be picked up by this same run.
@@ -241,30 +258,37 @@ def redrive(
             entries = pipe.xrange(source, min="-", max=up_to, count=REDRIVE_BATCH)
             return [(source, entry_id, fields) for entry_id, fields in entries]
 
-        while batch := _redrive_batch(client, group, partitions, [source], page):
+        while batch := _redrive_batch(client, group, partitions, source, page):
             moved += batch
     return moved
 
 
 def _redrive_batch(
-    client: redis.Redis,
+    client: RedisClient,
     group: str,
     partitions: int,
-    watched: list[str],
+    source: str,
     pick: Callable[[redis.client.Pipeline], Picked],
 ) -> list[dict[str, Any]]:
+    """Re-drive what `pick` finds in `source` (one dead-letter stream) in one transaction."""
     with client.pipeline(transaction=True) as pipe:
         for _ in range(WATCH_RETRIES):
             try:
-                pipe.watch(*watched)
+                pipe.watch(source)
                 entries = pick(pipe)
                 if not entries:
                     return []
                 targets = [
-                    redrive_target(group, f, source, partitions) for source, _i, f in entries
+                    redrive_target(group, f, source, partitions) for _s, _i, f in entries
                 ]
+                if len(by_slot(client, [source, *targets])) > 1:
+                    raise click.ClickException(
+                        f"{source} holds dead letters of other partitions "
+                        f"({', '.join(sorted(set(targets)))}): a Redis Cluster cannot move "
+                        "them in one transaction; nothing more re-driven"
+                    )
                 pipe.multi()
-                for (source, entry_id, fields), target in zip(entries, targets, strict=True):
+                for (_s, entry_id, fields), target in zip(entries, targets, strict=True):
                     record = {k: fields[k] for k in REDRIVE_FIELDS if k in fields}
                     record.setdefault("original_stream", source)
                     record.setdefault("original_id", entry_id)
@@ -283,13 +307,11 @@ def _redrive_batch(
                     "event_type": fields.get("event_type"),
                     "event_id": fields.get("event_id"),
                 }
-                for (source, entry_id, fields), target, new_id in zip(
+                for (_s, entry_id, fields), target, new_id in zip(
                     entries, targets, replies[::2], strict=True
                 )
             ]
-    raise click.ClickException(
-        f"{', '.join(watched)} kept changing; nothing more re-driven, try again"
-    )
+    raise click.ClickException(f"{source} kept changing; nothing more re-driven, try again")
 
 
 @dead_letters.command("redrive")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -42,11 +43,14 @@ from sagactl.inspect.partitions import (
     reads,
     resolve_stream,
 )
+from service_runtime.redis_client import RedisClient, by_slot, read
 
 # Counting lag by hand (Redis < 7) walks the undelivered entries; stop somewhere sane.
 LAG_COUNT_LIMIT = 10_000
 # `tail --type` walks back until it has COUNT matches; bounded for a type that never comes.
 TAIL_SCAN_LIMIT = 100_000
+# `tail --follow` over streams in several slots of a cluster: the pause between rounds of reads
+FOLLOW_POLL_MS = 200
 Entry = tuple[str, dict[str, str]]
 
 
@@ -357,16 +361,29 @@ def newest_ids(client: redis.Redis, streams: list[str]) -> dict[str, str]:
 
 
 def follow_entries(
-    client: redis.Redis, after: dict[str, str], block_ms: int = 1000
+    client: RedisClient, after: dict[str, str], block_ms: int = 1000
 ) -> Iterator[tuple[str, Entry]]:
-    """(stream, entry) for new entries after each stream's id (XREAD BLOCK over all of them);
-    runs until interrupted."""
+    """(stream, entry) for new entries after each stream's id; runs until interrupted.
+
+    Streams that may be read together (redis_client.by_slot: all of them on one Redis, each
+    partition's on a cluster) are read with one XREAD. One such group: XREAD BLOCK. Several:
+    each read without blocking in turn, then a pause of at most FOLLOW_POLL_MS when none had
+    anything new, so no partition waits behind another's BLOCK.
+    """
     after = dict(after)
+    groups = by_slot(client, after)
+    block = block_ms if len(groups) == 1 else None
     while True:
-        for stream, entries in as_pairs(client.xread(after, count=100, block=block_ms)):
-            for entry in entries:
-                after[stream] = entry[0]
-                yield stream, entry
+        got = False
+        for group in groups:
+            reply = read(client, {s: after[s] for s in group}, count=100, block=block)
+            for stream, entries in as_pairs(reply):
+                for entry in entries:
+                    got = True
+                    after[stream] = entry[0]
+                    yield stream, entry
+        if not got and block is None:
+            time.sleep(min(block_ms, FOLLOW_POLL_MS) / 1000)
 
 
 @click.command()

@@ -32,6 +32,7 @@ from sagactl.inspect.streams import follow_entries
 from sagactl.main import cli
 from service_runtime.consumer import ConsumerSettings, PartitionWorker
 from service_runtime.ownership import PartitionLeases
+from service_runtime.redis_client import is_cluster
 from tests.helpers import EXPIRE_LEASES, stream_total, wait_until
 from tests.partition_steps import drain, own_partitions
 
@@ -202,7 +203,6 @@ def test_streams_and_pending_show_who_owns_each_partition(shop):
     # inventory's partitions shared by two consumers, as two live members would share them
     first, second = shop.split("inventory", 2)
     mine = {w.partition for w in second}
-    epochs = {w.partition: w.lease.epoch for w in first + second}
     # one lease of the first consumer ran out (a paused or dead consumer), and one of the
     # second's ran out and was taken by a third consumer (a new epoch)
     lost = min(w.partition for w in first)
@@ -212,28 +212,32 @@ def test_streams_and_pending_show_who_owns_each_partition(shop):
         " WHERE consumer_group = 'inventory' AND partition = %s"
     )
     with shop.pools["inventory"].connection() as conn:
+        # split() took every partition under a new epoch (the driver's first consumer had 1)
+        [(epoch,)] = conn.execute(
+            "SELECT DISTINCT epoch FROM partition_leases WHERE consumer_group = 'inventory'"
+        ).fetchall()
         conn.execute(expire, (lost,))
         conn.execute(expire, (moved,))
-        epoch = PartitionLeases("inventory", "inventory-5", 60).acquire(conn, moved).epoch
-        assert epoch == second[0].lease.epoch + 1  # taken over: the epoch moved on
+        taken = PartitionLeases("inventory", "inventory-5", 60).acquire(conn, moved)
+        assert taken.epoch == epoch + 1
 
     summaries = {
         s["partition"]: s for s in saga_json("streams")["groups"] if s["group"] == "inventory"
     }
     for partition, s in summaries.items():
         if partition == moved:
-            assert (s["owner"], s["epoch"], s["lease_live"]) == ("inventory-5", epoch, True)
+            assert (s["owner"], s["epoch"], s["lease_live"]) == ("inventory-5", epoch + 1, True)
         else:
             expected = "inventory-1" if partition in mine else "inventory-0"
-            assert (s["owner"], s["epoch"]) == (expected, epochs[partition])
+            assert (s["owner"], s["epoch"]) == (expected, epoch)
             assert s["lease_live"] is (partition != lost)
     text = saga("streams").output
     rows = [line.split() for line in text.splitlines() if line.startswith("inventory ")]
     by_partition = {int(row[1]): row for row in rows}
-    assert by_partition[lost][2:5] == ["(inventory-0)", str(epochs[lost]), "expired"]
-    assert by_partition[moved][2:5] == ["inventory-5", str(epoch), "live"]
+    assert by_partition[lost][2:5] == ["(inventory-0)", str(epoch), "expired"]
+    assert by_partition[moved][2:5] == ["inventory-5", str(epoch + 1), "live"]
     live = max(mine)
-    assert by_partition[live][2:5] == ["inventory-1", str(epochs[live]), "live"]
+    assert by_partition[live][2:5] == ["inventory-1", str(epoch), "live"]
 
     # the owner of the order's partition reads the entry but has not acknowledged it yet
     owner = worker_of(first + second, p)
@@ -283,14 +287,27 @@ def test_tail_decodes_filters_and_follows_across_partitions(shop):
     assert "no stream named" in failed("tail", "nope.events")
     assert "no stream named" in failed("tail", partition_stream(ORDERS_EVENTS, P))
 
-    # --follow: XREAD BLOCK from each partition's newest entry on, so only what comes after
+    # --follow: from each partition's newest entry on, so only what comes after, also what
+    # arrives while it waits (XREAD BLOCK; on a cluster each partition's slot read in turn)
     streams = [partition_stream(ORDERS_EVENTS, i) for i in range(P)]
     newest = {s: (shop.redis.xrevrange(s, count=1) or [("0-0", {})])[0][0] for s in streams}
+    followed = follow_entries(shop.redis, newest, block_ms=100)
     later = shop.place("alice", [("apple", 1)])
     shop.publish("orders")
-    stream, (_entry_id, fields) = next(follow_entries(shop.redis, newest, block_ms=100))
+    stream, (_entry_id, fields) = next(followed)
     assert stream == partition_stream(ORDERS_EVENTS, part(later))
     assert fields["event_type"] == "OrderPlaced" and fields["correlation_id"] == later
+    got: list = []
+    follower = threading.Thread(target=lambda: got.append(next(followed)), daemon=True)
+    follower.start()
+    wait_until(lambda: follower.is_alive() or got, timeout=5)
+    latest = shop.place("alice", [("apple", 1)])
+    shop.publish("orders")
+    follower.join(timeout=10)
+    assert not follower.is_alive(), "the follow never saw the new entry"
+    [(stream, (_entry_id, fields))] = got
+    assert stream == partition_stream(ORDERS_EVENTS, part(latest))
+    assert fields["correlation_id"] == latest
 
 
 # -- outbox ------------------------------------------------------------------------------------
@@ -592,6 +609,49 @@ def test_redrive_of_an_id_in_two_partitions_asks_which(shop):
     assert shop.redis.xlen(dead_letter_stream("orders", 2)) == 0
     assert shop.redis.xlen(dead_letter_stream("orders", 1)) == 1
 
+
+def test_redrive_of_ids_in_several_partitions_moves_each_within_its_partition(shop):
+    """One transaction per partition (its keys share a hash tag: one slot on a cluster too);
+    every id is looked up first, so an unknown one among them moves nothing."""
+    ids = {
+        partition: shop.redis.xadd(
+            dead_letter_stream("orders", partition),
+            {"event_type": "PaymentCaptured", "error": "x", "attempts": "1"},
+            id=f"{1000 + partition}-1",  # ids are unique per stream only: distinct ones here
+        )
+        for partition in (1, 2, 5)
+    }
+    assert "no dead letter 1-1" in failed(
+        "dead-letters", "redrive", ids[1], "1-1", "--group", "orders"
+    )
+    assert saga_json("dead-letters", "list", "orders")["totals"] == {"orders": 3}
+    moved = saga_json("dead-letters", "redrive", *ids.values(), "--group", "orders")["redriven"]
+    assert {(m["id"], m["stream"]) for m in moved} == {
+        (entry_id, redrive_stream("orders", partition)) for partition, entry_id in ids.items()
+    }
+    for partition in ids:
+        assert shop.redis.xlen(dead_letter_stream("orders", partition)) == 0
+        assert shop.redis.xlen(redrive_stream("orders", partition)) == 1
+
+
+
+def test_redrive_of_a_dead_letter_filed_under_another_partition(shop):
+    """The consumer files a dead letter under its original stream's partition; one written by
+    hand elsewhere goes back to that partition too, in one MULTI on one Redis. A cluster
+    cannot span the two slots in one transaction: it says so and moves nothing."""
+    source = dead_letter_stream("orders", 1)
+    original = partition_stream("inventory.events", 4)
+    shop.redis.xadd(source, {"event_type": "StockReserved", "original_stream": original}, id="7-1")
+    if not is_cluster(shop.redis):
+        moved = saga_json("dead-letters", "redrive", "7-1", "--group", "orders")["redriven"]
+        assert [m["stream"] for m in moved] == [redrive_stream("orders", 4)]
+        assert shop.redis.xlen(source) == 0
+        return
+    assert "cannot move them in one transaction" in failed(
+        "dead-letters", "redrive", "--all", "--group", "orders"
+    )
+    assert shop.redis.xlen(source) == 1
+    assert shop.redis.xlen(redrive_stream("orders", 4)) == 0
 
 # -- errors ------------------------------------------------------------------------------------
 

@@ -18,9 +18,11 @@ from service_runtime.redis_client import (
     REDIS_OUTAGE_ERRORS,
     ClusterUnreachableError,
     RedisClient,
+    by_slot,
     connect,
     flush,
     is_cluster,
+    read,
     read_group,
     scan_keys,
 )
@@ -103,13 +105,37 @@ def test_xreadgroup_across_hash_tags_is_refused_only_by_the_cluster(redis_backen
     if not is_cluster(redis_backend):
         assert redis_backend.xreadgroup(GROUP, "c1", wanted) == []
         return
-    for read in (
+    for attempt in (
         lambda: redis_backend.xreadgroup(GROUP, "c1", wanted),
         lambda: read_group(redis_backend, GROUP, "c1", wanted),
     ):
         with pytest.raises(RedisClusterException, match=r"slot|hash tag") as caught:
-            read()
+            attempt()
         assert not isinstance(caught.value, REDIS_OUTAGE_ERRORS)  # a bug, never retried
+
+
+def test_by_slot_groups_keys_a_command_may_use_together(redis_backend: RedisClient):
+    other = [f"{name}.events.{{p5}}" for name in ("orders", "billing")]
+    keys = [PARTITION_STREAMS[0], other[0], *PARTITION_STREAMS[1:], other[1]]
+    groups = by_slot(redis_backend, keys)
+    if is_cluster(redis_backend):  # one group per partition, each in the order given
+        assert groups == [PARTITION_STREAMS, other]
+    else:
+        assert groups == [keys]
+
+
+def test_xread_reads_each_group_of_by_slot_in_one_command(redis_backend: RedisClient):
+    streams = [*PARTITION_STREAMS, "orders.events.{p5}"]
+    ids = _fill(redis_backend, streams, per_stream=2)
+    got = {}
+    for group in by_slot(redis_backend, streams):
+        for stream, entries in read(redis_backend, dict.fromkeys(group, "0"), count=1):
+            got[stream] = [entry_id for entry_id, _ in entries]
+    assert got == {stream: ids[stream][:1] for stream in streams}  # COUNT per stream
+    assert read(redis_backend, {streams[0]: ids[streams[0]][-1]}, block=50) == []
+    if is_cluster(redis_backend):
+        with pytest.raises(RedisClusterException, match="hash tag"):
+            read(redis_backend, dict.fromkeys(streams, "0"))
 
 
 def test_xreadgroup_block_returns_an_empty_reply_when_nothing_arrives(redis_backend):
