@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from contracts import limits
 from contracts.limits import LimitExceeded
+from service_runtime import tracing
 from service_runtime.config import database_url
 from service_runtime.connection import close_after_response
 from service_runtime.db import DB_OUTAGE_ERRORS, create_pool
@@ -78,6 +79,7 @@ def create_service_app(
     pool: ConnectionPool | None = None,
     config: dict | None = None,
 ) -> Flask:
+    tracing.configure_tracing(name, "web")  # from OTEL_*; off (and free) without them
     app = Flask(name)
     app.config.update(
         API_TITLE=title,
@@ -104,6 +106,7 @@ def create_service_app(
     _register_body_limit(app)
     _register_metrics(app, name)
     app.add_url_rule("/swagger-ui-assets/<path:filename>", view_func=_swagger_asset)
+    tracing.instrument_app(app)
     return app
 
 
