@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import uuid
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -217,3 +218,8 @@ def test_saga_diagram_prints_the_designed_saga() -> None:
     result = CliRunner().invoke(cli, ["diagram"])
     assert result.exit_code == 0, result.output
     assert result.output == designed_saga()
+
+
+def test_the_readme_shows_the_current_designed_saga() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"```mermaid\n{designed_saga()}```" in readme
