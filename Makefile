@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run-all test test-cluster test-unit test-integration test-e2e lint clean
+.PHONY: install run-all test test-cluster test-unit test-integration test-e2e lint clean node-deps
 
 install: $(STAMP)
 
@@ -14,10 +14,23 @@ $(STAMP): setup.cfg
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $(STAMP)
 
+# Node packages the document checks use (AsyncAPI JSON Schema, Mermaid parser), from scratch into
+# the ignored .cache/node; the tests install them too when missing (tests/node_tools.py)
+NODE_DIR := .cache/node
+NODE_STAMP := $(NODE_DIR)/.installed
+
+node-deps: $(NODE_STAMP)
+
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json tests/node/mermaid_parse.mjs
+	mkdir -p $(NODE_DIR)
+	cp tests/node/package.json tests/node/package-lock.json tests/node/mermaid_parse.mjs $(NODE_DIR)/
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	cp tests/node/package-lock.json $(NODE_STAMP)
+
 run-all: $(STAMP)
 	$(BIN)/saga run-all
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest tests
 	$(MAKE) test-cluster
 
@@ -30,7 +43,7 @@ CLUSTER_SUITES := tests/integration/test_saga.py tests/integration/test_consumer
 test-cluster: $(STAMP)
 	SAGA_TEST_REDIS_CLUSTER=1 $(BIN)/python -m pytest $(CLUSTER_SUITES)
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest tests/unit
 
 test-integration: $(STAMP)

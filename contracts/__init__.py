@@ -3,7 +3,14 @@
 Pure: no I/O. Producers validate before writing an outbox row, consumers before handling.
 """
 
-from contracts.envelope import ENVELOPE_FIELDS, ContractError, Envelope, decode_entry, encode_entry
+from contracts.envelope import (
+    ENVELOPE_FIELDS,
+    OPTIONAL_ENVELOPE_FIELDS,
+    ContractError,
+    Envelope,
+    decode_entry,
+    encode_entry,
+)
 from contracts.events import EVENT_SCHEMAS, EVENT_TYPES, validate_payload
 from contracts.streams import (
     BILLING_EVENTS,
@@ -33,6 +40,7 @@ __all__ = [
     "EVENT_SCHEMAS",
     "EVENT_TYPES",
     "INVENTORY_EVENTS",
+    "OPTIONAL_ENVELOPE_FIELDS",
     "ORDERS_EVENTS",
     "PRODUCER_OF_EVENT",
     "STREAM_OF_PRODUCER",

@@ -20,6 +20,9 @@ ENVELOPE_FIELDS = (
     "producer",
     "payload",
 )
+# Optional fields: absent from entries published without them (older relays, tracing off).
+# traceparent: the W3C trace context of the work that published the event (DESIGN.md §5).
+OPTIONAL_ENVELOPE_FIELDS = ("traceparent",)
 
 
 class ContractError(ValueError):
@@ -38,6 +41,7 @@ class Envelope:
     occurred_at: str
     producer: str
     payload: dict[str, Any]
+    traceparent: str | None = None
 
 
 def encode_entry(envelope: Envelope) -> dict[str, str]:
@@ -53,6 +57,7 @@ def encode_entry(envelope: Envelope) -> dict[str, str]:
         "occurred_at": envelope.occurred_at,
         "producer": envelope.producer,
         "payload": json.dumps(envelope.payload, separators=(",", ":"), sort_keys=True),
+        **({"traceparent": envelope.traceparent} if envelope.traceparent else {}),
     }
 
 
@@ -99,4 +104,5 @@ def decode_entry(fields: dict[str, str]) -> Envelope:
         occurred_at=fields["occurred_at"],
         producer=fields["producer"],
         payload=payload,
+        traceparent=fields.get("traceparent") or None,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from orders_service import commands, storage
+from service_runtime import tracing
 from service_runtime.config import database_url
 from service_runtime.db import connect
 from service_runtime.metrics import JOBS_RUN
@@ -21,7 +22,11 @@ def sweep_payment_deadlines(limit: int = 500, url: str | None = None) -> int:
             uow = UnitOfWork(conn)
             overdue = storage.lock_overdue(conn, limit)
             for order_id in overdue:
-                commands.cancel(uow, order_id, "payment_timeout")
+                # a new trace per timed-out order: the compensations that follow join it
+                with tracing.job_span("payment deadline passed", **{"saga.order_id": order_id}):
+                    commands.cancel(uow, order_id, "payment_timeout")
         count_emitted("orders", uow.emitted)
+    if overdue:
+        tracing.flush()  # rq runs each job in a forked process that exits right after it
     JOBS_RUN.labels("sweep_payment_deadlines").inc()
     return len(overdue)

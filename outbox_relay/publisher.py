@@ -13,6 +13,7 @@ import psycopg
 import redis
 
 from contracts import STREAM_OF_PRODUCER, partition_of, partition_stream
+from service_runtime import tracing
 from service_runtime.faults import no_faults
 from service_runtime.metrics import RELAY_BATCH_SIZE, RELAY_LATENCY, RELAY_PUBLISHED
 
@@ -20,7 +21,8 @@ from service_runtime.metrics import RELAY_BATCH_SIZE, RELAY_LATENCY, RELAY_PUBLI
 # after a higher id was published is simply found by the next scan (no high-water mark).
 _CLAIM_BATCH = """
 SELECT id, event_id::text, event_type, event_version, aggregate_type, aggregate_id,
-       correlation_id::text, coalesce(causation_id::text, ''), created_at, payload::text
+       correlation_id::text, coalesce(causation_id::text, ''), created_at, payload::text,
+       traceparent
 FROM outbox
 WHERE published_at IS NULL
 ORDER BY id
@@ -54,6 +56,7 @@ def publish_batch(
             return 0
         base = STREAM_OF_PRODUCER[producer]
         pipe = redis_client.pipeline(transaction=False)
+        spans: list = []  # PRODUCER spans, with tracing on (service_runtime/tracing.py)
         for (
             _id,
             event_id,
@@ -65,9 +68,11 @@ def publish_batch(
             causation,
             created_at,
             payload,
+            traceparent,
         ) in rows:
+            stream = partition_stream(base, partition_of(agg_id, partitions))
             pipe.xadd(
-                partition_stream(base, partition_of(agg_id, partitions)),
+                stream,
                 {
                     "event_id": event_id,
                     "event_type": event_type,
@@ -79,9 +84,10 @@ def publish_batch(
                     "occurred_at": created_at.isoformat(),
                     "producer": producer,
                     "payload": payload,
+                    **tracing.publish_context(spans, stream, traceparent, event_type, agg_id),
                 },
             )
-        pipe.execute()
+        tracing.end_publish_spans(spans, pipe.execute())
         _observe(producer, rows)
         fault("after_xadd")
         conn.execute(_MARK_PUBLISHED, ([row[0] for row in rows],))

@@ -43,6 +43,7 @@ from service_runtime.metrics import serve as serve_metrics
 from service_runtime.metrics import serve_multiprocess as serve_multiprocess_metrics
 from service_runtime.partitions import check_partition_count
 from service_runtime.retention import require_nested_windows
+from service_runtime.tracing import configure_tracing
 
 RQ_QUEUE = "saga"
 
@@ -104,6 +105,7 @@ def web(service: str) -> None:
 def relay(service: str) -> None:
     """Publish SERVICE's outbox to its stream (standby while another relay is active)."""
     setup_logging(service, "relay")
+    configure_tracing(service, "relay")
     _refuse_to_start_unless(require_nested_windows)
     settings = from_env(
         RelaySettings, "RELAY_", producer=service, partitions=_checked_partitions(service)
@@ -134,6 +136,7 @@ def relay(service: str) -> None:
 def consume(service: str, name: str | None, instance: int | None) -> None:
     """React to the events SERVICE subscribes to, on the partitions this consumer owns."""
     setup_logging(service, "consumer")
+    configure_tracing(service, "consumer")
     _refuse_to_start_unless(require_nested_windows)
     handlers = importlib.import_module(f"{service}_service.reactions").HANDLERS
     settings = from_env(

@@ -36,6 +36,7 @@ from contracts import (
     group_streams,
 )
 from contracts.streams import DEFAULT_PARTITIONS
+from service_runtime import tracing
 from service_runtime.failures import FailureKind, classify
 from service_runtime.faults import no_faults
 from service_runtime.metrics import (
@@ -403,11 +404,14 @@ class PartitionWorker:
             item.stream,
             item.entry_id,
         )
-        if not conn.execute(_INSERT_INBOX, inbox).fetchone():
-            return "duplicate", []
-        uow = UnitOfWork(conn, cause=envelope)
-        handler(uow, envelope)
-        self.fault("mid_handler")
+        # A CONSUMER span (tracing on), child of the entry's traceparent: what the handler
+        # emits carries its context (service_runtime/tracing.py).
+        with tracing.consume_span(item.stream, self.settings.group, item.entry_id, item.fields):
+            if not conn.execute(_INSERT_INBOX, inbox).fetchone():
+                return "duplicate", []
+            uow = UnitOfWork(conn, cause=envelope)
+            handler(uow, envelope)
+            self.fault("mid_handler")
         return "processed", uow.emitted
 
     def _is_retry(self, item: Item) -> bool:

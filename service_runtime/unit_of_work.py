@@ -12,12 +12,13 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from contracts import Envelope, validate_payload
+from service_runtime import tracing
 from service_runtime.metrics import OUTBOX_WRITTEN
 
 _INSERT_OUTBOX = """
 INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, event_version,
-                    payload, correlation_id, causation_id)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                    payload, correlation_id, causation_id, traceparent)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
 
 
@@ -25,7 +26,8 @@ class UnitOfWork:
     """A transaction-bound connection plus `emit`, which writes a validated outbox row.
 
     Events emitted while handling an incoming event inherit its correlation id and
-    name it as their cause, so a whole saga can be traced from one id.
+    name it as their cause, so a whole saga can be traced from one id. With tracing on, each
+    row also stores the W3C traceparent of the current span (service_runtime/tracing.py).
     """
 
     def __init__(self, conn: psycopg.Connection, cause: Envelope | None = None) -> None:
@@ -62,6 +64,7 @@ class UnitOfWork:
                 Jsonb(payload),
                 correlation_id,
                 self.cause.event_id if self.cause else None,
+                tracing.current_traceparent(),  # None (and no cost) when tracing is off
             ),
         )
         self.emitted.append(event_type)

@@ -26,7 +26,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from contracts import limits
 from contracts.limits import LimitExceeded
-from service_runtime.config import database_url
+from service_runtime import asyncapi, tracing
+from service_runtime.config import database_url, stream_partitions
 from service_runtime.connection import close_after_response
 from service_runtime.db import DB_OUTAGE_ERRORS, create_pool
 from service_runtime.failures import CONFLICT_ERRORS, is_conflict
@@ -78,6 +79,7 @@ def create_service_app(
     pool: ConnectionPool | None = None,
     config: dict | None = None,
 ) -> Flask:
+    tracing.configure_tracing(name, "web")  # from OTEL_*; off (and free) without them
     app = Flask(name)
     app.config.update(
         API_TITLE=title,
@@ -104,6 +106,8 @@ def create_service_app(
     _register_body_limit(app)
     _register_metrics(app, name)
     app.add_url_rule("/swagger-ui-assets/<path:filename>", view_func=_swagger_asset)
+    app.add_url_rule("/asyncapi.json", view_func=_asyncapi_document)  # a public API document
+    tracing.instrument_app(app)
     return app
 
 
@@ -136,6 +140,15 @@ def _with_conflict_retries(view: Callable[..., Any]) -> Callable[..., Any]:
 
 def _swagger_asset(filename: str) -> Response:
     return send_from_directory(swagger_ui_bundle.swagger_ui_path, filename)
+
+
+def _asyncapi_document() -> Response:
+    """The AsyncAPI 3.0 document of the events this service sends and receives."""
+    doc = current_app.extensions.get("asyncapi")
+    if doc is None:
+        doc = asyncapi.document(current_app.config["SERVICE_NAME"], stream_partitions())
+        current_app.extensions["asyncapi"] = doc
+    return jsonify(doc)
 
 
 def db_pool() -> ConnectionPool:

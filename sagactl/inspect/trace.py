@@ -36,6 +36,7 @@ from sagactl.inspect.common import (
     short_time,
     table,
 )
+from sagactl.inspect.diagrams import order_saga
 from sagactl.inspect.partitions import deployment_partitions, scan_for_events
 from service_runtime.config import SERVICES
 
@@ -223,8 +224,14 @@ def _delivery_text(delivery: dict[str, Any]) -> tuple[str, str | None]:
 @click.command()
 @click.argument("order_id")
 @json_option
+@click.option(
+    "--mermaid",
+    "as_mermaid",
+    is_flag=True,
+    help="Print the saga as a Mermaid sequenceDiagram (one arrow per event, hop latencies).",
+)
 @friendly_errors
-def trace(order_id: str, as_json: bool) -> None:
+def trace(order_id: str, as_json: bool, as_mermaid: bool) -> None:
     """One order's saga as a timeline, and its state now.
 
     Every event of ORDER_ID's saga: when committed, published, and processed by each
@@ -239,6 +246,9 @@ def trace(order_id: str, as_json: bool) -> None:
         raise click.ClickException(f"no order {order_id} and no event of its saga")
     if as_json:
         print_json(report)
+        return
+    if as_mermaid:
+        click.echo(order_saga(report), nl=False)
         return
     rows = []
     for n, event in enumerate(report["events"], 1):

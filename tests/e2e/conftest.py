@@ -24,6 +24,7 @@ import redis
 import requests
 
 from tests.helpers import wait_until
+from tests.otlp_receiver import OtlpReceiver
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("orders", "inventory", "billing")
@@ -75,7 +76,14 @@ def _ready(url: str) -> bool:
 
 
 @pytest.fixture(scope="package")
-def system(pg_admin_url: str, redis_server_url: str) -> Iterator[RunningSystem]:
+def otlp() -> Iterator[OtlpReceiver]:
+    """A real OTLP/HTTP receiver: every process of the system exports its spans here."""
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="package")
+def system(pg_admin_url: str, redis_server_url: str, otlp: OtlpReceiver) -> Iterator[RunningSystem]:
     from devstack.osutil import free_port
     from devstack.provision import drop, provision
     from service_runtime.migrations import migrate
@@ -97,6 +105,9 @@ def system(pg_admin_url: str, redis_server_url: str) -> Iterator[RunningSystem]:
         "METRICS_PORT_BASE": str(metrics_base),
         "SAGA_RUN_DIR": str(scratch / "run"),
         "CONSUMER_CLAIM_IDLE_MS": "5000",
+        # tracing on, as a user turns it on (README): spans of every process to the receiver
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     log_path = scratch / "processes.log"
