@@ -38,6 +38,7 @@ from sagactl.inspect.common import (
 )
 from sagactl.inspect.partitions import deployment_partitions, scan_for_events
 from service_runtime.config import SERVICES
+from service_runtime.redis_client import RedisClient
 
 _EVENTS = """
 SELECT event_id::text, event_type, aggregate_id, causation_id::text, created_at, published_at
@@ -79,8 +80,13 @@ def _hop_ms(start: Any, end: Any) -> float | None:
     return None if ms is None else max(ms, 0.0)
 
 
-def trace_order(order_id: str) -> dict[str, Any]:
-    partitions = deployment_partitions()
+def trace_order(
+    order_id: str, client: RedisClient | None = None, partitions: int | None = None
+) -> dict[str, Any]:
+    """One order's saga (what `saga trace` prints and the console draws): its events from the
+    outboxes, each with its partition stream entry and, per subscribing group, whether and when
+    it was processed (or dead-lettered, or failing); and the order's state in each service."""
+    partitions = deployment_partitions() if partitions is None else partitions
     partition = partition_of(order_id, partitions)
     events: list[dict[str, Any]] = []
     state: dict[str, Any] = {}
@@ -115,7 +121,7 @@ def trace_order(order_id: str) -> dict[str, Any]:
                 processed[(group, event_id)] = at
             for event_id, attempts, error in conn.execute(_FAILURES, (group, ids)):
                 failures[(group, event_id)] = (attempts, error)
-    client = open_redis()
+    client = open_redis() if client is None else client
     _find_entries(client, events)
     dead = _find_dead_letters(client, events, processed, partitions)
     events.sort(key=lambda e: e["committed_at"])
