@@ -13,6 +13,16 @@ from service_runtime.config import SERVICES
 # The flow drawing: service boxes (centre x, centre y) in a viewBox of 900 x 380
 BOX_W, BOX_H = 220, 92
 CENTRES = {"orders": (130, 70), "inventory": (770, 70), "billing": (450, 320)}
+# where each arrow's label goes (producer, group) -> (x, y): beside the middle of its arrow,
+# on the arrow's own side, so the two directions between two services never share a place
+LABELS = {
+    ("orders", "inventory"): (450, 114),
+    ("inventory", "orders"): (450, 30),
+    ("orders", "billing"): (210, 228),
+    ("billing", "orders"): (335, 150),
+    ("inventory", "billing"): (565, 150),
+    ("billing", "inventory"): (690, 228),
+}
 PRODUCER_OF = {stream: producer for producer, stream in STREAM_OF_PRODUCER.items()}
 
 
@@ -61,17 +71,17 @@ def _geometry(source: str, target: str) -> dict[str, float]:
     (x1, y1), (x2, y2) = CENTRES[source], CENTRES[target]
     dx, dy = x2 - x1, y2 - y1
     length = math.hypot(dx, dy)
-    # the two directions between a pair of services run side by side, 16 px apart
+    # the two directions between a pair of services run side by side, 36 px apart
     nx, ny = -dy / length * 18, dx / length * 18
     start, end = _edge_end(x1, y1, dx, dy), 1 - _edge_end(x2, y2, -dx, -dy)
-    mid = 0.5
+    lx, ly = LABELS[(source, target)]
     return {
         "x1": round(x1 + nx + dx * start, 1),
         "y1": round(y1 + ny + dy * start, 1),
         "x2": round(x1 + nx + dx * end, 1),
         "y2": round(y1 + ny + dy * end, 1),
-        "lx": round(x1 + dx * mid + nx * 3.4, 1),
-        "ly": round(y1 + dy * mid + ny * 3.4 + 4, 1),
+        "lx": lx,
+        "ly": ly,
     }
 
 

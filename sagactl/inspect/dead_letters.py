@@ -102,12 +102,13 @@ def list_dead_letters(
     letters: list[dict[str, Any]] = []
     for g in groups:
         sources = _sources(g, partitions, partition)
-        totals[g] = sum(client.xlen(source) for source in sources)
         found = [
             summary(g, source, entry_id, fields)
             for source in sources
             for entry_id, fields in client.xrange(source, count=count)
         ]
+        # counted after reading: never fewer than were listed when one arrives meanwhile
+        totals[g] = max(sum(client.xlen(source) for source in sources), len(found))
         found.sort(key=lambda d: (id_key(d["id"]), d["partition"]))
         letters += found[:count]
     return {"partitions": partitions, "totals": totals, "dead_letters": letters}

@@ -36,6 +36,8 @@ class RunningSystem:
     db_urls: dict[str, str]
     redis_url: str
     log_path: Path
+    console_url: str = ""  # `saga console` of this run-all (a Procfile process)
+    run_dir: Path | None = None  # SAGA_RUN_DIR: the console's operator password is in there
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url, decode_responses=True)
@@ -89,12 +91,14 @@ def system(pg_admin_url: str, redis_server_url: str) -> Iterator[RunningSystem]:
     ports = {service: free_port() for service in SERVICES}
     scratch = Path(tempfile.mkdtemp(prefix="saga-e2e-"))  # run dir and process logs
     metrics_base = _free_port_block(22)
+    console_port = free_port()
     env = {
         **os.environ,
         **{f"{s.upper()}_DATABASE_URL": url for s, url in db_urls.items()},
         **{f"{s.upper()}_PORT": str(port) for s, port in ports.items()},
         "REDIS_URL": redis_url,
         "METRICS_PORT_BASE": str(metrics_base),
+        "CONSOLE_PORT": str(console_port),
         "SAGA_RUN_DIR": str(scratch / "run"),
         "CONSUMER_CLAIM_IDLE_MS": "5000",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -116,6 +120,8 @@ def system(pg_admin_url: str, redis_server_url: str) -> Iterator[RunningSystem]:
         db_urls=db_urls,
         redis_url=redis_url,
         log_path=log_path,
+        console_url=f"http://127.0.0.1:{console_port}",
+        run_dir=scratch / "run",
     )
     try:
         wait_until(
