@@ -311,3 +311,15 @@ def test_a_dead_letter_is_redriven_after_its_cause_is_fixed(
     messages = " | ".join(diagram["messages"])
     assert "StockReleased" in messages and "DEAD-LETTERED" not in messages, messages
     chromium_browser.screenshot(browser, "order-compensated")
+
+    # the overview after this traffic: the plots have points, the flow its figures
+    browser.get(console)
+    _wait_for(browser, "svg.flow")
+    wait_until(
+        lambda: (
+            len(browser.find_elements(By.CSS_SELECTOR, ".chart[data-ready='true'] canvas")) >= 2
+        ),
+        timeout=20,
+        interval=0.5,
+    )
+    chromium_browser.screenshot(browser, "overview-after-orders")
