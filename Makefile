@@ -3,10 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The console's browser libraries (htmx, Mermaid, uPlot), from npm into an ignored folder that
+# `saga console` serves (sagactl/console/assets.py); re-installed when the lock file changes.
+ASSETS_DIR := .cache/console-assets
+ASSETS_LOCK := sagactl/console/vendor/package-lock.json
+ASSETS_STAMP := $(ASSETS_DIR)/.installed
 
-.PHONY: install run-all test test-cluster test-unit test-integration test-e2e lint clean node-deps
+.PHONY: install run-all test test-cluster test-unit test-integration test-e2e lint clean \
+	node-deps console-assets browser
 
-install: $(STAMP)
+install: $(STAMP) $(ASSETS_STAMP)
 
 $(STAMP): setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +33,23 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json tests/node/m
 	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	cp tests/node/package-lock.json $(NODE_STAMP)
 
-run-all: $(STAMP)
+$(ASSETS_STAMP): $(ASSETS_LOCK) sagactl/console/vendor/package.json
+	mkdir -p $(ASSETS_DIR)
+	cp sagactl/console/vendor/package.json $(ASSETS_LOCK) $(ASSETS_DIR)/
+	npm ci --prefix $(ASSETS_DIR) --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $(ASSETS_STAMP)
+
+console-assets: $(ASSETS_STAMP)
+
+# Debian's chromium and chromedriver for the console's browser tests (apt-get as root; does
+# nothing when both are there)
+browser:
+	.ci/install-chromium
+
+run-all: $(STAMP) $(ASSETS_STAMP)
 	$(BIN)/saga run-all
 
-test: $(STAMP) $(NODE_STAMP)
+test: $(STAMP) $(ASSETS_STAMP) $(NODE_STAMP) browser
 	$(BIN)/python -m pytest tests
 	$(MAKE) test-cluster
 
@@ -49,7 +68,7 @@ test-unit: $(STAMP) $(NODE_STAMP)
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration
 
-test-e2e: $(STAMP)
+test-e2e: $(STAMP) $(ASSETS_STAMP) browser
 	$(BIN)/python -m pytest tests/e2e
 
 # its own embedded servers unless the *_DATABASE_URL and REDIS_URL are set (saga bench --help);
@@ -64,7 +83,7 @@ lint: $(STAMP)
 # stop the embedded servers first: deleting their data under them would leave them orphaned
 clean:
 	if [ -x $(BIN)/saga ]; then $(BIN)/saga stack down; fi
-	rm -rf .run
+	rm -rf .run .artifacts
 
 # a look at the running system (the stack of `make run-all`, or the servers in the env vars)
 .PHONY: streams outbox dead-letters

@@ -95,6 +95,17 @@ def http_port(service: str) -> int:
     return int(setting(f"{service.upper()}_PORT") or DEFAULT_PORTS[service])
 
 
+DEFAULT_CONSOLE_PORT = 8000
+
+
+def console_port() -> int:
+    """CONSOLE_PORT: where `saga console` listens on 127.0.0.1 (8000)."""
+    raw = setting("CONSOLE_PORT") or str(DEFAULT_CONSOLE_PORT)
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise ConfigError("CONSOLE_PORT must be a port number (1 to 65535)")
+    return int(raw)
+
+
 def stream_partitions() -> int:
     """STREAM_PARTITIONS: the partition count of the whole deployment (DESIGN.md §6a)."""
     from contracts.streams import DEFAULT_PARTITIONS, MAX_PARTITIONS

@@ -224,7 +224,10 @@ class Soak:
         n_consumers = self.settings["consumers_per_service"]
         metrics_base = _free_metrics_base(n_consumers)
         specs, consumer_ports = with_consumers(
-            with_standby_relays(parse_procfile(PROJECT_ROOT / "Procfile")),
+            # the console watches a system; a soak does not need one (nor its port)
+            with_standby_relays(
+                [s for s in parse_procfile(PROJECT_ROOT / "Procfile") if s.name != "console"]
+            ),
             n_consumers,
             metrics_base,
         )

@@ -23,6 +23,7 @@ from service_runtime.redis_client import REDIS_OUTAGE_ERRORS, RedisClient
 from service_runtime.redis_client import connect as redis_connect
 
 F = TypeVar("F", bound=Callable[..., Any])
+READ_ONLY_OPTIONS = "-c default_transaction_read_only=on"
 
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Machine-readable output (stable keys)."
@@ -77,10 +78,11 @@ def open_redis() -> RedisClient:
 
 @contextmanager
 def open_db(service: str) -> Iterator[psycopg.Connection]:
-    """An autocommit connection to one service's database (read-only use)."""
+    """An autocommit connection to one service's database, read-only: inspection (the CLI and
+    the console) never writes to a service's database."""
     url = config.database_url(service)
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=5)
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=5, options=READ_ONLY_OPTIONS)
     except psycopg.OperationalError as err:
         text = str(err).strip()
         reason = text.splitlines()[0].strip() if text else "unreachable"

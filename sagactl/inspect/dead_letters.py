@@ -1,5 +1,8 @@
 """`saga dead-letters list|show|redrive`: entries a group gave up on, and sending them back.
 
+The functions here (list_dead_letters, get_dead_letter, redrive) are the one way the CLI and
+`saga console` read and re-drive dead letters: where dead letters are kept is decided here.
+
 Dead letters live in one stream per group and partition (`inventory.dead-letters.{p3}`). A
 re-drive goes to the failing group's own re-drive stream of the entry's partition
 (`inventory.redrive.{p3}`), never to the original stream: the other groups reading that stream
@@ -86,6 +89,50 @@ def _sources(group: str, partitions: int, partition: int | None) -> list[str]:
     return [dead_letter_stream(group, p) for p in chosen]
 
 
+def list_dead_letters(
+    client: redis.Redis,
+    partitions: int,
+    group: str | None = None,
+    partition: int | None = None,
+    count: int = 100,
+) -> dict[str, Any]:
+    """Dead letters of GROUP (default: every group) over all partitions (or one), oldest
+    first, at most `count` per group; `totals` counts them all per group."""
+    groups = (group,) if group else GROUPS
+    totals: dict[str, int] = {}
+    letters: list[dict[str, Any]] = []
+    for g in groups:
+        sources = _sources(g, partitions, partition)
+        found = [
+            summary(g, source, entry_id, fields)
+            for source in sources
+            for entry_id, fields in client.xrange(source, count=count)
+        ]
+        # counted after reading: never fewer than were listed when one arrives meanwhile
+        totals[g] = max(sum(client.xlen(source) for source in sources), len(found))
+        found.sort(key=lambda d: (id_key(d["id"]), d["partition"]))
+        letters += found[:count]
+    return {"partitions": partitions, "totals": totals, "dead_letters": letters}
+
+
+def get_dead_letter(
+    client: redis.Redis,
+    partitions: int,
+    entry_id: str,
+    group: str | None = None,
+    partition: int | None = None,
+) -> dict[str, Any]:
+    """One dead letter in full: its summary, every field it carries and the decoded payload.
+    Unknown (or ambiguous without group and partition): click.ClickException."""
+    groups = (group,) if group else GROUPS
+    sources = [s for g in groups for s in _sources(g, partitions, partition)]
+    where = f"{group}'s dead letters" if group else "any group's dead letters"
+    source, fields = _one_match(find_entries(client, sources, entry_id), entry_id, where)
+    g = next(g for g in groups if source in _sources(g, partitions, None))
+    payload = parse_payload(fields.get("payload"))
+    return {**summary(g, source, entry_id, fields), "fields": fields, "payload": payload}
+
+
 @click.group("dead-letters")
 def dead_letters() -> None:
     """List, show and re-drive the entries a group gave up on (all partitions)."""
@@ -99,23 +146,11 @@ def dead_letters() -> None:
 @friendly_errors
 def list_command(group: str | None, partition: int | None, count: int, as_json: bool) -> None:
     """Dead letters of GROUP (default: every group) over all partitions, oldest first."""
-    client = open_redis()
-    partitions = deployment_partitions()
+    report = list_dead_letters(open_redis(), deployment_partitions(), group, partition, count)
     groups = (group,) if group else GROUPS
-    totals: dict[str, int] = {}
-    letters: list[dict[str, Any]] = []
-    for g in groups:
-        sources = _sources(g, partitions, partition)
-        totals[g] = sum(client.xlen(source) for source in sources)
-        found = [
-            summary(g, source, entry_id, fields)
-            for source in sources
-            for entry_id, fields in client.xrange(source, count=count)
-        ]
-        found.sort(key=lambda d: (id_key(d["id"]), d["partition"]))
-        letters += found[:count]
+    totals, letters = report["totals"], report["dead_letters"]
     if as_json:
-        print_json({"partitions": partitions, "totals": totals, "dead_letters": letters})
+        print_json(report)
         return
     if not letters:
         click.echo(f"no dead letters ({', '.join(groups)})")
@@ -178,17 +213,11 @@ def _one_match(
 @friendly_errors
 def show_command(entry_id: str, group: str | None, partition: int | None, as_json: bool) -> None:
     """Show one dead letter in full: error, attempts, origin and the event itself."""
-    client = open_redis()
-    partitions = deployment_partitions()
-    groups = (group,) if group else GROUPS
-    sources = [s for g in groups for s in _sources(g, partitions, partition)]
-    where = f"{group}'s dead letters" if group else "any group's dead letters"
-    source, fields = _one_match(find_entries(client, sources, entry_id), entry_id, where)
-    g = next(g for g in groups if source in _sources(g, partitions, None))
-    payload = parse_payload(fields.get("payload"))
+    letter = get_dead_letter(open_redis(), deployment_partitions(), entry_id, group, partition)
     if as_json:
-        print_json({**summary(g, source, entry_id, fields), "fields": fields, "payload": payload})
+        print_json(letter)
         return
+    g, source, fields, payload = (letter[k] for k in ("group", "stream", "fields", "payload"))
     width = max(len(k) for k in fields)
     click.echo(f"dead letter {entry_id} of group {g} ({source})")
     for key, value in fields.items():

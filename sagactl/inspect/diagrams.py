@@ -8,14 +8,17 @@ that undo an earlier step) are drawn dashed and marked.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from contracts import EVENT_SCHEMAS, PRODUCER_OF_EVENT
+from sagactl.inspect.common import duration
 from service_runtime.config import SERVICES
 
-# Events that undo an earlier step of the saga (DESIGN.md §3): release, refund.
-COMPENSATIONS = frozenset({"StockReleased", "PaymentRefunded"})
+# The cancellation and the events that undo an earlier step of the saga (DESIGN.md §3): release,
+# refund. Drawn dashed, apart from the saga going forward.
+COMPENSATIONS = frozenset({"OrderCancelled", "StockReleased", "PaymentRefunded"})
 
 
 def reaction_table() -> dict[str, frozenset[str]]:
@@ -110,50 +113,67 @@ def _design_rank(event_type: str, producers: Mapping[str, str]) -> tuple[int, in
     )
 
 
-def _ms(value: float | None) -> str:
-    if value is None:
-        return ""
-    return f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
+# Shading of a compensation block: a light red that keeps dark text readable
+COMPENSATION_FILL = "rgba(254, 226, 226, 0.6)"
+_UNSAFE = re.compile(r"[;#<>{}\n\r]")  # statement separators, entities, markup
 
 
-def order_saga(report: Mapping[str, Any]) -> str:
-    """One order's saga (the report of `sagactl.inspect.trace.trace_order`): an arrow per
-    event and reacting group, labelled with its hop latency (commit -> processed)."""
-    lines = _header(f"Order {report['order_id']} (partition {report['partition']})")
-    for event in report["events"]:
-        producer, event_type = event["producer"], event["event_type"]
-        drawn = False
-        for delivery in event["deliveries"]:
-            if not delivery["handles"]:
-                continue
-            drawn = True
-            group, status = delivery["group"], delivery["status"]
-            if status == "processed":
-                hop = _sum(event["commit_to_publish_ms"], delivery["publish_to_processed_ms"])
-                extra = _ms(hop)
-            elif status == "dead_lettered":
-                extra = "dead-lettered"
-            elif status == "failing":
-                extra = f"failing (attempt {delivery['failed_attempts']})"
-            else:
-                extra = status.replace("_", " ")
-            arrow = _arrow(event_type, failed=status in ("dead_lettered", "failing"))
-            lines.append(f"    {producer}{arrow}{group}: {_label(event_type, None, extra)}")
-        if not drawn:
-            published = event["commit_to_publish_ms"]
-            extra = f"published in {_ms(published)}" if published is not None else "not published"
-            lines.append(f"    Note over {producer}: {_label(event_type, None, extra)}")
-    states = [
-        f"{service} {state['status']}"
-        for service, state in report.get("state", {}).items()
-        if state is not None
-    ]
-    if states:
-        lines.append(f"    Note over {SERVICES[0]},{SERVICES[-1]}: {_text(', '.join(states))}")
-    return "\n".join(lines) + "\n"
+def _plain(value: Any) -> str:
+    """A label Mermaid reads as plain text (no statement break, entity or tag)."""
+    return _UNSAFE.sub(" ", str(value)).strip()
 
 
-def _sum(*values: float | None) -> float | None:
-    if any(v is None for v in values):
+def _hop_ms(event: Mapping[str, Any], delivery: Mapping[str, Any]) -> float | None:
+    publish, processed = event.get("commit_to_publish_ms"), delivery.get("publish_to_processed_ms")
+    if publish is None or processed is None:
         return None
-    return sum(v for v in values if v is not None)
+    return publish + processed
+
+
+def _delivery_arrow(event: Mapping[str, Any], delivery: Mapping[str, Any]) -> str:
+    """One arrow: solid for the saga going forward, dashed for a compensation, a cross for an
+    event the group gave up on (or has not processed yet)."""
+    compensation = event["event_type"] in COMPENSATIONS
+    status = delivery["status"]
+    label = _plain(event["event_type"])
+    if status == "processed":
+        hop = duration(_hop_ms(event, delivery))
+        arrow = "-->>" if compensation else "->>"
+        label += f" ({hop})" if hop else ""
+    elif status == "dead_lettered":
+        arrow = "--x" if compensation else "-x"
+        label += " DEAD-LETTERED"
+    elif status == "failing":
+        arrow = "--x" if compensation else "-x"
+        label += f" failing (attempt {delivery.get('failed_attempts')})"
+    else:  # pending, not_published
+        arrow = "--)" if compensation else "-)"
+        label += " (not processed yet)" if status == "pending" else " (not published yet)"
+    return f"    {_plain(event['producer'])} {arrow} {_plain(delivery['group'])}: {label}"
+
+
+def order_sequence_diagram(trace: Mapping[str, Any]) -> str:
+    """One order's saga as it went (the report of `sagactl.inspect.trace.trace_order`), for
+    `saga trace --mermaid` and the console: an arrow per event and reacting group with its hop
+    latency (commit -> processed); compensations dashed in a shaded block; an event a group
+    gave up on ends in a cross; one nobody reacts to is a note over its producer."""
+    lines = ["sequenceDiagram"]
+    lines += [f"    participant {service}" for service in SERVICES]
+    in_compensation = False
+    for event in trace.get("events", []):
+        compensation = event["event_type"] in COMPENSATIONS
+        if compensation != in_compensation:
+            lines.append(f"    rect {COMPENSATION_FILL}" if compensation else "    end")
+            in_compensation = compensation
+        reacting = [d for d in event.get("deliveries", []) if d["status"] != "not_handled"]
+        if not reacting:
+            note = f"{_plain(event['event_type'])} (no service reacts)"
+            if not event.get("published_at"):
+                note = f"{_plain(event['event_type'])} (not published yet)"
+            lines.append(f"    Note over {_plain(event['producer'])}: {note}")
+        lines += [_delivery_arrow(event, delivery) for delivery in reacting]
+    if in_compensation:
+        lines.append("    end")
+    if len(lines) == 1 + len(SERVICES):
+        lines.append(f"    Note over {SERVICES[0]},{SERVICES[-1]}: no events in any outbox")
+    return "\n".join(lines) + "\n"

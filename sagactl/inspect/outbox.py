@@ -29,6 +29,7 @@ from sagactl.inspect.common import (
 )
 from service_runtime.config import SERVICES
 from service_runtime.locks import RELAY_LOCK_KEY
+from service_runtime.redis_client import RedisClient
 
 # pg_try_advisory_lock(bigint) shows in pg_locks as classid = high 32 bits, objid = low 32
 # bits, objsubid = 1; locks are per database, so only this database's row counts.
@@ -74,6 +75,15 @@ def _hash_time(text: str | None) -> datetime | None:
         return None  # someone else's value in our hash: show nothing rather than fail
 
 
+def outbox_reports(client: RedisClient) -> dict[str, dict[str, Any]]:
+    """outbox_report of every service, by service (what `saga outbox` and the console show)."""
+    reports = {}
+    for service in SERVICES:
+        with open_db(service) as conn:
+            reports[service] = outbox_report(conn, client.hgetall(relay_status_key(service)))
+    return reports
+
+
 @click.command()
 @json_option
 @friendly_errors
@@ -83,11 +93,7 @@ def outbox(as_json: bool) -> None:
     Per service: unpublished rows, the oldest one's age, whether a relay holds the outbox's
     lock, which one, and when it last published.
     """
-    client = open_redis()
-    reports = {}
-    for service in SERVICES:
-        with open_db(service) as conn:
-            reports[service] = outbox_report(conn, client.hgetall(relay_status_key(service)))
+    reports = outbox_reports(open_redis())
     if as_json:
         print_json({"outbox": reports})
         return

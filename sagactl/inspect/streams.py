@@ -487,25 +487,17 @@ def pending_entries(client: redis.Redis, group: str, stream: str, count: int) ->
     return report
 
 
-@click.command()
-@click.argument("group")
-@click.argument("stream", required=False)
-@click.option("--partition", "-p", type=click.IntRange(min=0), help="Only this partition.")
-@click.option("--count", "-n", default=100, show_default=True, type=click.IntRange(min=1))
-@json_option
-@friendly_errors
-def pending(
-    group: str, stream: str | None, partition: int | None, count: int, as_json: bool
-) -> None:
-    """Who owns each partition of GROUP, and the entries it was given but has not acknowledged.
-
-    First one row per partition: its owner (lease epoch, live or expired) and how many entries
-    are pending there. Then each pending entry: its consumer (flagged when that consumer is
-    not the partition's owner, e.g. a dead previous owner), idle time and delivery count, on
-    all of GROUP's streams or on STREAM only (a base stream or one partition stream).
-    """
-    client = open_redis()
-    partitions = deployment_partitions()
+def pending_report(
+    client: redis.Redis,
+    group: str,
+    stream: str | None = None,
+    partition: int | None = None,
+    count: int = 100,
+    partitions: int | None = None,
+) -> dict[str, Any]:
+    """Who owns each partition of GROUP and what it was given but has not acknowledged (on all
+    its streams, or STREAM's), flagged when held by a consumer that is not the owner."""
+    partitions = deployment_partitions() if partitions is None else partitions
     if partition is not None and partition >= partitions:
         raise click.ClickException(f"no partition {partition} (partitions 0 to {partitions - 1})")
     names = [
@@ -528,8 +520,30 @@ def pending(
         lease = leases.get(r["partition"], NO_OWNER)
         for e in r["entries"]:
             e["held_by_owner"] = bool(lease["live"]) and e["consumer"] == lease["owner"]
+    return {"group": group, "partitions": partitions, "owners": owners, "streams": reports}
+
+
+@click.command()
+@click.argument("group")
+@click.argument("stream", required=False)
+@click.option("--partition", "-p", type=click.IntRange(min=0), help="Only this partition.")
+@click.option("--count", "-n", default=100, show_default=True, type=click.IntRange(min=1))
+@json_option
+@friendly_errors
+def pending(
+    group: str, stream: str | None, partition: int | None, count: int, as_json: bool
+) -> None:
+    """Who owns each partition of GROUP, and the entries it was given but has not acknowledged.
+
+    First one row per partition: its owner (lease epoch, live or expired) and how many entries
+    are pending there. Then each pending entry: its consumer (flagged when that consumer is
+    not the partition's owner, e.g. a dead previous owner), idle time and delivery count, on
+    all of GROUP's streams or on STREAM only (a base stream or one partition stream).
+    """
+    report = pending_report(open_redis(), group, stream, partition, count)
+    owners, reports = report["owners"], report["streams"]
     if as_json:
-        print_json({"group": group, "partitions": partitions, "owners": owners, "streams": reports})
+        print_json(report)
         return
     click.echo(
         table(

@@ -36,9 +36,10 @@ from sagactl.inspect.common import (
     short_time,
     table,
 )
-from sagactl.inspect.diagrams import order_saga
+from sagactl.inspect.diagrams import order_sequence_diagram
 from sagactl.inspect.partitions import deployment_partitions, scan_for_events
 from service_runtime.config import SERVICES
+from service_runtime.redis_client import RedisClient
 
 _EVENTS = """
 SELECT event_id::text, event_type, aggregate_id, causation_id::text, created_at, published_at
@@ -80,8 +81,13 @@ def _hop_ms(start: Any, end: Any) -> float | None:
     return None if ms is None else max(ms, 0.0)
 
 
-def trace_order(order_id: str) -> dict[str, Any]:
-    partitions = deployment_partitions()
+def trace_order(
+    order_id: str, client: RedisClient | None = None, partitions: int | None = None
+) -> dict[str, Any]:
+    """One order's saga (what `saga trace` prints and the console draws): its events from the
+    outboxes, each with its partition stream entry and, per subscribing group, whether and when
+    it was processed (or dead-lettered, or failing); and the order's state in each service."""
+    partitions = deployment_partitions() if partitions is None else partitions
     partition = partition_of(order_id, partitions)
     events: list[dict[str, Any]] = []
     state: dict[str, Any] = {}
@@ -116,7 +122,7 @@ def trace_order(order_id: str) -> dict[str, Any]:
                 processed[(group, event_id)] = at
             for event_id, attempts, error in conn.execute(_FAILURES, (group, ids)):
                 failures[(group, event_id)] = (attempts, error)
-    client = open_redis()
+    client = open_redis() if client is None else client
     _find_entries(client, events)
     dead = _find_dead_letters(client, events, processed, partitions)
     events.sort(key=lambda e: e["committed_at"])
@@ -248,7 +254,7 @@ def trace(order_id: str, as_json: bool, as_mermaid: bool) -> None:
         print_json(report)
         return
     if as_mermaid:
-        click.echo(order_saga(report), nl=False)
+        click.echo(order_sequence_diagram(report), nl=False)
         return
     rows = []
     for n, event in enumerate(report["events"], 1):

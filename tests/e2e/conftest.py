@@ -37,6 +37,8 @@ class RunningSystem:
     db_urls: dict[str, str]
     redis_url: str
     log_path: Path
+    console_url: str = ""  # `saga console` of this run-all (a Procfile process)
+    run_dir: Path | None = None  # SAGA_RUN_DIR: the console's operator password is in there
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url, decode_responses=True)
@@ -97,12 +99,14 @@ def system(pg_admin_url: str, redis_server_url: str, otlp: OtlpReceiver) -> Iter
     ports = {service: free_port() for service in SERVICES}
     scratch = Path(tempfile.mkdtemp(prefix="saga-e2e-"))  # run dir and process logs
     metrics_base = _free_port_block(22)
+    console_port = free_port()
     env = {
         **os.environ,
         **{f"{s.upper()}_DATABASE_URL": url for s, url in db_urls.items()},
         **{f"{s.upper()}_PORT": str(port) for s, port in ports.items()},
         "REDIS_URL": redis_url,
         "METRICS_PORT_BASE": str(metrics_base),
+        "CONSOLE_PORT": str(console_port),
         "SAGA_RUN_DIR": str(scratch / "run"),
         "CONSUMER_CLAIM_IDLE_MS": "5000",
         # tracing on, as a user turns it on (README): spans of every process to the receiver
@@ -127,6 +131,8 @@ def system(pg_admin_url: str, redis_server_url: str, otlp: OtlpReceiver) -> Iter
         db_urls=db_urls,
         redis_url=redis_url,
         log_path=log_path,
+        console_url=f"http://127.0.0.1:{console_port}",
+        run_dir=scratch / "run",
     )
     try:
         wait_until(

@@ -101,6 +101,7 @@ def _running(extra_env: dict[str, str]) -> Iterator[RunAll]:
         SAGA_PG_PORT=str(free_port()),
         SAGA_REDIS_PORT=str(free_port()),
         METRICS_PORT_BASE=str(_free_port_block(22)),
+        CONSOLE_PORT=str(free_port()),  # never the default 8000 of someone's run-all
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **{f"{s.upper()}_PORT": str(port) for s, port in ports.items()},
     )

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from contracts import ENVELOPE_FIELDS, EVENT_SCHEMAS, PRODUCER_OF_EVENT, SUBSCRIPTIONS
-from sagactl.inspect.diagrams import designed_saga, order_saga, reaction_table
+from sagactl.inspect.diagrams import designed_saga, order_sequence_diagram, reaction_table
 from sagactl.main import cli
 from service_runtime import asyncapi
 from tests.node_tools import asyncapi_schema, mermaid_parse
@@ -175,6 +175,7 @@ _REPORT = {
             "event_type": "OrderRejected",
             "producer": "orders",
             "commit_to_publish_ms": 3.0,
+            "published_at": "2026-11-26T10:00:00.003+00:00",
             "deliveries": [],
         },
     ],
@@ -184,7 +185,7 @@ _REPORT = {
 
 def test_diagrams_render_with_the_real_mermaid_parser() -> None:
     designed = designed_saga()
-    traced = order_saga(_REPORT)
+    traced = order_sequence_diagram(_REPORT)
     results = mermaid_parse([designed, traced, "sequenceDiagram\n    orders->>: broken\n"])
     assert results[0] == {"ok": True, "type": "sequence"}, results[0]
     assert results[1] == {"ok": True, "type": "sequence"}, results[1]
@@ -205,12 +206,13 @@ def test_designed_saga_has_every_reaction_and_marks_compensations() -> None:
 
 
 def test_order_saga_has_an_arrow_per_reaction_with_its_hop_latency() -> None:
-    text = order_saga(_REPORT)
-    assert "orders->>inventory: OrderPlaced 5.8 ms" in text  # 1.5 + 4.25
-    assert "billing->>orders: PaymentDeclined 32 ms" in text
-    assert "billing-xinventory: PaymentDeclined dead-lettered" in text
-    assert "inventory-->>orders: StockReleased (compensation) not published" in text
-    assert "Note over orders: OrderRejected published in 3.0 ms" in text
+    text = order_sequence_diagram(_REPORT)
+    assert "orders ->> inventory: OrderPlaced (5.8 ms)" in text  # 1.5 + 4.25
+    assert "billing ->> orders: PaymentDeclined (32 ms)" in text
+    assert "billing -x inventory: PaymentDeclined DEAD-LETTERED" in text
+    # a compensation: dashed, in a shaded block
+    assert "rect rgba(254, 226, 226, 0.6)\n    inventory --) orders: StockReleased" in text
+    assert "Note over orders: OrderRejected (no service reacts)" in text
     assert "billing: OrderPlaced" not in text  # not handled there: no arrow
 
 

@@ -1,0 +1,325 @@
+"""`saga console` in a real browser (headless Debian chromium driven by Selenium) against the
+real running system of `saga run-all`: the overview, an order's sequence diagram, a poison event
+in the dead letters, and a handler failure re-driven after its cause was fixed.
+
+Screenshots: .artifacts/console/*.png (ignored by git; docs/console-*.png are copies).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import psycopg.sql
+import pytest
+import requests
+from selenium.webdriver.common.by import By
+
+from contracts import partition_of, partition_stream
+from tests.e2e import browser as chromium_browser
+from tests.e2e.conftest import RunningSystem
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.e2e
+PARTITIONS = 8  # STREAM_PARTITIONS of the run-all under test (the default)
+FLOWS = {
+    ("orders.events", "inventory"),
+    ("orders.events", "billing"),
+    ("inventory.events", "orders"),
+    ("inventory.events", "billing"),
+    ("billing.events", "orders"),
+    ("billing.events", "inventory"),
+}
+
+
+@pytest.fixture(scope="module")
+def console(system: RunningSystem) -> str:
+    from sagactl.console import assets
+
+    if missing := assets.missing():
+        pytest.fail(f"console assets missing ({', '.join(missing)}): run `make console-assets`")
+
+    def answers() -> bool:
+        try:
+            return requests.get(system.console_url, timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(answers, timeout=60, message=lambda: system.log_tail())
+    return system.console_url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if reason := chromium_browser.missing():
+        pytest.fail(reason)
+    with chromium_browser.chromium() as driver:
+        yield driver
+
+
+def _wait_for(driver, css: str, timeout: float = 30.0, reload: bool = False):
+    """The first element matching css, reloading the page meanwhile if asked."""
+
+    def found():
+        elements = driver.find_elements(By.CSS_SELECTOR, css)
+        if not elements and reload:
+            driver.refresh()
+        return elements[0] if elements else None
+
+    return wait_until(
+        found, timeout=timeout, interval=0.5, message=f"no {css} on {driver.current_url}"
+    )
+
+
+def _confirmed_order(system: RunningSystem) -> tuple[str, str]:
+    sku, customer = f"sku-{uuid.uuid4().hex[:8]}", f"c-{uuid.uuid4().hex[:8]}"
+    urls = system.urls
+    r = requests.put(
+        f"{urls['inventory']}/products/{sku}",
+        json={"name": sku, "price_cents": 250, "available": 10},
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    r = requests.put(
+        f"{urls['billing']}/accounts/{customer}", json={"balance_cents": 5000}, timeout=10
+    )
+    assert r.status_code == 201, r.text
+    r = requests.post(
+        f"{urls['orders']}/orders",
+        json={"customer_id": customer, "items": [{"sku": sku, "quantity": 2}]},
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    order_id = r.json()["order_id"]
+
+    def status() -> str | None:
+        found = requests.get(f"{urls['orders']}/orders/{order_id}", timeout=10).json()["status"]
+        return found if found != "pending" else None
+
+    assert wait_until(status, timeout=60) == "confirmed"
+    return order_id, customer
+
+
+def _sequence_diagram(driver) -> dict[str, list[str]]:
+    """The rendered diagram: an SVG (not the Mermaid text) with its participants and messages."""
+    wait_until(
+        lambda: driver.find_elements(By.CSS_SELECTOR, "#sequence[data-rendered='true'] svg"),
+        timeout=30,
+        interval=0.3,
+        message=lambda: driver.find_element(By.ID, "sequence").get_attribute("outerHTML")[:2000],
+    )
+    svg = driver.find_element(By.CSS_SELECTOR, "#sequence svg")
+    return {
+        "actors": sorted(
+            {t.text for t in svg.find_elements(By.CSS_SELECTOR, "text.actor") if t.text}
+        ),
+        "messages": [t.text for t in svg.find_elements(By.CSS_SELECTOR, "text.messageText")],
+    }
+
+
+def test_the_overview_shows_the_three_streams_and_their_groups(console, browser):
+    browser.get(console)
+    flow = _wait_for(browser, "svg.flow")
+    services = {
+        g.get_attribute("data-service") for g in flow.find_elements(By.CSS_SELECTOR, "g.service")
+    }
+    assert services == {"orders", "inventory", "billing"}
+    edges = {
+        (g.get_attribute("data-stream"), g.get_attribute("data-group"))
+        for g in flow.find_elements(By.CSS_SELECTOR, "g.edge")
+    }
+    assert edges == FLOWS
+    rows = browser.find_elements(By.CSS_SELECTOR, "#group-streams tbody tr")
+    assert {
+        (r.find_element(By.TAG_NAME, "th").text, r.find_elements(By.TAG_NAME, "td")[0].text)
+        for r in rows
+    } == FLOWS
+    streams = [
+        r.find_element(By.TAG_NAME, "th").text
+        for r in browser.find_elements(By.CSS_SELECTOR, "#streams tbody tr")
+    ]
+    assert streams[:3] == ["orders.events", "inventory.events", "billing.events"]
+    for group in ("orders", "inventory", "billing"):
+        partitions = browser.find_elements(By.CSS_SELECTOR, f"#partitions-{group} tbody tr")
+        assert len(partitions) == PARTITIONS
+    relays = browser.find_elements(By.CSS_SELECTOR, "#relays tbody tr")
+    assert [r.find_element(By.TAG_NAME, "th").text for r in relays] == [
+        "orders",
+        "inventory",
+        "billing",
+    ]
+    # live: the status line changes without a page load (htmx), and both plots are drawn
+    browser.execute_script("window.__sameDocument = true")
+    first = browser.find_element(By.ID, "overview-status").text
+    wait_until(
+        lambda: browser.find_element(By.ID, "overview-status").text != first,
+        timeout=15,
+        interval=0.5,
+    )
+    assert browser.execute_script("return window.__sameDocument") is True
+    wait_until(
+        lambda: (
+            len(browser.find_elements(By.CSS_SELECTOR, ".chart[data-ready='true'] canvas")) >= 2
+        ),
+        timeout=20,
+        interval=0.5,
+    )
+    # landmarks and labels
+    assert browser.find_elements(
+        By.CSS_SELECTOR, "header nav[aria-label='Main'] a[aria-current='page']"
+    )
+    assert browser.find_elements(By.CSS_SELECTOR, "main#main h1")
+    chromium_browser.screenshot(browser, "overview")
+
+
+def test_an_order_appears_with_its_rendered_sequence_diagram(console, browser, system):
+    order_id, customer = _confirmed_order(system)
+    browser.get(f"{console}/orders")
+    browser.find_element(By.ID, "customer").send_keys(customer)
+    browser.find_element(By.CSS_SELECTOR, "form.search button[type='submit']").click()
+    row = _wait_for(browser, f"#orders tr[data-order-id='{order_id}']")
+    assert "confirmed" in row.text
+    chromium_browser.screenshot(browser, "orders")
+    row.find_element(By.TAG_NAME, "a").click()
+
+    diagram = _sequence_diagram(browser)
+    assert diagram["actors"] == ["billing", "inventory", "orders"]
+    messages = " | ".join(diagram["messages"])
+    for event in ("OrderPlaced", "StockReserved", "PaymentCaptured"):
+        assert event in messages, messages
+    assert " ms)" in messages  # hop latencies
+    state = {
+        r.find_element(By.TAG_NAME, "th").text: r.find_elements(By.TAG_NAME, "td")[0].text
+        for r in browser.find_elements(By.CSS_SELECTOR, "#state tbody tr")
+    }
+    assert state == {"orders": "confirmed", "inventory": "held", "billing": "captured"}
+    history = browser.find_element(By.ID, "history").text
+    assert "confirmed" in history and "PaymentCaptured" in history
+    chromium_browser.screenshot(browser, "order")
+
+
+def _poison(system: RunningSystem) -> tuple[str, str]:
+    """An OrderPlaced without its items, XADDed straight to an orders partition stream (as a
+    buggy or foreign producer would): it breaks the contract, so inventory dead-letters it at
+    once."""
+    order_id, event_id = str(uuid.uuid4()), str(uuid.uuid4())
+    stream = partition_stream("orders.events", partition_of(order_id, PARTITIONS))
+    system.redis().xadd(
+        stream,
+        {
+            "event_id": event_id,
+            "event_type": "OrderPlaced",
+            "event_version": "1",
+            "aggregate_type": "order",
+            "aggregate_id": order_id,
+            "correlation_id": order_id,
+            "causation_id": "",
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "producer": "orders",
+            "payload": json.dumps({"order_id": order_id, "customer_id": "mallory"}),
+        },
+    )
+    return order_id, event_id
+
+
+def test_a_poison_event_shows_in_the_dead_letters(console, browser, system):
+    _order_id, event_id = _poison(system)
+    browser.get(f"{console}/dead-letters?group=inventory")
+    row = _wait_for(browser, f"#dead-letters tr[data-event-id='{event_id}']", reload=True)
+    assert "OrderPlaced" in row.text
+    chromium_browser.screenshot(browser, "dead-letters")
+    row.find_element(By.CSS_SELECTOR, "th a").click()
+    error = _wait_for(browser, "#dead-letter-error").text
+    assert "items" in error, error  # the contract's complaint names the missing field
+    assert "mallory" in browser.find_element(By.ID, "dead-letter-payload").text
+    assert browser.find_elements(By.CSS_SELECTOR, "#redrive-form input[type='password']")
+
+
+@pytest.fixture
+def inventory_inbox_grant(system: RunningSystem, pg_admin_url: str) -> Iterator:
+    """Breaks and fixes the deployment: `grant(False)` takes INSERT on its inbox away from
+    inventory's role (a migration that forgot a grant, say), so every inventory handler fails
+    until `grant(True)` gives it back (done at the end in any case)."""
+    service = urlsplit(system.db_urls["inventory"])
+    admin = urlunsplit(urlsplit(pg_admin_url)._replace(path=service.path))
+
+    def grant(allowed: bool) -> None:
+        statement = "GRANT INSERT ON inbox TO {}" if allowed else "REVOKE INSERT ON inbox FROM {}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                psycopg.sql.SQL(statement).format(psycopg.sql.Identifier(service.username))
+            )
+
+    try:
+        yield grant
+    finally:
+        grant(True)
+
+
+def test_a_dead_letter_is_redriven_after_its_cause_is_fixed(
+    console, browser, system, inventory_inbox_grant
+):
+    """The customer cancels a confirmed order while inventory cannot write its inbox: its
+    OrderCancelled fails CONSUMER_MAX_DELIVERIES times and is dead-lettered (the stock stays
+    held). The operator fixes the grant and re-drives it from the console: the stock is
+    released and the order's diagram shows StockReleased."""
+    order_id, _customer = _confirmed_order(system)
+    inventory_inbox_grant(False)
+    r = requests.post(f"{system.urls['orders']}/orders/{order_id}/cancel", timeout=10)
+    assert r.status_code == 202, r.text
+    browser.get(f"{console}/dead-letters?group=inventory")
+    row = _wait_for(
+        browser,
+        f"#dead-letters tr[data-correlation-id='{order_id}'][data-event-type='OrderCancelled']",
+        timeout=90,
+        reload=True,
+    )
+    assert "permission denied" in row.text
+    inventory_inbox_grant(True)  # the fix
+    row.find_element(By.CSS_SELECTOR, "th a").click()
+    _wait_for(browser, "#redrive-form")
+    entry_url = browser.current_url
+
+    # a wrong password re-drives nothing
+    browser.find_element(By.ID, "password").send_keys("not-the-password")
+    browser.find_element(By.ID, "confirm").click()
+    browser.find_element(By.CSS_SELECTOR, "#redrive-form button[type='submit']").click()
+    assert "not right" in _wait_for(browser, "#redrive-problem").text
+    browser.get(entry_url)
+    assert browser.find_elements(By.ID, "redrive-form"), "the dead letter is still there"
+
+    password = (system.run_dir / "secrets" / "console-operator").read_text().strip()
+    browser.find_element(By.ID, "password").send_keys(password)
+    browser.find_element(By.ID, "confirm").click()
+    browser.find_element(By.CSS_SELECTOR, "#redrive-form button[type='submit']").click()
+    outcome = _wait_for(browser, "#redrive-outcome").text
+    assert "Re-driven" in outcome and "inventory.redrive.{p" in outcome, outcome
+    assert password not in browser.page_source
+    chromium_browser.screenshot(browser, "redriven")
+
+    def released() -> bool:
+        r = requests.get(f"{system.urls['inventory']}/reservations/{order_id}", timeout=10)
+        return r.json().get("status") == "released"
+
+    wait_until(released, timeout=60, interval=0.5, message=lambda: system.log_tail())
+    browser.get(f"{console}/orders/{order_id}")
+    diagram = _sequence_diagram(browser)
+    messages = " | ".join(diagram["messages"])
+    assert "StockReleased" in messages and "DEAD-LETTERED" not in messages, messages
+    chromium_browser.screenshot(browser, "order-compensated")
+
+    # the overview after this traffic: the plots have points, the flow its figures
+    browser.get(console)
+    _wait_for(browser, "svg.flow")
+    wait_until(
+        lambda: (
+            len(browser.find_elements(By.CSS_SELECTOR, ".chart[data-ready='true'] canvas")) >= 2
+        ),
+        timeout=20,
+        interval=0.5,
+    )
+    chromium_browser.screenshot(browser, "overview-after-orders")
