@@ -11,7 +11,9 @@ from devstack.provision import ensure_database, names, provision
 from devstack.redis import EmbeddedRedis
 from devstack.secrets import secret, write_private
 from service_runtime import config
+from service_runtime.db import connect
 from service_runtime.migrations import migrate
+from service_runtime.partitions import check_partition_count
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +122,15 @@ def _cluster_keys() -> dict[str, str]:
 
 
 def migrate_all(env: dict[str, str]) -> dict[str, list[str]]:
-    """Apply every service's migrations; returns the names applied now, per service."""
-    return {s: migrate(env[f"{s.upper()}_DATABASE_URL"], s) for s in config.SERVICES}
+    """Apply every service's migrations, then check (or record, the first time) the deployment's
+    partition count; returns the migrations applied now, per service. Raises ConfigError when
+    STREAM_PARTITIONS differs from the one the databases were created with."""
+    applied = {s: migrate(env[f"{s.upper()}_DATABASE_URL"], s) for s in config.SERVICES}
+    partitions = config.stream_partitions()
+    for service in config.SERVICES:
+        with connect(env[f"{service.upper()}_DATABASE_URL"]) as conn:
+            check_partition_count(conn, partitions, service)
+    return applied
 
 
 def _write_env(path: Path, env: dict[str, str]) -> None:

@@ -89,7 +89,10 @@ def run_all() -> None:
         sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }
     try:
-        devstack.migrate_all(env)
+        try:
+            devstack.migrate_all(env)
+        except config.ConfigError as err:
+            raise click.ClickException(str(err)) from err
         click.echo(banner(env, embedded=started))
         supervising = True
         supervisor.start()
