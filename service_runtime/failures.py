@@ -14,6 +14,7 @@ psycopg makes DeadlockDetected and SerializationFailure subclasses of Operationa
 from __future__ import annotations
 
 import enum
+import re
 
 import psycopg
 import redis
@@ -49,6 +50,10 @@ _REDIS_OUTAGE_REPLIES = (
 )
 
 
+# The reply code at the start of the message, or (Redis < 7) inside the "Error running script"
+# wrapper of a failed redis.call, as "-OOM ..." after the script's line number.
+_OUTAGE_REPLY = re.compile(r"(?:^|: -)(?:" + "|".join(_REDIS_OUTAGE_REPLIES) + r")\b")
+
 # The replies redis-py maps to their own classes (stripping the code from the message).
 _REDIS_OUTAGE_REPLY_TYPES: tuple[type[BaseException], ...] = (
     redis.exceptions.OutOfMemoryError,
@@ -71,7 +76,7 @@ def classify(err: BaseException) -> FailureKind:
         return FailureKind.ERROR
     if isinstance(err, (*REDIS_OUTAGE_ERRORS, *_REDIS_OUTAGE_REPLY_TYPES)):
         return FailureKind.OUTAGE
-    if isinstance(err, redis.ResponseError) and str(err).startswith(_REDIS_OUTAGE_REPLIES):
+    if isinstance(err, redis.ResponseError) and _OUTAGE_REPLY.search(str(err)):
         return FailureKind.OUTAGE
     return FailureKind.ERROR
 

@@ -202,7 +202,15 @@ def test_redis_error_replies_are_outages_the_relay_and_consumer_survive(
         assert relay_thread.is_alive() and consumer_thread.is_alive()
 
         client.config_set("maxmemory", "0")
-        wait_until(lambda: outcomes["processed"] == 4, timeout=30)
+
+        def state() -> str:
+            with psycopg.connect(orders_url) as conn:
+                left = conn.execute(unpublished).fetchone()[0]
+            return f"outcomes {dict(outcomes)}, unpublished {left}, in streams " + str(
+                stream_total(client, ORDERS_EVENTS)
+            )
+
+        wait_until(lambda: outcomes["processed"] == 4, timeout=60, message=state)
         assert relay_thread.is_alive() and consumer_thread.is_alive()  # never restarted
         assert outcomes["failed"] == 0 and outcomes["dead_lettered"] == 0
     finally:

@@ -26,6 +26,11 @@ from service_runtime.failures import FailureKind, classify
         redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
         redis.ResponseError("MISCONF Redis is configured to save RDB snapshots, but ..."),
         redis.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
+        # Redis 6.2 wraps the reply of a redis.call that failed inside a script:
+        redis.ResponseError(
+            "Error running script (call to f_8a3c): @user_script:4: @user_script: 4: "
+            "-OOM command not allowed when used memory > 'maxmemory'. "
+        ),
     ],
 )
 def test_outages(error):
@@ -45,6 +50,8 @@ def test_deadlocks_and_serialization_failures_are_conflicts_not_outages(error):
         pg_errors.UniqueViolation(),
         pg_errors.NumericValueOutOfRange(),
         redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+        redis.ResponseError("Error running script (call to f_8a3c): @user_script:4: WRONGTYPE x"),
+        redis.ResponseError("ERR unknown command 'OOMPH'"),
     ],
 )
 def test_everything_else_is_the_works_own_error(error):
