@@ -17,6 +17,7 @@ import psycopg
 import psycopg.sql
 import pytest
 import requests
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 
 from contracts import partition_of, partition_stream
@@ -73,6 +74,24 @@ def _wait_for(driver, css: str, timeout: float = 30.0, reload: bool = False):
     return wait_until(
         found, timeout=timeout, interval=0.5, message=f"no {css} on {driver.current_url}"
     )
+
+
+def _fresh(action):
+    """`action()`, or None when the page swapped the element under it (htmx refresh)."""
+    try:
+        return action()
+    except (StaleElementReferenceException, NoSuchElementException):
+        return None
+
+
+def _text_of(driver, css: str) -> str:
+    elements = driver.find_elements(By.CSS_SELECTOR, css)
+    return elements[0].text if elements else ""
+
+
+def _click(driver, css: str) -> bool:
+    driver.find_element(By.CSS_SELECTOR, css).click()
+    return True
 
 
 def _confirmed_order(system: RunningSystem) -> tuple[str, str]:
@@ -181,10 +200,16 @@ def test_an_order_appears_with_its_rendered_sequence_diagram(console, browser, s
     browser.get(f"{console}/orders")
     browser.find_element(By.ID, "customer").send_keys(customer)
     browser.find_element(By.CSS_SELECTOR, "form.search button[type='submit']").click()
-    row = _wait_for(browser, f"#orders tr[data-order-id='{order_id}']")
-    assert "confirmed" in row.text
+    row_css = f"#orders tr[data-order-id='{order_id}']"
+    # The table is live (htmx swaps it): read and click through fresh lookups, not a held element
+    wait_until(
+        lambda: "confirmed" in _fresh(lambda: _text_of(browser, row_css)),
+        timeout=30,
+        interval=0.3,
+        message=f"no confirmed {row_css} on {browser.current_url}",
+    )
     chromium_browser.screenshot(browser, "orders")
-    row.find_element(By.TAG_NAME, "a").click()
+    wait_until(lambda: _fresh(lambda: _click(browser, f"{row_css} a")), timeout=30)
 
     diagram = _sequence_diagram(browser)
     assert diagram["actors"] == ["billing", "inventory", "orders"]
