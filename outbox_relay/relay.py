@@ -51,6 +51,7 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.database = a.datid
   AND now() - coalesce(a.state_change, a.backend_start) > make_interval(secs => %s)
 """
 
+
 @dataclass(frozen=True)
 class RelaySettings:
     producer: str

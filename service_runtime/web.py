@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from contracts import limits
 from contracts.limits import LimitExceeded
+from service_runtime import auth
 from service_runtime.config import database_url
 from service_runtime.connection import close_after_response
 from service_runtime.db import DB_OUTAGE_ERRORS, create_pool
@@ -104,6 +105,9 @@ def create_service_app(
     _register_body_limit(app)
     _register_metrics(app, name)
     app.add_url_rule("/swagger-ui-assets/<path:filename>", view_func=_swagger_asset)
+    # bearer JWTs on every endpoint but the public ones (service_runtime/auth.py); a test or
+    # an embedding app may hand its own verifier in as config AUTH_VERIFIER
+    auth.install(app, app.config.get("AUTH_VERIFIER"))
     return app
 
 
