@@ -51,7 +51,6 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.database = a.datid
   AND now() - coalesce(a.state_change, a.backend_start) > make_interval(secs => %s)
 """
 
-
 @dataclass(frozen=True)
 class RelaySettings:
     producer: str
