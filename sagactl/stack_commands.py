@@ -8,12 +8,14 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from urllib.parse import unquote, urlsplit
 
 import click
 
+from devstack import issuer
 from devstack import stack as devstack
 from devstack.redis import redis_bin_dir
 from devstack.secrets import redact_url
@@ -117,6 +119,13 @@ def banner(env: dict[str, str], embedded: bool = True) -> str:
         )
     url = env["REDIS_URL"]
     lines.append(f"  {'redis':<10} {redact_url(url)}  ->  {redis_cli_command(url)}")
+    if env.get("AUTH_JWKS_URL") and not env.get("AUTH_PUBLIC_KEY_FILE"):
+        lines.append(f"  {'tokens':<10} from your identity provider ({env['AUTH_JWKS_URL']})")
+    else:
+        # the commands, never a token: a token in a banner ends up in logs and scrollback
+        lines.append(f"  {'tokens':<10} export TOKEN=$(.venv/bin/saga token customer alice)")
+        lines.append(f"  {'':<10} export ADMIN_TOKEN=$(.venv/bin/saga token admin)")
+        lines.append(f"  {'':<10} curl -H \"Authorization: Bearer $TOKEN\" ...")
     if urlsplit(url).password:
         lines.append(
             '  (passwords masked; eval "$(saga stack env)" exports them and REDISCLI_AUTH)'
@@ -148,4 +157,56 @@ def _child_env(env: dict[str, str]) -> dict[str, str]:
     }
 
 
-COMMANDS: list[click.Command] = [stack, run_all]
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _ttl_seconds(text: str) -> int:
+    """`3600`, `90s`, `30m`, `1h`, `7d` -> seconds."""
+    value = text.strip().lower()
+    unit = _TTL_UNITS.get(value[-1:])
+    number = value[:-1] if unit else value
+    if not number.isdigit() or int(number) == 0:
+        raise click.BadParameter(f"{text!r}: give a duration such as 3600, 30m, 1h or 7d")
+    return int(number) * (unit or 1)
+
+
+ttl_option = click.option(
+    "--ttl", default="1h", show_default=True, help="Lifetime: seconds, or 30m, 1h, 7d."
+)
+
+
+@click.group()
+def token() -> None:
+    """Print a bearer token signed by the embedded stack's development issuer.
+
+    For the APIs: `export TOKEN=$(saga token customer alice)`, then
+    `curl -H "Authorization: Bearer $TOKEN" ...`. The issuer's key pair is made under the run
+    folder at the stack's first start; the services only hold its public key."""
+
+
+def _sign(make: Callable[[], str]) -> None:
+    try:
+        click.echo(make())
+    except FileNotFoundError as err:
+        raise click.ClickException(str(err)) from err
+
+
+@token.command("customer")
+@click.argument("customer_id")
+@ttl_option
+def token_customer(customer_id: str, ttl: str) -> None:
+    """A customer's token (scope `customer`, sub CUSTOMER_ID): its own orders, account, payments."""
+    seconds = _ttl_seconds(ttl)
+    _sign(lambda: issuer.customer_token(config.run_dir(), customer_id, seconds))
+
+
+@token.command("admin")
+@click.option("--subject", default="operator", show_default=True, help="The token's sub.")
+@ttl_option
+def token_admin(subject: str, ttl: str) -> None:
+    """An operator's token (scope `admin`): products, stock, accounts, deposits, every order."""
+    seconds = _ttl_seconds(ttl)
+    _sign(lambda: issuer.admin_token(config.run_dir(), subject, seconds))
+
+
+COMMANDS: list[click.Command] = [stack, run_all, token]
