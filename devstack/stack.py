@@ -9,7 +9,7 @@ from pathlib import Path
 from devstack import issuer
 from devstack.postgres import EmbeddedPostgres
 from devstack.provision import ensure_database, names, provision
-from devstack.redis import EmbeddedRedis
+from devstack.redis import RQ_USER, EmbeddedRedis
 from devstack.secrets import secret, write_private
 from service_runtime import config
 from service_runtime.migrations import migrate
@@ -58,7 +58,10 @@ def _up(
             server.stop()
         raise
     env = {f"{s.upper()}_DATABASE_URL": urls[s] for s in config.SERVICES}
-    env["REDIS_URL"] = redis.url
+    env["REDIS_URL"] = redis.url  # the admin user: the `saga` CLI
+    if "REDIS_URL" not in (overrides or {}):
+        # each process its own Redis user (relays, consumers, rq); not with the user's Redis
+        env.update(redis.role_urls())
     env.update(http_ports())
     env["SAGA_PG_PORT"] = str(postgres.port)
     env["SAGA_REDIS_PORT"] = str(redis.port)
@@ -111,7 +114,7 @@ def resolve() -> tuple[dict[str, str], bool]:
     env, started = _up(None, overrides)
     if rq_redis_needed:
         # the embedded Redis, which _up started; REDIS_URL is the user's cluster
-        env["RQ_REDIS_URL"] = _servers(None)[2].url
+        env["RQ_REDIS_URL"] = _servers(None)[2].user_url(RQ_USER)
         _write_env(config.stack_env_file(), env)
     return env, started
 

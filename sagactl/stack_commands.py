@@ -63,6 +63,58 @@ def stack_env() -> None:
         click.echo(f"export {key}={shlex.quote(value)}")
 
 
+@stack.command("acl")
+def stack_acl() -> None:
+    """Print the Redis ACL rules and PostgreSQL grants to set up on servers of your own.
+
+    The embedded stack applies them itself (users.acl, pg_hba.conf, devstack/provision.py)."""
+    from devstack.postgres import HBA
+    from devstack.provision import names
+    from devstack.redis import acl_rules
+
+    click.echo("# Redis 6.2+ ACL (ACL SETUSER, or lines of an aclfile); choose the passwords:")
+    click.echo("ACL SETUSER default off")
+    for user, rules in acl_rules().items():
+        click.echo(f"ACL SETUSER {user} on >CHOOSE-A-PASSWORD {rules}")
+    click.echo("# then give each process its user (the CLI uses REDIS_URL, the admin):")
+    click.echo(
+        "#   REDIS_URL=redis://saga-admin:...@host:6379/0  RQ_REDIS_URL=redis://saga-rq:...@..."
+    )
+    for service in config.SERVICES:
+        upper = service.upper()
+        click.echo(
+            f"#   {upper}_RELAY_REDIS_URL=redis://saga-{service}-relay:...@...  "
+            f"{upper}_CONSUMER_REDIS_URL=redis://saga-{service}-consumer:...@..."
+        )
+    click.echo("")
+    click.echo("-- PostgreSQL: one role per service, its own database only (scram-sha-256)")
+    click.echo("SET password_encryption = 'scram-sha-256';")
+    for service in config.SERVICES:
+        role, database = names(service)
+        click.echo(f"CREATE ROLE {role} LOGIN PASSWORD 'CHOOSE-A-PASSWORD';")
+        click.echo(f"CREATE DATABASE {database} OWNER {role};")
+        click.echo(f"REVOKE CONNECT, TEMPORARY ON DATABASE {database} FROM PUBLIC;")
+        click.echo(f"GRANT CONNECT, TEMPORARY ON DATABASE {database} TO {role};")
+    click.echo("-- pg_hba.conf of the embedded cluster, for reference:")
+    for line in HBA.splitlines():
+        click.echo(f"--   {line}")
+
+
+@click.command("redis-cli", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def redis_cli(args: tuple[str, ...]) -> None:
+    """Run redis-cli ARGS... against the stack's Redis as its admin user (REDIS_URL).
+
+    The password goes through the environment (REDISCLI_AUTH), never the command line."""
+    url = config.redis_url()
+    parts = urlsplit(url)
+    command = shlex.split(redis_cli_command(url))  # with --user when the URL names one
+    env = dict(os.environ)
+    if parts.password:
+        env["REDISCLI_AUTH"] = unquote(parts.password)
+    os.execvpe(command[0], [*command, *args], env)
+
+
 @click.command("run-all")
 def run_all() -> None:
     """Stack, migrations, then all services, relays, consumers and the worker (Ctrl-C stops).
@@ -125,7 +177,7 @@ def banner(env: dict[str, str], embedded: bool = True) -> str:
         # the commands, never a token: a token in a banner ends up in logs and scrollback
         lines.append(f"  {'tokens':<10} export TOKEN=$(.venv/bin/saga token customer alice)")
         lines.append(f"  {'':<10} export ADMIN_TOKEN=$(.venv/bin/saga token admin)")
-        lines.append(f"  {'':<10} curl -H \"Authorization: Bearer $TOKEN\" ...")
+        lines.append(f'  {"":<10} curl -H "Authorization: Bearer $TOKEN" ...')
     if urlsplit(url).password:
         lines.append(
             '  (passwords masked; eval "$(saga stack env)" exports them and REDISCLI_AUTH)'
@@ -140,6 +192,8 @@ def redis_cli_command(url: str) -> str:
     if parts.hostname not in (None, "127.0.0.1", "localhost"):
         command += ["-h", parts.hostname]
     command += ["-p", str(parts.port or 6379)]
+    if parts.username:
+        command += ["--user", unquote(parts.username)]
     database = parts.path.strip("/")
     if database not in ("", "0"):
         command += ["-n", database]
@@ -209,4 +263,4 @@ def token_admin(subject: str, ttl: str) -> None:
     _sign(lambda: issuer.admin_token(config.run_dir(), subject, seconds))
 
 
-COMMANDS: list[click.Command] = [stack, run_all, token]
+COMMANDS: list[click.Command] = [stack, run_all, token, redis_cli]
