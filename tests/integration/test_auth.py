@@ -246,3 +246,33 @@ def test_the_key_pair_files_and_their_modes(tmp_path: Path):
     token = issuer.admin_token(tmp_path)
     claims = jwt.decode(token, options={"verify_signature": False})
     assert claims["scope"] == ADMIN and claims["exp"] > time.time()
+
+
+# -- events only from their owner's stream -------------------------------------------------------
+
+
+def test_a_forged_payment_in_the_wrong_stream_is_dead_lettered_and_changes_nothing(shop):
+    """A PaymentCaptured (billing's) written to inventory.events, as a process holding another
+    service's Redis access could: the orders consumer dead-letters it, the order stays pending."""
+    from contracts import partition_of, partition_stream
+    from service_runtime.redis_client import scan_keys
+
+    order_id = shop.place("alice", [("apple", 2)])
+    shop.publish("orders")
+    shop.deliver("inventory")
+    shop.publish("inventory")
+    shop.deliver("billing")
+    shop.publish("billing")
+    partition = partition_of(order_id, shop.partitions)
+    billing_stream = partition_stream("billing.events", partition)
+    [(real_id, fields)] = [
+        (i, f) for i, f in shop.redis.xrange(billing_stream) if f["event_type"] == "PaymentCaptured"
+    ]
+    shop.redis.xdel(billing_stream, real_id)  # only the forgery reaches orders
+    forged_stream = partition_stream("inventory.events", partition)
+    shop.redis.xadd(forged_stream, {**fields, "producer": "inventory"})
+    shop.deliver("orders")
+    assert shop.order(order_id)["status"] == "pending"
+    [dead_letters] = scan_keys(shop.redis, "orders.dead-letters.*")
+    [(_id, record)] = shop.redis.xrange(dead_letters)
+    assert "PaymentCaptured is not published on inventory.events" in str(record)
