@@ -38,6 +38,7 @@ import psutil
 
 from benchmarks.sample import follow_streams, percentiles, reset
 from contracts import DEFAULT_PARTITIONS, producer_streams
+from devstack import issuer
 from devstack.osutil import free_port, tail, wait_until
 from sagactl.supervisor import parse_procfile, with_consumer_replicas
 
@@ -45,6 +46,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("orders", "inventory", "billing")
 OUTCOMES = ("OrderConfirmed", "OrderRejected", "OrderCancelled")
 SPREAD = 10  # products and customers the orders rotate over
+# every request's headers; the operator's bearer token is added when a _System starts
 _JSON = {"Content-Type": "application/json"}
 OTHER_LOAD = "other load (not this benchmark)"
 LOAD_GENERATOR = "bench load generator"
@@ -330,6 +332,8 @@ class _System:
             **{f"{s.upper()}_PORT": str(port) for s, port in ports.items()},
             "REDIS_URL": redis_url,
             "SAGA_RUN_DIR": str(workdir / "run"),
+            # the development issuer of this run: services verify, the senders sign
+            "AUTH_PUBLIC_KEY_FILE": str(issuer.ensure_key_pair(workdir / "run")),
             # an order still queued behind an overload must not be cancelled for its deadline
             "PAYMENT_TIMEOUT_SECONDS": "3600",
             "METRICS_PORT_BASE": "0",  # no endpoints to collide with; the metrics still count
@@ -337,6 +341,7 @@ class _System:
             "CONSUMERS_PER_SERVICE": str(consumers),
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         }
+        _JSON["Authorization"] = f"Bearer {issuer.admin_token(workdir / 'run', 'bench', 86400)}"
         procfile = workdir / "Procfile"
         procfile.write_text(procfile_with_consumers(PROJECT_ROOT / "Procfile", consumers))
         with self.log_path.open("w") as log:

@@ -23,6 +23,7 @@ import psycopg
 from psycopg import sql
 
 from devstack.osutil import file_lock, tail
+from devstack.provision import SERVICES, names
 from devstack.secrets import secret, write_private
 
 with warnings.catch_warnings():
@@ -47,11 +48,23 @@ SETTINGS = {
 }
 
 
-# what initdb --auth=scram-sha-256 writes, less the replication lines: nothing without a password
-HBA = """local all all scram-sha-256
-host all all 127.0.0.1/32 scram-sha-256
-host all all ::1/128 scram-sha-256
-"""
+def _hba() -> str:
+    """Only what the services and the CLI need, scram-sha-256 everywhere: the superuser (over TCP
+    from this machine, and the unix socket for maintenance), and each service's role to its own
+    database (with the test or bench prefix `<word>_`; CONNECT grants still keep a role to the
+    database it was provisioned with). The server listens on 127.0.0.1 only; no replication."""
+    lines = [
+        "# written by devstack/postgres.py at every start (DESIGN.md §9)",
+        f"local all {SUPERUSER} scram-sha-256",
+        f"host all {SUPERUSER} 127.0.0.1/32 scram-sha-256",
+    ]
+    for service in SERVICES:
+        role, database = names(service)
+        lines.append(rf"host /^(\w+_)?{database}$ /^(\w+_)?{role}$ 127.0.0.1/32 scram-sha-256")
+    return "\n".join(lines) + "\n"
+
+
+HBA = _hba()
 
 
 class EmbeddedPostgres:
@@ -169,27 +182,35 @@ class EmbeddedPostgres:
             pwfile.unlink(missing_ok=True)
 
     def _require_passwords(self) -> None:
-        """A cluster made before passwords (trust in pg_hba.conf): set the superuser's, then
-        demand scram-sha-256 everywhere."""
+        """A cluster made before passwords (trust in pg_hba.conf) gets the superuser's password;
+        any cluster whose pg_hba.conf is not ours (older, wider) gets ours, reloaded."""
         hba = self.data_dir / "pg_hba.conf"
-        if not any(
-            line.split()[-1] == "trust"
-            for line in hba.read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")
-        ):
+        current = hba.read_text()
+        if current == HBA:
             return
+        trusting = any(
+            line.split()[-1] == "trust"
+            for line in current.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        )
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            verifier = conn.pgconn.encrypt_password(
-                self.password.encode(), SUPERUSER.encode(), b"scram-sha-256"
-            )
-            conn.execute(
-                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                    sql.Identifier(SUPERUSER), sql.Literal(verifier.decode())
+            if trusting:
+                verifier = conn.pgconn.encrypt_password(
+                    self.password.encode(), SUPERUSER.encode(), b"scram-sha-256"
                 )
-            )
+                conn.execute(
+                    sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                        sql.Identifier(SUPERUSER), sql.Literal(verifier.decode())
+                    )
+                )
             write_private(hba, HBA)
             self._own(hba)
             conn.execute("SELECT pg_reload_conf()")
+            errors = conn.execute(
+                "SELECT line_number, error FROM pg_hba_file_rules WHERE error IS NOT NULL"
+            ).fetchall()
+            if errors:
+                raise RuntimeError(f"pg_hba.conf rejected by PostgreSQL: {errors}")
 
     def _socket_dir(self) -> Path:
         """Unix sockets in the run dir, or a short dir under /tmp if that path is too long."""

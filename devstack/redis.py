@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -27,6 +28,60 @@ def redis_bin_dir() -> Path:
     return Path(spec.origin).parent / "bin"
 
 
+ADMIN_USER = "saga-admin"
+RQ_USER = "saga-rq"
+
+
+def relay_user(service: str) -> str:
+    return f"saga-{service}-relay"
+
+
+def consumer_user(service: str) -> str:
+    return f"saga-{service}-consumer"
+
+
+# Commands no service user gets, whatever its categories: key names of the whole keyspace
+# (KEYS, SCAN, RANDOMKEY) and everything @dangerous (CONFIG, FLUSHALL, DEBUG, SHUTDOWN, ...)
+_NO_BROWSING = "-@dangerous -scan -randomkey"
+
+
+def acl_rules() -> dict[str, str]:
+    """user -> its ACL rules (without `on` and the password), Redis 6.2 syntax (DESIGN.md §9).
+
+    Redis 6.2 grants commands per user and keys per user, not commands per key (the `%R~`/`%W~`
+    key permissions and `(...)` selectors are Redis 7), so each service has two users:
+    - its relay: XADD (and reads) on its own `<svc>.events.*` streams and its status hash only;
+    - its consumer: the group commands and the fence scripts on its subscriptions, its re-drive
+      and dead-letter streams and its fence keys. Redis 6.2 checks the commands and the keys a
+      script calls against the calling user too, so the scripts' XREADGROUP/XADD/XACK/SET need
+      the same grants. The dead-letter script XADDs, so in 6.2 this user can XADD to the
+      streams it reads; with Redis 7 it would get `%R~` on the subscribed streams and `%RW~`
+      on its own keys only. The consumers' `_check_producer` still dead-letters an event type
+      on a stream its owner does not publish.
+    rq's user reaches `rq:*` keys and channels only; the admin (the `saga` CLI) everything.
+    """
+    from contracts.streams import STREAM_OF_PRODUCER, SUBSCRIPTIONS, relay_status_key
+
+    rules = {ADMIN_USER: "~* &* +@all"}
+    for service, stream in STREAM_OF_PRODUCER.items():
+        rules[relay_user(service)] = (
+            f"resetchannels ~{stream}.* ~{relay_status_key(service)} "
+            f"-@all +@read {_NO_BROWSING} +xadd +hset +hdel +ping +client|setname +wait"
+        )
+        keys = [f"~{base}.*" for base in SUBSCRIPTIONS[service]]
+        keys += [f"~{service}.redrive.*", f"~{service}.dead-letters.*", f"~saga:owner:{service}.*"]
+        rules[consumer_user(service)] = (
+            "resetchannels " + " ".join(keys) + f" -@all +@read {_NO_BROWSING} "
+            "+xgroup|create +xreadgroup +xack +xclaim +xautoclaim +xadd +set "
+            "+evalsha +eval +script|load +ping +client|setname"
+        )
+    rules[RQ_USER] = (
+        f"resetchannels ~rq:* &rq:* +@all {_NO_BROWSING} "
+        "+info +client|setname +client|getname +client|id"
+    )
+    return rules
+
+
 class EmbeddedRedis:
     """One redis-server with its data under `<run_dir>/redis`, on 127.0.0.1:`port` only."""
 
@@ -40,12 +95,38 @@ class EmbeddedRedis:
 
     @cached_property
     def password(self) -> str:
-        """`requirepass`, given in the config file (never on redis-server's command line)."""
+        """The admin user's, in the ACL file as a SHA-256 (never on a command line)."""
         return secret(self.run_dir, "redis")
+
+    def user_password(self, user: str) -> str:
+        return self.password if user == ADMIN_USER else secret(self.run_dir, f"redis-{user}")
+
+    def user_url(self, user: str) -> str:
+        password = quote(self.user_password(user), safe="")
+        return f"redis://{user}:{password}@127.0.0.1:{self.port}/0"
 
     @property
     def url(self) -> str:
-        return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
+        """The admin user's URL (the CLI, the tests)."""
+        return self.user_url(ADMIN_USER)
+
+    def role_urls(self) -> dict[str, str]:
+        """The per-process URLs for the stack env: <SVC>_RELAY_REDIS_URL,
+        <SVC>_CONSUMER_REDIS_URL and RQ_REDIS_URL."""
+        from service_runtime.config import SERVICES
+
+        urls = {"RQ_REDIS_URL": self.user_url(RQ_USER)}
+        for service in SERVICES:
+            urls[f"{service.upper()}_RELAY_REDIS_URL"] = self.user_url(relay_user(service))
+            urls[f"{service.upper()}_CONSUMER_REDIS_URL"] = self.user_url(consumer_user(service))
+        return urls
+
+    def _acl_file(self) -> str:
+        lines = ["user default off resetkeys resetchannels -@all"]
+        for user, rules in acl_rules().items():
+            digest = hashlib.sha256(self.user_password(user).encode()).hexdigest()
+            lines.append(f"user {user} on #{digest} {rules}")
+        return "\n".join(lines) + "\n"
 
     def is_running(self) -> bool:
         return self._serves_our_data()
@@ -57,7 +138,9 @@ class EmbeddedRedis:
                 return False
             self.data_dir.mkdir(parents=True, exist_ok=True)
             config = self.data_dir / "redis.conf"
-            write_private(config, self._config())  # it holds the password: mode 0600
+            # the users and their password hashes: mode 0600, rewritten at every start
+            write_private(self.data_dir / "users.acl", self._acl_file())
+            write_private(config, self._config())
             # daemonized: redis forks and calls setsid, so it survives us and a Ctrl-C
             subprocess.run(
                 [str(redis_bin_dir() / "redis-server"), str(config)], check=True, timeout=30
@@ -99,7 +182,8 @@ class EmbeddedRedis:
                 f"pidfile {quoted['pidfile']}",
                 f"logfile {quoted['logfile']}",
                 f"dir {quoted['dir']}",
-                f"requirepass {json.dumps(self.password)}",
+                # no default user: every client logs in as one of the ACL file's users
+                f"aclfile {json.dumps(str(self.data_dir / 'users.acl'))}",
                 "appendonly yes",
                 "appendfsync everysec",
                 'save ""',  # the AOF is the persistence, no RDB snapshots on top
@@ -113,6 +197,7 @@ class EmbeddedRedis:
         return redis.Redis(
             host="127.0.0.1",
             port=self.port,
+            username=ADMIN_USER,
             password=self.password,
             socket_connect_timeout=1,
             socket_timeout=5,

@@ -6,9 +6,10 @@ import logging
 import os
 from pathlib import Path
 
+from devstack import issuer
 from devstack.postgres import EmbeddedPostgres
 from devstack.provision import ensure_database, names, provision
-from devstack.redis import EmbeddedRedis
+from devstack.redis import RQ_USER, EmbeddedRedis
 from devstack.secrets import secret, write_private
 from service_runtime import config
 from service_runtime.db import connect
@@ -59,10 +60,14 @@ def _up(
             server.stop()
         raise
     env = {f"{s.upper()}_DATABASE_URL": urls[s] for s in config.SERVICES}
-    env["REDIS_URL"] = redis.url
+    env["REDIS_URL"] = redis.url  # the admin user: the `saga` CLI
+    if "REDIS_URL" not in (overrides or {}):
+        # each process its own Redis user (relays, consumers, rq); not with the user's Redis
+        env.update(redis.role_urls())
     env.update(http_ports())
     env["SAGA_PG_PORT"] = str(postgres.port)
     env["SAGA_REDIS_PORT"] = str(redis.port)
+    env.update(auth_keys(directory))
     env.update(overrides or {})
     _write_env(directory / "stack.env", env)
     return env, bool(started)
@@ -99,7 +104,7 @@ def resolve() -> tuple[dict[str, str], bool]:
     for url in databases.values() if all(databases.values()) else ():
         ensure_database(url)
     if all(given.values()) and not rq_redis_needed:
-        return {**given, **http_ports(), **_cluster_keys()}, False
+        return {**given, **http_ports(), **_cluster_keys(), **auth_keys(config.run_dir())}, False
     if any(databases.values()) and not all(databases.values()):
         missing = ", ".join(key for key, value in databases.items() if not value)
         log.warning("using the embedded PostgreSQL: %s not set (all three are needed)", missing)
@@ -111,9 +116,22 @@ def resolve() -> tuple[dict[str, str], bool]:
     env, started = _up(None, overrides)
     if rq_redis_needed:
         # the embedded Redis, which _up started; REDIS_URL is the user's cluster
-        env["RQ_REDIS_URL"] = _servers(None)[2].url
+        env["RQ_REDIS_URL"] = _servers(None)[2].user_url(RQ_USER)
         _write_env(config.stack_env_file(), env)
     return env, started
+
+
+def auth_keys(directory: Path) -> dict[str, str]:
+    """AUTH_PUBLIC_KEY_FILE of the development issuer (its key pair made at first start), unless
+    the user named a key or an identity provider (AUTH_PUBLIC_KEY_FILE, AUTH_JWKS_URL)."""
+    if os.environ.get("AUTH_PUBLIC_KEY_FILE") or os.environ.get("AUTH_JWKS_URL"):
+        return {
+            key: os.environ[key]
+            for key in ("AUTH_PUBLIC_KEY_FILE", "AUTH_JWKS_URL", "AUTH_ISSUER", "AUTH_AUDIENCE")
+            if os.environ.get(key)
+        }
+    directory.mkdir(parents=True, exist_ok=True)
+    return {"AUTH_PUBLIC_KEY_FILE": str(issuer.ensure_key_pair(directory))}
 
 
 def _cluster_keys() -> dict[str, str]:

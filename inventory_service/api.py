@@ -14,6 +14,7 @@ from service_runtime.api_fields import (
     page_window,
     uuid_path,
 )
+from service_runtime.auth import ADMIN, CUSTOMER, requires
 from service_runtime.web import Blueprint, db_pool
 
 blp = Blueprint("inventory", __name__, description="Products, stock and reservations")
@@ -23,8 +24,9 @@ blp = Blueprint("inventory", __name__, description="Products, stock and reservat
 class Products(MethodView):
     @blp.response(200, schemas.Product(many=True))
     @blp.paginate()
+    @requires(CUSTOMER, ADMIN)
     def get(self, pagination_parameters: PaginationParameters):
-        """List products by sku."""
+        """List products by sku (the catalogue: customers read it to order)."""
         with db_pool().connection() as conn:
             rows, total = storage.list_products(conn, *page_window(pagination_parameters))
         pagination_parameters.item_count = total
@@ -36,6 +38,7 @@ class ProductBySku(MethodView):
     @blp.arguments(schemas.ProductIn)
     @blp.response(200, schemas.Product)
     @blp.alt_response(201, schema=schemas.Product, description="Created")
+    @requires(ADMIN)
     def put(self, body: dict, sku: str):
         """Create or replace a product."""
         check_path_key("sku", sku)
@@ -46,6 +49,7 @@ class ProductBySku(MethodView):
         return product, 201 if created else 200
 
     @blp.response(200, schemas.Product)
+    @requires(CUSTOMER, ADMIN)
     def get(self, sku: str):
         """One product."""
         check_path_key("sku", sku)
@@ -60,6 +64,7 @@ class ProductBySku(MethodView):
 class Restock(MethodView):
     @blp.arguments(schemas.RestockIn)
     @blp.response(200, schemas.Product)
+    @requires(ADMIN)
     def post(self, body: dict, sku: str):
         """Add stock to a product."""
         check_path_key("sku", sku)
@@ -73,6 +78,7 @@ class Restock(MethodView):
 @blp.route("/reservations/<order_id>", parameters=[uuid_path("order_id")])
 class ReservationByOrder(MethodView):
     @blp.response(200, schemas.Reservation)
+    @requires(ADMIN)
     def get(self, order_id: str):
         """What inventory holds (or held) for an order."""
         order_id = check_path_uuid("order_id", order_id)

@@ -40,9 +40,11 @@ def place_order(
     fingerprint = domain.request_fingerprint(customer_id, items)
     with unit_of_work(pool, service="orders") as uow:
         if idempotency_key and not storage.claim_idempotency_key(
-            uow.conn, idempotency_key, fingerprint, order_id
+            uow.conn, customer_id, idempotency_key, fingerprint, order_id
         ):
-            known_hash, known_order = storage.idempotency_record(uow.conn, idempotency_key)
+            known_hash, known_order = storage.idempotency_record(
+                uow.conn, customer_id, idempotency_key
+            )
             if known_hash != fingerprint:
                 raise IdempotencyConflict(idempotency_key)
             return Placed(known_order, replayed=True)

@@ -129,22 +129,24 @@ def _lines(conn: psycopg.Connection, order_ids: list) -> dict[str, list[dict]]:
 
 
 def claim_idempotency_key(
-    conn: psycopg.Connection, key: str, request_hash: str, order_id: str
+    conn: psycopg.Connection, customer_id: str, key: str, request_hash: str, order_id: str
 ) -> bool:
-    """True if this request owns the key; waits for a concurrent holder to commit first."""
+    """True if this request owns the customer's key; waits for a concurrent holder to commit
+    first. Keys are per customer: another customer's same key is another key."""
     return (
         conn.execute(
-            """INSERT INTO idempotency_keys (key, request_hash, order_id) VALUES (%s, %s, %s)
-           ON CONFLICT (key) DO NOTHING RETURNING 1""",
-            (key, request_hash, order_id),
+            """INSERT INTO idempotency_keys (customer_id, key, request_hash, order_id)
+           VALUES (%s, %s, %s, %s) ON CONFLICT (customer_id, key) DO NOTHING RETURNING 1""",
+            (customer_id, key, request_hash, order_id),
         ).fetchone()
         is not None
     )
 
 
-def idempotency_record(conn: psycopg.Connection, key: str) -> tuple[str, str]:
+def idempotency_record(conn: psycopg.Connection, customer_id: str, key: str) -> tuple[str, str]:
     request_hash, order_id = conn.execute(
-        "SELECT request_hash, order_id FROM idempotency_keys WHERE key = %s", (key,)
+        "SELECT request_hash, order_id FROM idempotency_keys WHERE customer_id = %s AND key = %s",
+        (customer_id, key),
     ).fetchone()
     return request_hash, str(order_id)
 

@@ -113,7 +113,7 @@ def relay(service: str) -> None:
     serve_metrics(_metrics_port(RELAY_METRICS_OFFSET + SERVICES.index(service)))
     relay_ = Relay(
         database_url(service),
-        redis_client.connect(redis_url()),
+        redis_client.connect(redis_url(f"{service}_relay")),
         settings,
         fault=crash_at_configured_point,
     )
@@ -161,7 +161,7 @@ def consume(service: str, name: str | None, instance: int | None) -> None:
         check_on_checkout=False,
     )
     consumer = StreamConsumer(
-        redis_client.connect(redis_url()),
+        redis_client.connect(redis_url(f"{service}_consumer")),
         pool,
         settings,
         handlers,

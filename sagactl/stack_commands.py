@@ -8,12 +8,14 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from urllib.parse import unquote, urlsplit
 
 import click
 
+from devstack import issuer
 from devstack import stack as devstack
 from devstack.redis import redis_bin_dir
 from devstack.secrets import redact_url
@@ -59,6 +61,58 @@ def stack_env() -> None:
         values["REDISCLI_AUTH"] = unquote(password)  # redis-cli reads it, not its command line
     for key, value in values.items():
         click.echo(f"export {key}={shlex.quote(value)}")
+
+
+@stack.command("acl")
+def stack_acl() -> None:
+    """Print the Redis ACL rules and PostgreSQL grants to set up on servers of your own.
+
+    The embedded stack applies them itself (users.acl, pg_hba.conf, devstack/provision.py)."""
+    from devstack.postgres import HBA
+    from devstack.provision import names
+    from devstack.redis import acl_rules
+
+    click.echo("# Redis 6.2+ ACL (ACL SETUSER, or lines of an aclfile); choose the passwords:")
+    click.echo("ACL SETUSER default off")
+    for user, rules in acl_rules().items():
+        click.echo(f"ACL SETUSER {user} on >CHOOSE-A-PASSWORD {rules}")
+    click.echo("# then give each process its user (the CLI uses REDIS_URL, the admin):")
+    click.echo(
+        "#   REDIS_URL=redis://saga-admin:...@host:6379/0  RQ_REDIS_URL=redis://saga-rq:...@..."
+    )
+    for service in config.SERVICES:
+        upper = service.upper()
+        click.echo(
+            f"#   {upper}_RELAY_REDIS_URL=redis://saga-{service}-relay:...@...  "
+            f"{upper}_CONSUMER_REDIS_URL=redis://saga-{service}-consumer:...@..."
+        )
+    click.echo("")
+    click.echo("-- PostgreSQL: one role per service, its own database only (scram-sha-256)")
+    click.echo("SET password_encryption = 'scram-sha-256';")
+    for service in config.SERVICES:
+        role, database = names(service)
+        click.echo(f"CREATE ROLE {role} LOGIN PASSWORD 'CHOOSE-A-PASSWORD';")
+        click.echo(f"CREATE DATABASE {database} OWNER {role};")
+        click.echo(f"REVOKE CONNECT, TEMPORARY ON DATABASE {database} FROM PUBLIC;")
+        click.echo(f"GRANT CONNECT, TEMPORARY ON DATABASE {database} TO {role};")
+    click.echo("-- pg_hba.conf of the embedded cluster, for reference:")
+    for line in HBA.splitlines():
+        click.echo(f"--   {line}")
+
+
+@click.command("redis-cli", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def redis_cli(args: tuple[str, ...]) -> None:
+    """Run redis-cli ARGS... against the stack's Redis as its admin user (REDIS_URL).
+
+    The password goes through the environment (REDISCLI_AUTH), never the command line."""
+    url = config.redis_url()
+    parts = urlsplit(url)
+    command = shlex.split(redis_cli_command(url))  # with --user when the URL names one
+    env = dict(os.environ)
+    if parts.password:
+        env["REDISCLI_AUTH"] = unquote(parts.password)
+    os.execvpe(command[0], [*command, *args], env)
 
 
 @click.command("run-all")
@@ -123,6 +177,13 @@ def banner(env: dict[str, str], embedded: bool = True) -> str:
     lines.append(f"  {'console':<10} {console}  (operator password for re-drives: {password})")
     url = env["REDIS_URL"]
     lines.append(f"  {'redis':<10} {redact_url(url)}  ->  {redis_cli_command(url)}")
+    if env.get("AUTH_JWKS_URL") and not env.get("AUTH_PUBLIC_KEY_FILE"):
+        lines.append(f"  {'tokens':<10} from your identity provider ({env['AUTH_JWKS_URL']})")
+    else:
+        # the commands, never a token: a token in a banner ends up in logs and scrollback
+        lines.append(f"  {'tokens':<10} export TOKEN=$(.venv/bin/saga token customer alice)")
+        lines.append(f"  {'':<10} export ADMIN_TOKEN=$(.venv/bin/saga token admin)")
+        lines.append(f'  {"":<10} curl -H "Authorization: Bearer $TOKEN" ...')
     if urlsplit(url).password:
         lines.append(
             '  (passwords masked; eval "$(saga stack env)" exports them and REDISCLI_AUTH)'
@@ -137,6 +198,8 @@ def redis_cli_command(url: str) -> str:
     if parts.hostname not in (None, "127.0.0.1", "localhost"):
         command += ["-h", parts.hostname]
     command += ["-p", str(parts.port or 6379)]
+    if parts.username:
+        command += ["--user", unquote(parts.username)]
     database = parts.path.strip("/")
     if database not in ("", "0"):
         command += ["-n", database]
@@ -154,4 +217,56 @@ def _child_env(env: dict[str, str]) -> dict[str, str]:
     }
 
 
-COMMANDS: list[click.Command] = [stack, run_all]
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _ttl_seconds(text: str) -> int:
+    """`3600`, `90s`, `30m`, `1h`, `7d` -> seconds."""
+    value = text.strip().lower()
+    unit = _TTL_UNITS.get(value[-1:])
+    number = value[:-1] if unit else value
+    if not number.isdigit() or int(number) == 0:
+        raise click.BadParameter(f"{text!r}: give a duration such as 3600, 30m, 1h or 7d")
+    return int(number) * (unit or 1)
+
+
+ttl_option = click.option(
+    "--ttl", default="1h", show_default=True, help="Lifetime: seconds, or 30m, 1h, 7d."
+)
+
+
+@click.group()
+def token() -> None:
+    """Print a bearer token signed by the embedded stack's development issuer.
+
+    For the APIs: `export TOKEN=$(saga token customer alice)`, then
+    `curl -H "Authorization: Bearer $TOKEN" ...`. The issuer's key pair is made under the run
+    folder at the stack's first start; the services only hold its public key."""
+
+
+def _sign(make: Callable[[], str]) -> None:
+    try:
+        click.echo(make())
+    except FileNotFoundError as err:
+        raise click.ClickException(str(err)) from err
+
+
+@token.command("customer")
+@click.argument("customer_id")
+@ttl_option
+def token_customer(customer_id: str, ttl: str) -> None:
+    """A customer's token (scope `customer`, sub CUSTOMER_ID): its own orders, account, payments."""
+    seconds = _ttl_seconds(ttl)
+    _sign(lambda: issuer.customer_token(config.run_dir(), customer_id, seconds))
+
+
+@token.command("admin")
+@click.option("--subject", default="operator", show_default=True, help="The token's sub.")
+@ttl_option
+def token_admin(subject: str, ttl: str) -> None:
+    """An operator's token (scope `admin`): products, stock, accounts, deposits, every order."""
+    seconds = _ttl_seconds(ttl)
+    _sign(lambda: issuer.admin_token(config.run_dir(), subject, seconds))
+
+
+COMMANDS: list[click.Command] = [stack, run_all, token, redis_cli]

@@ -58,7 +58,19 @@ def database_url(service: str) -> str:
     return url
 
 
-def redis_url() -> str:
+def redis_url(role: str | None = None) -> str:
+    """REDIS_URL, or for a `role` ("orders_relay", "billing_consumer") its own
+    `<ROLE>_REDIS_URL` when set: the embedded stack gives each process its own Redis user
+    (DESIGN.md §9). A REDIS_URL given in the environment is used with the roles' URLs given
+    beside it only, never with the embedded stack's (other servers, other credentials)."""
+    if role:
+        key = f"{role.upper()}_REDIS_URL"
+        if "REDIS_URL" in os.environ:
+            own = os.environ.get(key)
+        else:
+            own = read_env_file(stack_env_file()).get(key)
+        if own:
+            return own
     url = setting("REDIS_URL")
     if not url:
         raise ConfigError("REDIS_URL is not set and no embedded stack is running")
@@ -81,6 +93,8 @@ def rq_redis_url() -> str:
     Lua), so with REDIS_CLUSTER=1 rq needs a Redis of its own and falling back would be wrong.
     """
     url = setting("RQ_REDIS_URL")
+    if "REDIS_URL" in os.environ and "RQ_REDIS_URL" not in os.environ:
+        url = None  # the given Redis, not the embedded stack's rq user
     if url:
         return url
     if redis_cluster():

@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from contracts import limits
 from contracts.limits import LimitExceeded
-from service_runtime import asyncapi, tracing
+from service_runtime import asyncapi, auth, tracing
 from service_runtime.config import database_url, stream_partitions
 from service_runtime.connection import close_after_response
 from service_runtime.db import DB_OUTAGE_ERRORS, create_pool
@@ -108,6 +108,9 @@ def create_service_app(
     app.add_url_rule("/swagger-ui-assets/<path:filename>", view_func=_swagger_asset)
     app.add_url_rule("/asyncapi.json", view_func=_asyncapi_document)  # a public API document
     tracing.instrument_app(app)
+    # bearer JWTs on every endpoint but the public ones (service_runtime/auth.py); a test or
+    # an embedding app may hand its own verifier in as config AUTH_VERIFIER
+    auth.install(app, app.config.get("AUTH_VERIFIER"))
     return app
 
 

@@ -83,6 +83,21 @@ def _embedded(server_class: type, prefix: str) -> Iterator:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def auth_issuer() -> Iterator[Path]:
+    """A development issuer key pair for the session; AUTH_PUBLIC_KEY_FILE names its public
+    key for the services built in-process and the processes tests start (tests/tokens.py)."""
+    from tests import tokens
+
+    previous = os.environ.get("AUTH_PUBLIC_KEY_FILE")
+    yield tokens.install()
+    tokens.remove()
+    if previous is None:
+        os.environ.pop("AUTH_PUBLIC_KEY_FILE", None)
+    else:
+        os.environ["AUTH_PUBLIC_KEY_FILE"] = previous
+
+
 @pytest.fixture(scope="session")
 def pg_admin_url() -> Iterator[str]:
     """A superuser URL: the given server, or an embedded PostgreSQL for this session."""

@@ -24,6 +24,7 @@ from service_runtime.db import create_pool
 from service_runtime.ownership import assignment
 from tests.helpers import EXPIRE_LEASES
 from tests.partition_steps import drain, own_partitions
+from tests.tokens import authorize
 
 SERVICES = ("orders", "inventory", "billing")
 
@@ -37,9 +38,10 @@ class SagaDriver:
         self.redis = redis_client
         self.pools = {s: create_pool(db_urls[s], name=f"test-{s}", max_size=6) for s in SERVICES}
         config = {"TESTING": True, "PAYMENT_TIMEOUT_SECONDS": payment_timeout_s}
-        self.orders = orders_app(self.pools["orders"], config).test_client()
-        self.inventory = inventory_app(self.pools["inventory"], config).test_client()
-        self.billing = billing_app(self.pools["billing"], config).test_client()
+        # an operator's token on every request: the saga tests act for every customer
+        self.orders = authorize(orders_app(self.pools["orders"], config).test_client())
+        self.inventory = authorize(inventory_app(self.pools["inventory"], config).test_client())
+        self.billing = authorize(billing_app(self.pools["billing"], config).test_client())
         self.outcomes = {s: Counter() for s in SERVICES}  # per service: outcome -> entries
         self.consumers = {s: self.consumer(s, f"{s}-1") for s in SERVICES}
 

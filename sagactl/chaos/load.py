@@ -28,12 +28,23 @@ class GaveUp(Exception):
     """No definitive answer within the client's patience."""
 
 
+# the bearer token every request carries (an operator's, from the run's development issuer:
+# the load acts for every customer); set once the servers are up
+AUTH_HEADERS: dict[str, str] = {}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def http_call(
     method: str, url: str, body: dict | None = None, headers: dict | None = None, timeout=10.0
 ) -> tuple[int, Any]:
     """(status, parsed JSON body or None); network failures raise NETWORK_ERRORS."""
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={**AUTH_HEADERS, **(headers or {})}
+    )
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:

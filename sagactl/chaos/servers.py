@@ -13,10 +13,13 @@ import click
 import psycopg
 import redis
 
+from devstack import issuer
 from devstack.osutil import free_port, wait_until
 from devstack.postgres import EmbeddedPostgres
 from devstack.provision import provision
 from devstack.redis import EmbeddedRedis
+from sagactl.chaos import load
+from sagactl.chaos.load import bearer
 from service_runtime.config import SERVICES
 from service_runtime.migrations import migrate
 
@@ -74,6 +77,9 @@ class ChaosServers:
             migrate(url, service)
         env.update({f"{s.upper()}_DATABASE_URL": urls[s] for s in SERVICES})
         env["REDIS_URL"] = self.streams_url
+        # the services verify with the development issuer's public key; the load signs with it
+        env["AUTH_PUBLIC_KEY_FILE"] = str(issuer.ensure_key_pair(self.run_dir))
+        load.AUTH_HEADERS.update(bearer(issuer.admin_token(self.run_dir, "chaos-load", 86400)))
         return env
 
     def crash_postgres(self) -> None:

@@ -77,6 +77,25 @@ def _ready(url: str) -> bool:
         return False
 
 
+@pytest.fixture(scope="package", autouse=True)
+def operator_token_on_every_request() -> Iterator[None]:
+    """Every `requests` call of these tests carries an operator's bearer token unless it sets
+    its own Authorization header (tests about who may call what do, see test_auth_over_http)."""
+    from tests import tokens
+
+    original = requests.sessions.default_headers
+    token = tokens.admin(ttl_seconds=4 * 3600)
+
+    def with_token():
+        headers = original()
+        headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    requests.sessions.default_headers = with_token
+    yield
+    requests.sessions.default_headers = original
+
+
 @pytest.fixture(scope="package")
 def otlp() -> Iterator[OtlpReceiver]:
     """A real OTLP/HTTP receiver: every process of the system exports its spans here."""

@@ -11,10 +11,15 @@ import pytest
 import requests
 
 from service_runtime.web import MAX_BODY_BYTES
+from tests import tokens
 
 SERVICES = ("orders", "inventory", "billing")
 WRITE_PATH = {"orders": "/orders", "inventory": "/products/p1", "billing": "/accounts/a1"}
 WRITE_METHOD = {"orders": "POST", "inventory": "PUT", "billing": "PUT"}
+
+
+# an operator's token: these requests must reach the body handling (a 401 comes first)
+_AUTH = f"Authorization: Bearer {tokens.admin(ttl_seconds=4 * 3600)}\r\n"
 
 
 def _connect(url: str) -> socket.socket:
@@ -49,7 +54,7 @@ def test_an_oversized_chunked_body_is_a_413_like_a_sized_one(system, service):
     body = _oversized_json()
     with _connect(system.urls[service]) as sock:
         sock.sendall(
-            f"{WRITE_METHOD[service]} {WRITE_PATH[service]} HTTP/1.1\r\nHost: x\r\n"
+            f"{WRITE_METHOD[service]} {WRITE_PATH[service]} HTTP/1.1\r\nHost: x\r\n{_AUTH}"
             "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
             + f"{len(body):x}\r\n".encode()
             + body
@@ -74,7 +79,9 @@ def test_after_a_413_the_connection_is_closed_and_says_so(system, chunked):
     )
     with _connect(system.urls["inventory"]) as sock:
         sock.sendall(
-            b"PUT /products/p1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing
+            b"PUT /products/p1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + _AUTH.encode()
+            + framing
         )
         status, headers, _ = _read_response(sock)
         assert status == 413

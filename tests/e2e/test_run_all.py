@@ -214,7 +214,8 @@ def test_no_secret_in_the_output_or_on_any_command_line(run_all: RunAll) -> None
     assert {"postgres-superuser", "redis", "postgres-orders_svc"} <= set(secrets)
     assert all(len(value) >= 20 for value in secrets.values())
     output = run_all.output()
-    assert "redis://:***@127.0.0.1:" in output  # the banner, masked
+    assert "redis://saga-admin:***@127.0.0.1:" in output  # the banner, masked
+    assert "saga token customer" in output and "eyJ" not in output  # commands, never a token
     leaked = [name for name, value in secrets.items() if value in output]
     assert leaked == [], f"secrets in run-all's output: {leaked}"
 

@@ -27,6 +27,7 @@ from billing_service.app import create_app as billing_app
 from inventory_service.app import create_app as inventory_app
 from orders_service.app import create_app as orders_app
 from service_runtime.db import create_pool
+from tests import tokens
 
 FACTORIES = {"orders": orders_app, "inventory": inventory_app, "billing": billing_app}
 FUZZ = settings(
@@ -84,6 +85,12 @@ def _fresh_idempotency_key(case) -> None:
         case.headers["Idempotency-Key"] = str(uuid.uuid4())
 
 
+def _as_operator(case) -> None:
+    """An operator's token (it reaches every operation): the fuzz is about the documents' shapes;
+    who may call what is tests/integration/test_auth.py's."""
+    case.headers = {**(case.headers or {}), **tokens.bearer(tokens.admin())}
+
+
 @pytest.mark.parametrize("service", FACTORIES)
 def test_schema_valid_requests_are_accepted_and_answered_as_documented(service, service_db_urls):
     pool = create_pool(service_db_urls[service], name=f"fuzz-{service}")
@@ -94,6 +101,7 @@ def test_schema_valid_requests_are_accepted_and_answered_as_documented(service, 
             @FUZZ
             def fuzz(case) -> None:
                 _fresh_idempotency_key(case)
+                _as_operator(case)
                 case.call_and_validate(
                     checks=[
                         not_a_server_error,
@@ -117,6 +125,7 @@ def test_invalid_requests_never_get_a_5xx(service, service_db_urls):
             @given(case=operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
             @FUZZ
             def fuzz(case) -> None:
+                _as_operator(case)
                 case.call_and_validate(checks=[not_a_server_error, response_schema_conformance])
 
             try:

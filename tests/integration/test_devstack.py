@@ -55,7 +55,8 @@ def _with_database(url: str, database: str) -> str:
 
 def test_a_role_cannot_open_another_services_database(urls: dict[str, str]) -> None:
     inventory_db = conninfo_to_dict(urls["inventory"])["dbname"]
-    with pytest.raises(psycopg.OperationalError, match="permission denied"):
+    # refused by pg_hba.conf on the embedded cluster, by the CONNECT grant on any server
+    with pytest.raises(psycopg.OperationalError, match=r"permission denied|no pg_hba\.conf entry"):
         psycopg.connect(_with_database(urls["orders"], str(inventory_db)))
 
 
@@ -152,6 +153,18 @@ def test_stack_up_and_down_can_be_repeated(run_dir: Path, monkeypatch: pytest.Mo
                 psycopg.connect(url, password="wrong", connect_timeout=5).close()
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(_without_password(env["REDIS_URL"])).ping()
+
+        # pg_hba.conf: scram-sha-256 on every line, the superuser and each role to its database
+        hba = (run_dir / "postgres" / "pg_hba.conf").read_text().splitlines()
+        rules = [line.split() for line in hba if line.strip() and not line.startswith("#")]
+        assert {rule[-1] for rule in rules} == {"scram-sha-256"}
+        assert {rule[2] for rule in rules} == {
+            "postgres",
+            *(rf"/^(\w+_)?{s}_svc$" for s in SERVICES),
+        }
+        role_url = env["BILLING_DATABASE_URL"]
+        with pytest.raises(psycopg.OperationalError, match=r"no pg_hba\.conf entry"):
+            psycopg.connect(role_url, dbname="postgres", connect_timeout=5).close()
     finally:
         stack.down(run_dir)
         stack.down(run_dir)

@@ -32,6 +32,7 @@ from service_runtime.consumer_group import StreamConsumer
 from service_runtime.db import create_pool
 from service_runtime.migrations import migrate
 from tests.helpers import stream_total, wait_until
+from tests.tokens import authorize
 
 ORDER = {"customer_id": "alice", "items": [{"sku": "apple", "quantity": 1}]}
 
@@ -111,7 +112,7 @@ def test_redis_outage_buffers_in_the_outbox_and_everything_resumes(clean_state, 
     orders_url, inventory_url = clean_state.db_urls["orders"], clean_state.db_urls["inventory"]
     client = redis_client.connect(own_redis.url)
     pools = [create_pool(orders_url, name="o"), create_pool(inventory_url, name="i")]
-    api = orders_app(pools[0]).test_client()
+    api = authorize(orders_app(pools[0]).test_client())
     relay = relay_for(orders_url, client)
     consumer, outcomes = inventory_consumer(client, pools[1])
     relay_thread, consumer_thread = threads(relay.run), threads(consumer.run)
@@ -144,7 +145,7 @@ def test_postgres_outage_gives_503_writes_nothing_and_recovers(own_postgres, own
         create_pool(urls["orders"], name="o", timeout=2),
         create_pool(urls["inventory"], name="i", timeout=2),
     ]
-    api = orders_app(pools[0]).test_client()
+    api = authorize(orders_app(pools[0]).test_client())
     relay = relay_for(urls["orders"], client)
     consumer, outcomes = inventory_consumer(client, pools[1])
     relay_thread, consumer_thread = threads(relay.run), threads(consumer.run)

@@ -11,6 +11,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from service_runtime.web import CONFLICT_RETRIES, create_service_app, db_pool
+from tests.tokens import authorize
 
 _RAISE = "DO $$ BEGIN RAISE EXCEPTION 'staged' USING ERRCODE = %s; END $$"
 
@@ -31,7 +32,7 @@ def _app(pool, sqlstate: str, failures: int):
             return {"runs": runs["count"]}
 
     app = create_service_app("inventory", "Staged", [blp], pool=pool, config={"TESTING": True})
-    return app.test_client(), runs
+    return authorize(app.test_client()), runs
 
 
 def test_a_deadlocked_request_runs_again_and_succeeds(pool):
