@@ -142,40 +142,51 @@ def _sequence_diagram(driver) -> dict[str, list[str]]:
 
 def test_the_overview_shows_the_three_streams_and_their_groups(console, browser):
     browser.get(console)
-    flow = _wait_for(browser, "svg.flow")
-    services = {
-        g.get_attribute("data-service") for g in flow.find_elements(By.CSS_SELECTOR, "g.service")
-    }
-    assert services == {"orders", "inventory", "billing"}
-    edges = {
-        (g.get_attribute("data-stream"), g.get_attribute("data-group"))
-        for g in flow.find_elements(By.CSS_SELECTOR, "g.edge")
-    }
-    assert edges == FLOWS
-    rows = browser.find_elements(By.CSS_SELECTOR, "#group-streams tbody tr")
-    assert {
-        (r.find_element(By.TAG_NAME, "th").text, r.find_elements(By.TAG_NAME, "td")[0].text)
-        for r in rows
-    } == FLOWS
-    streams = [
-        r.find_element(By.TAG_NAME, "th").text
-        for r in browser.find_elements(By.CSS_SELECTOR, "#streams tbody tr")
-    ]
-    assert streams[:3] == ["orders.events", "inventory.events", "billing.events"]
-    for group in ("orders", "inventory", "billing"):
-        partitions = browser.find_elements(By.CSS_SELECTOR, f"#partitions-{group} tbody tr")
-        assert len(partitions) == PARTITIONS
-    relays = browser.find_elements(By.CSS_SELECTOR, "#relays tbody tr")
-    assert [r.find_element(By.TAG_NAME, "th").text for r in relays] == [
-        "orders",
-        "inventory",
-        "billing",
-    ]
+    _wait_for(browser, "svg.flow")
+
+    def structure() -> dict:
+        """What the overview shows, read in one go (htmx swaps parts of it every 2 s)."""
+        flow = browser.find_element(By.CSS_SELECTOR, "svg.flow")
+        return {
+            "services": {
+                g.get_attribute("data-service")
+                for g in flow.find_elements(By.CSS_SELECTOR, "g.service")
+            },
+            "edges": {
+                (g.get_attribute("data-stream"), g.get_attribute("data-group"))
+                for g in flow.find_elements(By.CSS_SELECTOR, "g.edge")
+            },
+            "group_rows": {
+                (r.find_element(By.TAG_NAME, "th").text, r.find_elements(By.TAG_NAME, "td")[0].text)
+                for r in browser.find_elements(By.CSS_SELECTOR, "#group-streams tbody tr")
+            },
+            "streams": [
+                r.find_element(By.TAG_NAME, "th").text
+                for r in browser.find_elements(By.CSS_SELECTOR, "#streams tbody tr")
+            ],
+            "partitions": {
+                group: len(browser.find_elements(By.CSS_SELECTOR, f"#partitions-{group} tbody tr"))
+                for group in ("orders", "inventory", "billing")
+            },
+            "relays": [
+                r.find_element(By.TAG_NAME, "th").text
+                for r in browser.find_elements(By.CSS_SELECTOR, "#relays tbody tr")
+            ],
+        }
+
+    shown = wait_until(lambda: _fresh(structure), timeout=30, interval=0.3)
+    assert shown["services"] == {"orders", "inventory", "billing"}
+    assert shown["edges"] == FLOWS
+    assert shown["group_rows"] == FLOWS
+    assert shown["streams"][:3] == ["orders.events", "inventory.events", "billing.events"]
+    assert shown["partitions"] == dict.fromkeys(("orders", "inventory", "billing"), PARTITIONS)
+    assert shown["relays"] == ["orders", "inventory", "billing"]
     # live: the status line changes without a page load (htmx), and both plots are drawn
     browser.execute_script("window.__sameDocument = true")
-    first = browser.find_element(By.ID, "overview-status").text
+    status = lambda: _fresh(lambda: browser.find_element(By.ID, "overview-status").text)  # noqa: E731
+    first = wait_until(status, timeout=10)
     wait_until(
-        lambda: browser.find_element(By.ID, "overview-status").text != first,
+        lambda: status() not in (None, first),
         timeout=15,
         interval=0.5,
     )

@@ -181,7 +181,7 @@ def test_redis_error_replies_are_outages_the_relay_and_consumer_survive(
     orders_url, inventory_url = clean_state.db_urls["orders"], clean_state.db_urls["inventory"]
     client = redis_client.connect(own_redis.url)
     pools = [create_pool(orders_url, name="o"), create_pool(inventory_url, name="i")]
-    api = orders_app(pools[0]).test_client()
+    api = authorize(orders_app(pools[0]).test_client())
     relay = relay_for(orders_url, client)
     consumer, outcomes = inventory_consumer(client, pools[1])
     relay_thread, consumer_thread = threads(relay.run), threads(consumer.run)
