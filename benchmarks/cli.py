@@ -89,7 +89,7 @@ def _counts(
 )
 @click.option(
     "--e2e-rates",
-    default="50,100,200",
+    default="50,100,150",
     show_default=True,
     callback=_rates,
     help="Orders per second, each held for --e2e-step-seconds.",
@@ -107,6 +107,12 @@ def _counts(
     default=32,
     show_default=True,
     help="Threads sending the POSTs, one keep-alive connection each.",
+)
+@click.option(
+    "--idle-seconds",
+    default=60.0,
+    show_default=True,
+    help="Before the end-to-end load: CPU of the idle system over this long (0: skip).",
 )
 @click.option(
     "--consumers",
@@ -199,6 +205,7 @@ def _plan(servers: Servers, sizes: dict[str, Any]) -> dict[str, Callable[[], dic
             server_pids=servers.pids,
             consumers=consumers,
             partitions=partitions,
+            idle_seconds=sizes["idle_seconds"],
         )
 
     return {

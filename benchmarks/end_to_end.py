@@ -73,6 +73,7 @@ def measure(
     server_pids: dict[str, int] | None = None,
     consumers: int = 1,
     partitions: int = DEFAULT_PARTITIONS,
+    idle_seconds: float = 60.0,
 ) -> dict[str, Any]:
     """Every rate in `rates`, then rising by `rise_by` while the last step kept up; the system
     runs `consumers` consumer processes per service over `partitions` partitions."""
@@ -96,6 +97,7 @@ def measure(
         system.wait_ready()
         _seed(system.urls)
         orders_url = system.urls["orders"]
+        idle = _measure_idle(system, server_pids or {}, idle_seconds) if idle_seconds else None
         # cold workers, pools and consumer groups are not what is being measured
         _run_step(orders_url, 10, 2.0, 4, outcomes, None)
         monitor = _Monitor(system.process.pid, server_pids or {})
@@ -126,6 +128,29 @@ def measure(
         "sustained_confirmed_per_s": best["confirmed_per_s"] if best else 0.0,
         "cpu_ms_per_confirmed": best.get("cpu_ms_per_confirmed") if best else None,
         "memory_mb_at_end": memory,
+        "idle": idle,
+    }
+
+
+def _measure_idle(system: _System, server_pids: dict[str, int], seconds: float) -> dict:
+    """CPU of the whole system (every process and the servers) with no traffic at all, after
+    it became ready and before any order: the cost of heartbeats, polls and blocked reads."""
+    time.sleep(2.0)  # the start-up's last work (groups, leases, first polls) settles
+    monitor = _Monitor(system.process.pid, server_pids)
+    monitor.begin()
+    time.sleep(seconds)
+    usage = monitor.end()
+    per_process = {
+        label: percent
+        for label, percent in usage["cpu_percent"].items()
+        if label not in (OTHER_LOAD, LOAD_GENERATOR)
+    }
+    return {
+        "seconds": seconds,
+        # % of one core, summed over the system's processes and the servers
+        "cpu_percent_total": sum(per_process.values()),
+        "cpu_percent": per_process,
+        "other_load_percent": usage["cpu_percent"].get(OTHER_LOAD),
     }
 
 
@@ -185,11 +210,17 @@ def _run_step(
     summary = _summary(rate, seconds, sent, outcomes, usage)
     if monitor:
         # from the first POST until the last outcome settled: all the work of these orders
-        cpu = monitor.system_cpu_seconds()
+        by_process = monitor.cpu_seconds_by_process()
+        cpu = sum(by_process.values())
         summary["cpu_seconds"] = round(cpu, 3)
         summary["cpu_ms_per_confirmed"] = (
             cpu * 1000 / summary["confirmed"] if summary["confirmed"] else None
         )
+        # the same, process by process (Procfile names, the servers by kind)
+        summary["cpu_ms_per_confirmed_by_process"] = {
+            label: seconds * 1000 / summary["confirmed"] if summary["confirmed"] else None
+            for label, seconds in by_process.items()
+        }
     return summary
 
 
@@ -438,11 +469,15 @@ class _Monitor:
     def system_cpu_seconds(self) -> float:
         """CPU seconds of the system's processes and the servers since `begin` (a process
         started since then counts from zero; one that ended since then is not counted)."""
-        return sum(
-            cpu - self._cpu_at_start.get(pid, 0.0)
-            for pid, (label, cpu) in self._cpu().items()
-            if label != LOAD_GENERATOR
-        )
+        return sum(self.cpu_seconds_by_process().values())
+
+    def cpu_seconds_by_process(self) -> dict[str, float]:
+        """`system_cpu_seconds` per Procfile name (and server), the load generator left out."""
+        per_label: dict[str, float] = defaultdict(float)
+        for pid, (label, cpu) in self._cpu().items():
+            if label != LOAD_GENERATOR:
+                per_label[label] += cpu - self._cpu_at_start.get(pid, 0.0)
+        return dict(sorted(per_label.items()))
 
     def end(self) -> dict[str, Any]:
         wall = time.perf_counter() - self._started

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from contracts.envelope import ContractError
+from contracts.fastcheck import Check, Unsupported, compile_schema
 from contracts.limits import (
     MAX_LINE_QUANTITY,
     MAX_ORDER_LINES,
@@ -143,8 +145,23 @@ EVENT_SCHEMAS: dict[tuple[str, int], Schema] = {
 EVENT_TYPES = frozenset(event_type for event_type, _version in EVENT_SCHEMAS)
 
 
+def _fast_checks() -> dict[tuple[str, int], Check]:
+    """Each schema's fast acceptance check (contracts/fastcheck.py), where it compiles."""
+    checks = {}
+    for key, schema in EVENT_SCHEMAS.items():
+        with contextlib.suppress(Unsupported):  # else marshmallow alone
+            checks[key] = compile_schema(schema)
+    return checks
+
+
+_FAST_CHECKS = _fast_checks()
+
+
 def validate_payload(event_type: str, version: int, payload: dict[str, Any]) -> dict[str, Any]:
     """Check a payload against its schema; returns it unchanged (JSON-ready) when valid."""
+    fast = _FAST_CHECKS.get((event_type, version))
+    if fast is not None and fast(payload):
+        return payload  # certainly valid: what marshmallow would say, without its cost
     schema = EVENT_SCHEMAS.get((event_type, version))
     if schema is None:
         raise ContractError(f"unknown event {event_type} v{version}")

@@ -54,11 +54,13 @@ log = logging.getLogger(__name__)
 Handler = Callable[[UnitOfWork, Envelope], None]
 OutcomeHook = Callable[[str, str, float], None]
 
+# A batch's inbox rows in one statement, in batch order; the ones returned are new (an event
+# already in the inbox, or twice in the batch, comes back once at most: its first time).
 _INSERT_INBOX = """
 INSERT INTO inbox (consumer_group, event_id, event_type, stream, entry_id)
-VALUES (%s, %s, %s, %s, %s)
+SELECT %s, * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[])
 ON CONFLICT DO NOTHING
-RETURNING 1
+RETURNING event_id::text
 """
 _COUNT_FAILURE = """
 INSERT INTO delivery_failures (consumer_group, stream, entry_id, event_id, attempts, last_error)
@@ -363,13 +365,17 @@ class PartitionWorker:
         try:
             with self.pool.connection() as conn, conn.transaction():
                 fence(conn, self.settings.group, self.lease)
+                new = self._insert_inbox(conn, batch)
                 for index, item in enumerate(batch):
+                    if item.envelope is None or item.envelope.event_id not in new:
+                        outcomes.append("duplicate")
+                        continue
+                    new.discard(item.envelope.event_id)  # a second copy in the batch: duplicate
                     try:
-                        outcome, new_events = self._apply(conn, item)
+                        emitted += self._apply(conn, item)
                     except Exception as err:
                         raise _Failed(index, err) from err
-                    outcomes.append(outcome)
-                    emitted += new_events
+                    outcomes.append("processed")
                 # Failures counted before (by this owner or a previous one) end here.
                 if again := [item for item in batch if item.redelivered or self._is_retry(item)]:
                     conn.execute(
@@ -392,27 +398,35 @@ class PartitionWorker:
         self.fault("after_commit")
         self._ack(batch)
 
-    def _apply(self, conn: psycopg.Connection, item: Item) -> tuple[str, list[str]]:
-        """Inside the transaction: the inbox row, then the handler unless seen before."""
+    def _insert_inbox(self, conn: psycopg.Connection, batch: list[Item]) -> set[str]:
+        """Inside the transaction: the batch's inbox rows; the event ids not seen before."""
+        envelopes = [item.envelope for item in batch]
+        assert all(envelopes)
+        rows = conn.execute(
+            _INSERT_INBOX,
+            (
+                self.settings.group,
+                [e.event_id for e in envelopes],  # type: ignore[union-attr]
+                [e.event_type for e in envelopes],  # type: ignore[union-attr]
+                [item.stream for item in batch],
+                [item.entry_id for item in batch],
+            ),
+        ).fetchall()
+        return {row[0] for row in rows}
+
+    def _apply(self, conn: psycopg.Connection, item: Item) -> list[str]:
+        """Inside the transaction, for an entry whose inbox row is new: its handler; the
+        event types it emitted."""
         envelope = item.envelope
         assert envelope is not None
         handler = self.handlers[envelope.event_type]
-        inbox = (
-            self.settings.group,
-            envelope.event_id,
-            envelope.event_type,
-            item.stream,
-            item.entry_id,
-        )
         # A CONSUMER span (tracing on), child of the entry's traceparent: what the handler
         # emits carries its context (service_runtime/tracing.py).
         with tracing.consume_span(item.stream, self.settings.group, item.entry_id, item.fields):
-            if not conn.execute(_INSERT_INBOX, inbox).fetchone():
-                return "duplicate", []
             uow = UnitOfWork(conn, cause=envelope)
             handler(uow, envelope)
             self.fault("mid_handler")
-        return "processed", uow.emitted
+        return uow.emitted
 
     def _is_retry(self, item: Item) -> bool:
         return self.retry is not None and (item.stream, item.entry_id) == (

@@ -11,13 +11,14 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import click
 import psycopg
 import redis
 
-from sagactl.inspect.common import open_redis
+from sagactl.inspect.common import connect_db, open_redis
 from sagactl.inspect.outbox import outbox_reports
 from sagactl.inspect.partitions import EVENT_BASES, GROUPS, deployment_partitions
 from sagactl.inspect.streams import count_after, streams_report
@@ -42,13 +43,30 @@ def describe(err: BaseException) -> str:
 
 
 class Connections:
-    """The console's Redis client and the deployment's partition count, opened once and
-    opened again after a failure."""
+    """The console's Redis client, its database connections and the deployment's partition
+    count, opened once and opened again after a failure (a connection per sample would cost
+    a server process and a password exchange per service every interval, idle or not)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._client: RedisClient | None = None
         self._partitions: int | None = None
+        self._databases: dict[str, psycopg.Connection] = {}
+
+    @contextlib.contextmanager
+    def db(self, service: str) -> Iterator[psycopg.Connection]:
+        """The service's read-only connection, kept open between samples (the sampler's
+        thread only); closed on any error, so the next sample opens a new one."""
+        conn = self._databases.get(service)
+        if conn is None or conn.closed:
+            conn = self._databases[service] = connect_db(service)
+        try:
+            yield conn
+        except BaseException:
+            self._databases.pop(service, None)
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+            raise
 
     def client(self) -> RedisClient:
         with self._lock:
@@ -69,6 +87,10 @@ class Connections:
                     self._client.close()
             self._client = None
             self._partitions = None
+            databases, self._databases = self._databases, {}
+        for conn in databases.values():
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
 
 
 class Monitor:
@@ -106,7 +128,7 @@ class Monitor:
             client = self.connections.client()
             partitions = self.connections.partitions()
             streams = streams_report(client, partitions)
-            outbox = outbox_reports(client)
+            outbox = outbox_reports(client, self.connections.db)
             now = time.time()
             rates = self._rates(client, streams, now)
         except Exception as err:  # shown on the page; the next round tries again

@@ -80,6 +80,12 @@ def open_redis() -> RedisClient:
 def open_db(service: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to one service's database, read-only: inspection (the CLI and
     the console) never writes to a service's database."""
+    with connect_db(service) as conn:
+        yield conn
+
+
+def connect_db(service: str) -> psycopg.Connection:
+    """What `open_db` yields, for a caller that keeps it open (the console's sampler)."""
     url = config.database_url(service)
     try:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=5, options=READ_ONLY_OPTIONS)
@@ -89,8 +95,7 @@ def open_db(service: str) -> Iterator[psycopg.Connection]:
         raise click.ClickException(
             f"cannot reach the {service} database at {_where(url)}: {reason}"
         ) from err
-    with conn:
-        yield conn
+    return conn
 
 
 # -- output ------------------------------------------------------------------------------------

@@ -50,11 +50,15 @@ PARTITIONS = 2
 
 
 class _Cursor:
-    def __init__(self, row: tuple | None) -> None:
+    def __init__(self, row: tuple | None, rows: list[tuple] | None = None) -> None:
         self._row = row
+        self._rows = rows or []
 
     def fetchone(self) -> tuple | None:
         return self._row
+
+    def fetchall(self) -> list[tuple]:
+        return self._rows
 
 
 class _Conn:
@@ -78,11 +82,14 @@ class _Conn:
         if "FROM partition_leases" in query and "FOR SHARE" in query:
             _group, partition, epoch = params
             return _Cursor((1,) if self._pool.leases.get(partition) == epoch else None)
-        if "INSERT INTO inbox" in query:
-            key = (params[0], params[1])
-            first = key not in self._inbox
-            self._inbox.add(key)
-            return _Cursor((1,) if first else None)
+        if "INSERT INTO inbox" in query:  # a batch's rows; the new event ids come back
+            group, event_ids = params[0], params[1]
+            new = []
+            for event_id in event_ids:
+                if (group, event_id) not in self._inbox:
+                    self._inbox.add((group, event_id))
+                    new.append((event_id,))
+            return _Cursor(None, new)
         if "INSERT INTO delivery_failures" in query:
             key = (params[0], params[1], params[2])
             self._failures[key] = self._failures.get(key, 0) + 1
