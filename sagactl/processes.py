@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 import redis
 
+from outbox_relay.durability import DurabilityError
 from outbox_relay.relay import Relay, RelaySettings
 from service_runtime import redis_client
 from service_runtime.config import (
@@ -105,16 +106,19 @@ def relay(service: str) -> None:
     """Publish SERVICE's outbox to its stream (standby while another relay is active)."""
     setup_logging(service, "relay")
     _refuse_to_start_unless(require_nested_windows)
-    settings = from_env(
-        RelaySettings, "RELAY_", producer=service, partitions=_checked_partitions(service)
-    )
+    try:
+        settings = from_env(
+            RelaySettings, "RELAY_", producer=service, partitions=_checked_partitions(service)
+        )
+        relay_ = Relay(
+            database_url(service),
+            redis_client.connect(redis_url()),
+            settings,
+            fault=crash_at_configured_point,
+        )
+    except (ValueError, DurabilityError) as err:  # RELAY_DURABILITY it cannot honour
+        raise click.ClickException(str(err)) from err
     serve_metrics(_metrics_port(RELAY_METRICS_OFFSET + SERVICES.index(service)))
-    relay_ = Relay(
-        database_url(service),
-        redis_client.connect(redis_url()),
-        settings,
-        fault=crash_at_configured_point,
-    )
     relay_.run(_stop_on_signals())
 
 
