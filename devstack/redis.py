@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 from contextlib import suppress
 from functools import cached_property
@@ -134,4 +136,49 @@ class EmbeddedRedis:
         found = found.decode() if isinstance(found, bytes) else found
         if Path(found).resolve() != self.data_dir:
             raise RuntimeError(f"port {self.port} is used by another Redis (data dir {found})")
+        return True
+
+
+class EmbeddedReplica(EmbeddedRedis):
+    """A replica of a primary Redis (`--replicaof`), same binary, same password: for
+    RELAY_DURABILITY=replicas:N (bench, tests) and the `redis-failover` chaos fault, where it
+    is promoted (REPLICAOF NO ONE) while it may still lag behind its primary."""
+
+    def __init__(self, run_dir: Path | str, port: int, primary_port: int, password: str) -> None:
+        super().__init__(run_dir, port)
+        self.primary_port = primary_port
+        self.__dict__["password"] = password  # the primary's: clients use one URL for both
+
+    def _config(self) -> str:
+        # no AOF of its own: a replica's data is its primary's (and 6.2 refuses SHUTDOWN while
+        # the AOF rewrite after the first sync is running)
+        return (
+            super()._config().replace("appendonly yes", "appendonly no")
+            + f"replicaof 127.0.0.1 {self.primary_port}\n"
+            + f"masterauth {json.dumps(self.password)}\n"
+        )
+
+    def in_sync(self) -> bool:
+        try:
+            info = self._client().info("replication")
+        except redis.RedisError:
+            return False
+        return info.get("master_link_status") == "up"
+
+    def promote(self) -> None:
+        """Become a primary with whatever it has (REPLICAOF NO ONE)."""
+        self._client().execute_command("REPLICAOF", "NO", "ONE")
+
+    def stop(self) -> bool:
+        """SHUTDOWN NOSAVE: a replica's data is its primary's (a plain SHUTDOWN can refuse
+        while the replica is still writing its first AOF)."""
+        if not self._answers():
+            return False
+        with suppress(redis.RedisError):
+            self._client().shutdown(nosave=True)
+        if not wait_until(lambda: not self._answers(), timeout=5):
+            with suppress(OSError, ValueError):  # refused to shut down: end it
+                os.kill(int(self.pid_file.read_text().strip()), signal.SIGKILL)
+        if not wait_until(lambda: not self._answers(), timeout=10):
+            raise RuntimeError(f"Redis replica on port {self.port} did not shut down")
         return True
