@@ -509,7 +509,6 @@ class PartitionWorker:
                     "attempts": attempts,
                 },
             )
-            conn.execute(_FORGET_FAILURES, (group, [item.stream], [item.entry_id]))
         self._ack([item])
         self._count("dead_lettered", item.fields.get("event_type", "?"), time.perf_counter())
         log.error("dead-lettered %s from %s: %s", item.entry_id, item.stream, error)

@@ -331,7 +331,8 @@ class Soak:
             "ownership": ownership,
             "conflicts_retried": counters.conflicts(),
             "how_ownership_is_measured": HOW_OWNERSHIP_IS_MEASURED,
-            "dead_letters": observe.dead_letters(client, partitions),
+            "dead_letters": observe.dead_letters(db_urls),
+            "loss_detection": observe.loss_repairs(db_urls),
             "converged": quiet_at is not None,
             "backlog_left": left,
             "convergence_seconds": (
@@ -425,6 +426,12 @@ def format_report(report: dict[str, Any]) -> str:
         f"longest without owner    {ownership['longest_no_owner_s']} s{where}",
         f"conflicts retried        {report['conflicts_retried']}",
         f"dead letters             {sum(d['total'] for d in report['dead_letters'].values())}",
+        "loss detection           "
+        + ", ".join(
+            f"{service}: {d['rows_republished']} rows re-published"
+            f" ({d['streams_found_behind']} streams found behind)"
+            for service, d in report["loss_detection"].items()
+        ),
         f"convergence              {converged}",
         f"invariant violations     {report['violations']}",
     ]
