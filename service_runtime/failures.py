@@ -47,6 +47,13 @@ _REDIS_OUTAGE_REPLIES = (
     "MASTERDOWN",
     "NOREPLICAS",
 )
+# redis-py turns some of those replies into classes and strips the code from the message
+# ("You can't write against a read only replica."): READONLY, OOM, MASTERDOWN.
+_REDIS_OUTAGE_CLASSES = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.MasterDownError,
+)
 
 
 def classify(err: BaseException) -> FailureKind:
@@ -62,6 +69,8 @@ def classify(err: BaseException) -> FailureKind:
             return FailureKind.OUTAGE
         return FailureKind.ERROR
     if isinstance(err, REDIS_OUTAGE_ERRORS):
+        return FailureKind.OUTAGE
+    if isinstance(err, _REDIS_OUTAGE_CLASSES):
         return FailureKind.OUTAGE
     if isinstance(err, redis.ResponseError) and str(err).startswith(_REDIS_OUTAGE_REPLIES):
         return FailureKind.OUTAGE

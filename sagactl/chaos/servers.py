@@ -147,16 +147,20 @@ class ChaosServers:
         )
         replica.start()
         try:
-            wait_until(replica.in_sync, timeout=30, interval=0.1)
+            if not wait_until(replica.in_sync, timeout=30, interval=0.1):
+                raise RuntimeError("the replica did not sync")
             replica.promote()
             time.sleep(lag_seconds)
             self.kill_redis()
             _empty_data_dir(self.redis.data_dir)
             self.redis.start()
             with self.redis_client(socket_timeout=10) as primary:
+                primary.config_set("masterauth", self.redis.password)
                 primary.execute_command("REPLICAOF", "127.0.0.1", str(replica.port))
-                wait_until(lambda: _synced(primary), timeout=60, interval=0.1)
+                synced = wait_until(lambda: _synced(primary), timeout=60, interval=0.1)
                 primary.execute_command("REPLICAOF", "NO", "ONE")
+                if not synced:
+                    raise RuntimeError("the restarted primary did not sync from the replica")
         finally:
             with suppress(Exception):
                 replica.stop()
