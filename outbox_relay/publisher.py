@@ -174,7 +174,11 @@ def _send(
     for stream, entries in by_stream.items():
         width = 2 * len(entries[0][1])
         flat = [v for _id, fields in entries for pair in fields.items() for v in pair]
-        pipe.eval(_CHECKED_XADD, 1, stream, recorded.get(stream, "0-0"), width, *flat)
+        # EVAL through execute_command: a cluster pipeline routes it by its key (its eval()
+        # method is disabled), a plain one sends it as is
+        pipe.execute_command(
+            "EVAL", _CHECKED_XADD, 1, stream, recorded.get(stream, "0-0"), width, *flat
+        )
     wait = durability.wait_command(wait_timeout_ms)
     cluster = isinstance(client, redis.RedisCluster)
     if wait and not cluster:

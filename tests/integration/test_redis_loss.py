@@ -15,12 +15,13 @@ from outbox_relay import positions
 from outbox_relay.durability import Durability, DurabilityError, NotDurable
 from outbox_relay.publisher import publish_batch
 from outbox_relay.relay import Relay
+from service_runtime.redis_client import flush
+from tests.conftest import cluster_tests_enabled
 from tests.helpers import wait_until
 from tests.integration.test_relay import PARTITIONS, PRODUCER, settings
 
-pytestmark = pytest.mark.skipif(
-    __import__("tests.conftest", fromlist=["x"]).cluster_tests_enabled(),
-    reason="single Redis: FLUSHALL, replicas and versions of one server",
+single_redis_only = pytest.mark.skipif(
+    cluster_tests_enabled(), reason="one server: its replica, its version, its clients"
 )
 
 
@@ -100,6 +101,7 @@ def replica(clean_state):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+@single_redis_only
 def test_replicas_mode_marks_published_once_a_replica_acknowledged(db, redis_client, emit, replica):
     emit(ORDER)
     emit(ORDER)
@@ -109,6 +111,7 @@ def test_replicas_mode_marks_published_once_a_replica_acknowledged(db, redis_cli
     mode.check_server(redis_client)  # enough replicas connected: no complaint
 
 
+@single_redis_only
 def test_fsync_mode_refuses_to_start_on_a_server_without_waitaof(redis_client):
     version = redis_client.info("server")["redis_version"]
     if tuple(int(x) for x in version.split(".")[:2]) >= (7, 2):
@@ -131,7 +134,7 @@ def test_after_flushall_the_check_republishes_exactly_what_redis_lost(db, redis_
     events = [emit(ORDER) for _ in range(4)]
     recorded: dict[str, str] = {}
     assert publish(db, redis_client, recorded) == 4
-    redis_client.flushall()
+    flush(redis_client)
     assert positions.check_and_repair(db, redis_client, PRODUCER, recorded) == 4
     assert [published for _e, published, _s, _i in rows(db)] == [False] * 4
     stream = stream_of(ORDER)
@@ -177,7 +180,7 @@ def test_a_batch_after_a_loss_sends_the_lost_rows_first(db, redis_client, emit):
     old = [emit(ORDER) for _ in range(2)]
     recorded: dict[str, str] = {}
     publish(db, redis_client, recorded)
-    redis_client.flushall()
+    flush(redis_client)
     new = emit(ORDER)
     assert publish(db, redis_client, recorded) == 0  # detected: nothing added, rows un-marked
     assert publish(db, redis_client, recorded) == 3
@@ -189,7 +192,7 @@ def test_the_relay_repairs_a_flushall_by_itself(db_url, db, redis_client, emit, 
     background.start("relay", relay.run)
     events = [emit(order(i)) for i in range(20)]
     wait_until(lambda: not db.execute("SELECT 1 FROM outbox WHERE published_at IS NULL").fetchone())
-    redis_client.flushall()
+    flush(redis_client)
     streams = {stream_of(order(i)) for i in range(20)}
 
     def everything_back() -> bool:
@@ -240,6 +243,7 @@ def _start_services(make_saga, clean_state, background, services):
     return driver
 
 
+@single_redis_only
 @pytest.mark.parametrize("loss", ["flushall", "restart-empty"])
 def test_orders_in_flight_when_redis_loses_everything_end_as_they_would_have(
     make_saga, clean_state, background, loss, tmp_path
@@ -264,7 +268,7 @@ def test_orders_in_flight_when_redis_loses_everything_end_as_they_would_have(
 
     wait_until(reserved, timeout=30, message="stock was not reserved for every order")
     if loss == "flushall":
-        driver.redis.flushall()
+        flush(driver.redis)
     else:
         _restart_empty(driver.redis)
     # billing comes back: it never saw OrderPlaced nor StockReserved
@@ -321,7 +325,7 @@ def _restart_empty(client) -> None:
     """Redis killed and started again with an empty data directory: as seen by its clients,
     the connections drop and every key is gone (DEBUG RELOAD of nothing is not available on
     every build, so: drop every client connection, then FLUSHALL)."""
-    client.flushall()
+    flush(client)
     client.client_kill_filter(_type="normal", skipme=True)
 
 
