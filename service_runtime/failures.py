@@ -74,7 +74,15 @@ def classify(err: BaseException) -> FailureKind:
         return FailureKind.OUTAGE
     if isinstance(err, redis.ResponseError) and str(err).startswith(_REDIS_OUTAGE_REPLIES):
         return FailureKind.OUTAGE
+    if isinstance(err, redis.ResponseError) and _in_script(str(err)):
+        return FailureKind.OUTAGE
     return FailureKind.ERROR
+
+
+def _in_script(message: str) -> bool:
+    """Redis 6.2 wraps the reply of a command refused inside a Lua script: "Error running
+    script (call to f_...): @user_script:4: @user_script: 4: -READONLY You can't write..."."""
+    return "user_script" in message and any(f"-{code}" in message for code in _REDIS_OUTAGE_REPLIES)
 
 
 def is_outage(err: BaseException) -> bool:

@@ -330,6 +330,12 @@ def test_conflicts_outages_and_errors_are_told_apart() -> None:
     assert classify(pg_errors.AdminShutdown("shutting down")) is FailureKind.OUTAGE
     assert classify(redis.ConnectionError("gone")) is FailureKind.OUTAGE
     assert classify(redis.ResponseError("LOADING dataset")) is FailureKind.OUTAGE
+    # a replica after a failover: redis-py's own class (code stripped), or inside a script
+    assert classify(redis.exceptions.ReadOnlyError("You can't write")) is FailureKind.OUTAGE
+    in_script = "Error running script (call to f_5f): @user_script:4: -READONLY You can't write"
+    assert classify(redis.ResponseError(in_script)) is FailureKind.OUTAGE
+    bug = "Error running script (call to f_5f): @user_script:1: attempt to compare nil"
+    assert classify(redis.ResponseError(bug)) is FailureKind.ERROR
     assert classify(pg_errors.UniqueViolation("dup")) is FailureKind.ERROR
     assert classify(RuntimeError("bug")) is FailureKind.ERROR
 
