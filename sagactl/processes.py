@@ -38,6 +38,7 @@ from service_runtime.config import (
 from service_runtime.consumer import ConsumerSettings
 from service_runtime.consumer_group import StreamConsumer
 from service_runtime.db import connect, create_pool
+from service_runtime.failures import is_outage
 from service_runtime.faults import crash_at_configured_point
 from service_runtime.logs import setup_logging
 from service_runtime.metrics import serve as serve_metrics
@@ -220,7 +221,9 @@ def cron() -> None:
         try:
             scheduler.start()  # returns on SIGTERM/SIGINT (rq's own handlers)
             return
-        except redis_client.REDIS_OUTAGE_ERRORS as err:
+        except redis.RedisError as err:  # READONLY after a failover too (failures.py)
+            if not is_outage(err):
+                raise
             logging.getLogger("saga.cron").warning("cron waiting for Redis: %s", err)
         try:
             time.sleep(delay)
