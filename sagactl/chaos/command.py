@@ -317,6 +317,7 @@ class Soak:
                 "cancel_requested": stats.counts["cancel_requested"],
                 "cancel_accepted": stats.counts["cancel_accepted"],
                 "cancel_refused_409": stats.counts["cancel_refused"],
+                "payment_timeout": observe.payment_timeouts(db_urls),
                 **records,
             },
             "client_retries": {
@@ -353,7 +354,7 @@ class Soak:
                 audit,
                 quiet_at is not None,
                 left,
-                records,
+                {**records, "payment_timeout": observe.payment_timeouts(db_urls)},
                 stats,
                 stalls_fail=bool(set(self.settings["fault_kinds"]) & set(REDIS_LOSS_KINDS)),
             ),
@@ -409,7 +410,7 @@ def _failures(
         failures.append("an order stored twice or without its Idempotency-Key")
     if stats.unexpected:
         failures.append(f"{len(stats.unexpected)} unexpected answers to clients")
-    timed_out = audit["summary"]["orders_by_status"].get("payment_timeout")
+    timed_out = records.get("payment_timeout")
     if stalls_fail and timed_out:
         # stock and money are ample in the soak: a timeout means a saga that stalled (an
         # event Redis lost and nobody re-published), not a customer who could not pay
@@ -441,7 +442,8 @@ def format_report(report: dict[str, Any]) -> str:
         + (", Redis Cluster" if settings.get("redis_cluster") else ""),
         f"orders placed            {o['placed']} ({statuses}); clients gave up on {o['gave_up']}",
         f"cancellations            {o['cancel_requested']} requested, "
-        f"{o['cancel_accepted']} accepted, {o['cancel_refused_409']} refused (409)",
+        f"{o['cancel_accepted']} accepted, {o['cancel_refused_409']} refused (409); "
+        f"{o.get('payment_timeout', 0)} cancelled by the payment deadline",
         f"client retries           {retries}",
         f"faults injected          {faults['total']}: {kinds}",
         f"duplicates absorbed      {report['duplicates_absorbed']} of {handled} deliveries "

@@ -219,6 +219,14 @@ def dead_letters(db_urls: Mapping[str, str]) -> dict[str, dict[str, int]]:
     return found
 
 
+def payment_timeouts(db_urls: Mapping[str, str]) -> int:
+    """Orders cancelled by the deadline sweep (reason payment_timeout)."""
+    with psycopg.connect(db_urls["orders"], connect_timeout=3) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM orders WHERE status = 'cancelled' AND reason = 'payment_timeout'"
+        ).fetchone()[0]
+
+
 def loss_repairs(db_urls: Mapping[str, str]) -> dict[str, dict[str, int]]:
     """Per outbox: how often its relay found Redis behind the recorded published position,
     and how many rows it re-published for that (table published_positions)."""
