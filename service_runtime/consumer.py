@@ -257,6 +257,11 @@ class PartitionWorker:
                 if classify(err) is not FailureKind.OUTAGE:
                     raise
                 log.warning("consumer %s waiting for dependencies: %s", self.settings.group, err)
+                if isinstance(err, redis.RedisError):
+                    # Redis may come back with other data (restarted empty, an old AOF, a
+                    # failover to a lagging replica: entries pending with a previous owner
+                    # again): check the groups and take over the pending entries again.
+                    started = False
                 delay = self._back_off(stop, delay)
 
     def _back_off(self, stop: threading.Event, delay: float) -> float:
