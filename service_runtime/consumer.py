@@ -120,6 +120,10 @@ class ConsumerSettings:
     conflict_retries: int = 5
     outage_max_backoff_ms: int = 5000
     redrive_check_ms: int = 1000  # how often the owner looks for re-drive requests
+    # how often the owner claims again what is pending with anyone else in its partition:
+    # Redis may come back with an older data set (a failover to a lagging replica) in which
+    # entries are pending with a previous owner, and redis-py reconnects without telling
+    takeover_check_ms: int = 5000
 
     def backoff_ms(self, attempts: int) -> int:
         return min(self.retry_base_ms * 2 ** max(attempts - 1, 0), self.retry_max_ms)
@@ -183,6 +187,7 @@ class PartitionWorker:
         self.fault = fault
         self._not_ours = EVENT_TYPES - set(handlers)
         self._redrive_due = 0.0  # time.monotonic() of the next look for re-drive requests
+        self._takeover_due = 0.0  # of the next look for entries pending with someone else
 
     @property
     def partition(self) -> int:
@@ -219,8 +224,9 @@ class PartitionWorker:
                         stream, group, me, min_idle_time=0, message_ids=ids, justid=True
                     )
                     claimed += len(ids)
-        self.cursors = dict.fromkeys(self.streams, _PENDING)
+        self._takeover_due = time.monotonic() + self.settings.takeover_check_ms / 1000
         if claimed:
+            self.cursors = dict.fromkeys(self.streams, _PENDING)  # read them, in id order
             log.info(
                 "%s partition %s: took over %d pending entries", group, self.partition, claimed
             )
@@ -238,6 +244,8 @@ class PartitionWorker:
                     self.ensure_groups()
                     self.take_over_pending()
                     started = True
+                elif time.monotonic() >= self._takeover_due:
+                    self.take_over_pending()
                 if self.retry and (wait := self.retry.due - time.monotonic()) > 0:
                     stop.wait(min(wait, 0.5))  # the partition waits for its failed entry
                     continue

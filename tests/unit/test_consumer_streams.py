@@ -972,3 +972,21 @@ def test_an_entry_taken_over_whose_new_attempt_fails_stays_pending_never_silentl
     [letter] = dead_letters(pool)
     assert (letter["original_id"], letter["attempts"]) == (entry_id, "3")
     assert pending(r, stream) == []
+
+
+def test_entries_pending_with_a_previous_owner_again_are_claimed_by_the_periodic_takeover(r):
+    """Redis came back with an older data set (a failover to a lagging replica): an entry is
+    pending with the previous owner again, and redis-py reconnected without an error. The
+    owner's periodic takeover (CONSUMER_TAKEOVER_CHECK_MS) claims and handles it."""
+    pool = FakeInboxPool()
+    handler = Recorder()
+    worker = take(r, pool, {"OrderPlaced": handler}, consumer="new", epoch=2)
+    env = envelope()
+    entry_id = publish(r, env)
+    r.xreadgroup(GROUP, "old", {stream_of(env): ">"})  # as the restored data set has it
+    assert worker.step() == 0  # not ours: nothing read
+    assert pending(r, stream_of(env))[0]["consumer"] == "old"
+    assert worker.take_over_pending() == 1
+    assert worker.step() == 1
+    assert handler.seen == [env.event_id] and pending(r, stream_of(env)) == []
+    assert entry_id
