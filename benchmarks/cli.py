@@ -19,7 +19,14 @@ if TYPE_CHECKING:
     from benchmarks.servers import Servers
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MEASUREMENTS = ("raw_limits", "relay_drain", "relay_latency", "consumer_throughput", "end_to_end")
+MEASUREMENTS = (
+    "raw_limits",
+    "relay_drain",
+    "relay_latency",
+    "relay_durability",
+    "consumer_throughput",
+    "end_to_end",
+)
 
 
 def _rates(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[float, ...]:
@@ -81,6 +88,13 @@ def _counts(
     help="Outbox rows committed per second while the relay runs.",
 )
 @click.option("--latency-seconds", default=10.0, show_default=True)
+@click.option(
+    "--durability-rows",
+    default=20_000,
+    show_default=True,
+    help="Backlog drained per RELAY_DURABILITY mode (relay_durability; its latency part runs"
+    " at --latency-rate for --latency-seconds).",
+)
 @click.option(
     "--consumer-entries",
     default=20_000,
@@ -182,6 +196,7 @@ def _plan(servers: Servers, sizes: dict[str, Any]) -> dict[str, Callable[[], dic
         end_to_end,
         raw_limits,
         relay_drain,
+        relay_durability,
         relay_latency,
     )
 
@@ -218,6 +233,10 @@ def _plan(servers: Servers, sizes: dict[str, Any]) -> dict[str, Callable[[], dic
         "relay_latency": lambda: relay_latency.measure(
             orders, redis_url, rate=sizes["latency_rate"], seconds=sizes["latency_seconds"],
             batch_size=sizes["relay_batch"], partitions=partitions),
+        "relay_durability": lambda: relay_durability.measure(
+            orders, redis_url, rows=sizes["durability_rows"], rate=sizes["latency_rate"],
+            seconds=sizes["latency_seconds"], batch_size=sizes["relay_batch"],
+            partitions=partitions),
         "consumer_throughput": lambda: consumer_throughput.measure(
             inventory, redis_url, entries=sizes["consumer_entries"], partitions=partitions),
         "end_to_end": lambda: end_to_end.combine([e2e(n) for n in sizes["consumers"]]),

@@ -20,6 +20,7 @@ def measure(
     rows: int = 100_000,
     batch_size: int = 500,
     partitions: int = DEFAULT_PARTITIONS,
+    durability: str = "ack",
 ) -> dict[str, float]:
     reset([db_url], redis_url)
     with connect(db_url) as conn:
@@ -42,7 +43,9 @@ def measure(
     relay = Relay(
         db_url,
         client,
-        RelaySettings(producer="orders", partitions=partitions, batch_size=batch_size),
+        RelaySettings(
+            producer="orders", partitions=partitions, batch_size=batch_size, durability=durability
+        ),
         on_batch=on_batch,
     )
     stop = threading.Event()
@@ -68,6 +71,7 @@ def measure(
         "rows": rows,
         "batch_size": batch_size,
         "partitions": partitions,
+        "durability": durability,
         "fill_rows_per_s": rows / fill_seconds,
         "seconds": seconds,
         "events_per_s": rows / seconds,

@@ -35,13 +35,14 @@ def measure(
     seconds: float = 10.0,
     batch_size: int = 500,
     partitions: int = DEFAULT_PARTITIONS,
+    durability: str = "ack",
 ) -> dict[str, Any]:
     reset([db_url], redis_url)
     context = multiprocessing.get_context("spawn")
     stop_relay = context.Event()
     relay = context.Process(
         target=_run_relay,
-        args=(db_url, redis_url, batch_size, partitions, stop_relay),
+        args=(db_url, redis_url, batch_size, partitions, stop_relay, durability),
         daemon=True,
     )
     arrivals: dict[str, float] = {}
@@ -83,6 +84,7 @@ def measure(
         "rate": rate,
         "seconds": seconds,
         "partitions": partitions,
+        "durability": durability,
         "rows": len(commits),
         "achieved_rate": len(commits) / (committed_at[-1] - committed_at[0])
         if len(committed_at) > 1
@@ -120,10 +122,14 @@ def _warm_up(conn: Any, arrivals: dict[str, float]) -> None:
         time.sleep(0.01)
 
 
-def _run_relay(db_url: str, redis_url: str, batch_size: int, partitions: int, stop: Any) -> None:
+def _run_relay(
+    db_url: str, redis_url: str, batch_size: int, partitions: int, stop: Any, durability: str
+) -> None:
     from outbox_relay.relay import Relay, RelaySettings
 
-    settings = RelaySettings(producer="orders", partitions=partitions, batch_size=batch_size)
+    settings = RelaySettings(
+        producer="orders", partitions=partitions, batch_size=batch_size, durability=durability
+    )
     # a multiprocessing Event has the is_set/wait the relay loop uses
     Relay(db_url, redis_connect(redis_url), settings).run(stop)
 

@@ -127,6 +127,8 @@ def render(results: Results) -> str:
         parts.append(_raw_section(results["raw_limits"]))
     if {"relay_drain", "relay_latency", "consumer_throughput"} & results.keys():
         parts.append(_component_section(results))
+    if "relay_durability" in results:
+        parts.append(_durability_section(results["relay_durability"]))
     e2e = results.get("end_to_end")
     if e2e and "error" not in e2e:
         runs = e2e.get("runs") or [e2e]
@@ -193,6 +195,29 @@ def _component_section(results: Results) -> str:
     ]
     table = _table(["measurement", "result", "against raw limits"], rows) if rows else ""
     return "\n".join(["Relay and consumer", table, *errors])
+
+
+def _durability_section(modes: Results) -> str:
+    """One row per RELAY_DURABILITY mode: drain and commit->stream latency, same run."""
+    if "error" in modes:
+        return f"Relay per durability mode: error: {modes['error']}"
+    rows = []
+    for mode, result in modes.items():
+        if "unsupported" in result:
+            rows.append([mode, "-", "-", f"not run: {result['unsupported']}"])
+            continue
+        drain, latency = result["drain"], result["latency"]
+        ms = latency["latency_ms"]
+        rows.append(
+            [
+                mode,
+                f"{_n(drain['events_per_s'])} events/s ({drain['rows']:,} rows)",
+                f"p50 {ms['p50']:.1f} / p95 {ms['p95']:.1f} / p99 {ms['p99']:.1f} ms",
+                f"{_n(latency['achieved_rate'])} rows/s offered, {latency['missing']} missing",
+            ]
+        )
+    headers = ["RELAY_DURABILITY", "drain", "commit->stream", "notes"]
+    return "Relay per durability mode\n" + _table(headers, rows)
 
 
 def _scale_section(runs: Sequence[Results]) -> str:

@@ -7,7 +7,6 @@ stream of a partition it owns with one XREADGROUP, on a cluster too. Names, for 
 
     orders.events.{p0} ... orders.events.{p7}        (and inventory.events, billing.events)
     inventory.redrive.{p3}                            re-driven dead letters of group inventory
-    inventory.dead-letters.{p3}                       dead letters of group inventory
 """
 
 from __future__ import annotations
@@ -68,10 +67,6 @@ def producer_streams(producer: str, partitions: int) -> list[str]:
 def event_streams(partitions: int) -> list[str]:
     """Every event stream of the deployment."""
     return [s for producer in STREAM_OF_PRODUCER for s in producer_streams(producer, partitions)]
-
-
-def dead_letter_stream(group: str, partition: int) -> str:
-    return partition_stream(f"{group}.dead-letters", partition)
 
 
 def redrive_stream(group: str, partition: int) -> str:

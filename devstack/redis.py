@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 from contextlib import suppress
 from functools import cached_property
@@ -53,11 +55,10 @@ def acl_rules() -> dict[str, str]:
     - its relay: XADD (and reads) on its own `<svc>.events.*` streams and its status hash only;
     - its consumer: the group commands and the fence scripts on its subscriptions, its re-drive
       and dead-letter streams and its fence keys. Redis 6.2 checks the commands and the keys a
-      script calls against the calling user too, so the scripts' XREADGROUP/XADD/XACK/SET need
-      the same grants. The dead-letter script XADDs, so in 6.2 this user can XADD to the
-      streams it reads; with Redis 7 it would get `%R~` on the subscribed streams and `%RW~`
-      on its own keys only. The consumers' `_check_producer` still dead-letters an event type
-      on a stream its owner does not publish.
+      script calls against the calling user too, so the fence scripts' XREADGROUP/SET need the
+      same grants. No XADD: dead letters are in the service's database, so a consumer cannot
+      write any stream. The consumers' `_check_producer` still dead-letters an event type on a
+      stream its owner does not publish.
     rq's user reaches `rq:*` keys and channels only; the admin (the `saga` CLI) everything.
     """
     from contracts.streams import STREAM_OF_PRODUCER, SUBSCRIPTIONS, relay_status_key
@@ -66,13 +67,16 @@ def acl_rules() -> dict[str, str]:
     for service, stream in STREAM_OF_PRODUCER.items():
         rules[relay_user(service)] = (
             f"resetchannels ~{stream}.* ~{relay_status_key(service)} "
-            f"-@all +@read {_NO_BROWSING} +xadd +hset +hdel +ping +client|setname +wait"
+            f"-@all +@read {_NO_BROWSING} +xadd +hset +hdel +ping +client|setname +wait "
+            # the checked XADD script (outbox_relay/publisher.py) and, after Redis lost data,
+            # recreating the consumer groups of its streams (outbox_relay/positions.py)
+            "+eval +evalsha +script|load +xgroup|create"
         )
         keys = [f"~{base}.*" for base in SUBSCRIPTIONS[service]]
         keys += [f"~{service}.redrive.*", f"~{service}.dead-letters.*", f"~saga:owner:{service}.*"]
         rules[consumer_user(service)] = (
             "resetchannels " + " ".join(keys) + f" -@all +@read {_NO_BROWSING} "
-            "+xgroup|create +xreadgroup +xack +xclaim +xautoclaim +xadd +set "
+            "+xgroup|create +xreadgroup +xack +xclaim +xautoclaim +set "
             "+evalsha +eval +script|load +ping +client|setname"
         )
     rules[RQ_USER] = (
@@ -219,4 +223,49 @@ class EmbeddedRedis:
         found = found.decode() if isinstance(found, bytes) else found
         if Path(found).resolve() != self.data_dir:
             raise RuntimeError(f"port {self.port} is used by another Redis (data dir {found})")
+        return True
+
+
+class EmbeddedReplica(EmbeddedRedis):
+    """A replica of a primary Redis (`--replicaof`), same binary, same password: for
+    RELAY_DURABILITY=replicas:N (bench, tests) and the `redis-failover` chaos fault, where it
+    is promoted (REPLICAOF NO ONE) while it may still lag behind its primary."""
+
+    def __init__(self, run_dir: Path | str, port: int, primary_port: int, password: str) -> None:
+        super().__init__(run_dir, port)
+        self.primary_port = primary_port
+        self.__dict__["password"] = password  # the primary's: clients use one URL for both
+
+    def _config(self) -> str:
+        # no AOF of its own: a replica's data is its primary's (and 6.2 refuses SHUTDOWN while
+        # the AOF rewrite after the first sync is running)
+        return (
+            super()._config().replace("appendonly yes", "appendonly no")
+            + f"replicaof 127.0.0.1 {self.primary_port}\n"
+            + f"masterauth {json.dumps(self.password)}\n"
+        )
+
+    def in_sync(self) -> bool:
+        try:
+            info = self._client().info("replication")
+        except redis.RedisError:
+            return False
+        return info.get("master_link_status") == "up"
+
+    def promote(self) -> None:
+        """Become a primary with whatever it has (REPLICAOF NO ONE)."""
+        self._client().execute_command("REPLICAOF", "NO", "ONE")
+
+    def stop(self) -> bool:
+        """SHUTDOWN NOSAVE: a replica's data is its primary's (a plain SHUTDOWN can refuse
+        while the replica is still writing its first AOF)."""
+        if not self._answers():
+            return False
+        with suppress(redis.RedisError):
+            self._client().shutdown(nosave=True)
+        if not wait_until(lambda: not self._answers(), timeout=5):
+            with suppress(OSError, ValueError):  # refused to shut down: end it
+                os.kill(int(self.pid_file.read_text().strip()), signal.SIGKILL)
+        if not wait_until(lambda: not self._answers(), timeout=10):
+            raise RuntimeError(f"Redis replica on port {self.port} did not shut down")
         return True

@@ -2,6 +2,12 @@
 
 Each row goes to its order's partition stream (contracts.partition_of on the aggregate id,
 which is the order id for every event), so one order's events keep their outbox order.
+
+Each stream's entries of a batch are added by one script that first checks that Redis still
+has what this relay recorded as published to it (positions.py): when Redis is behind, nothing
+is added to that stream and the lost rows are un-marked in the same transaction, so they are
+sent again, in id order, before anything newer. RELAY_DURABILITY (durability.py) decides
+whether the batch counts as published once Redis answered.
 """
 
 from __future__ import annotations
@@ -13,9 +19,16 @@ import psycopg
 import redis
 
 from contracts import STREAM_OF_PRODUCER, partition_of, partition_stream
+from outbox_relay import positions
+from outbox_relay.durability import ACK, Durability, NotDurable
 from service_runtime import tracing
 from service_runtime.faults import no_faults
-from service_runtime.metrics import RELAY_BATCH_SIZE, RELAY_LATENCY, RELAY_PUBLISHED
+from service_runtime.metrics import (
+    RELAY_BATCH_SIZE,
+    RELAY_LATENCY,
+    RELAY_NOT_DURABLE,
+    RELAY_PUBLISHED,
+)
 
 # Every unpublished row is a candidate, whatever its id: a row whose transaction commits
 # after a higher id was published is simply found by the next scan (no high-water mark).
@@ -30,7 +43,40 @@ LIMIT %s
 FOR UPDATE SKIP LOCKED
 """
 
-_MARK_PUBLISHED = "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY(%s)"
+_MARK_PUBLISHED = """
+UPDATE outbox o
+SET published_at = clock_timestamp(), published_stream = v.stream, published_entry_id = v.entry
+FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS v(id, stream, entry)
+WHERE o.id = v.id
+"""
+
+# KEYS[1]: the stream; ARGV: the position recorded for it ('0-0': none), the number of values
+# per entry, then the entries' field/value pairs. Returns {1, id...} when Redis's
+# last-generated-id is not behind the recorded position, else {0, last-generated-id} and adds
+# nothing. XINFO's reply is scanned by name: its layout differs between Redis versions.
+_CHECKED_XADD = """
+local last = '0-0'
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    local info = redis.call('XINFO', 'STREAM', KEYS[1])
+    for i = 1, #info, 2 do
+        if info[i] == 'last-generated-id' then last = info[i + 1] end
+    end
+end
+local lm, ls = string.match(last, '^(%d+)-(%d+)$')
+local rm, rs = string.match(ARGV[1], '^(%d+)-(%d+)$')
+lm, ls, rm, rs = tonumber(lm), tonumber(ls), tonumber(rm), tonumber(rs)
+if lm < rm or (lm == rm and ls < rs) then
+    return {0, last}
+end
+local ids = {1}
+local i = 2
+while i <= #ARGV do  -- each entry: its number of field and value items, then those items
+    local n = tonumber(ARGV[i])
+    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
+    i = i + n + 1
+end
+return ids
+"""
 
 FaultPoint = Callable[[str], None]
 
@@ -43,20 +89,26 @@ def publish_batch(
     partitions: int,
     batch_size: int,
     fault: FaultPoint = no_faults,
+    recorded: dict[str, str] | None = None,
+    durability: Durability = ACK,
+    wait_timeout_ms: int = 1000,
 ) -> int:
-    """Publish up to batch_size rows in id order with one pipelined XADD round trip (per
-    Redis node, on a cluster: redis-py's cluster pipeline groups the commands by node).
+    """Publish up to batch_size rows in id order with one pipelined round trip (per Redis
+    node, on a cluster: redis-py's cluster pipeline groups the commands by node).
 
-    A crash after XADD and before the UPDATE commits leaves the rows unpublished: they are
-    published again (a duplicate the consumers' inbox absorbs), never lost.
+    `recorded` is the relay's copy of published_positions (kept current here). A crash after
+    XADD and before the UPDATE commits leaves the rows unpublished: they are published again
+    (a duplicate the consumers' inbox absorbs), never lost. So does a batch that did not
+    reach the durability asked for (NotDurable is raised after the rollback).
     """
+    recorded = {} if recorded is None else recorded
     with conn.transaction():
         rows = conn.execute(_CLAIM_BATCH, (batch_size,)).fetchall()
         if not rows:
             return 0
         base = STREAM_OF_PRODUCER[producer]
-        pipe = redis_client.pipeline(transaction=False)
-        spans: list = []  # PRODUCER spans, with tracing on (service_runtime/tracing.py)
+        by_stream: dict[str, list[tuple[int, dict[str, object]]]] = {}
+        spans: dict[str, list] = {}  # PRODUCER spans per stream, with tracing on
         for (
             _id,
             event_id,
@@ -71,27 +123,108 @@ def publish_batch(
             traceparent,
         ) in rows:
             stream = partition_stream(base, partition_of(agg_id, partitions))
-            pipe.xadd(
-                stream,
-                {
-                    "event_id": event_id,
-                    "event_type": event_type,
-                    "event_version": version,
-                    "aggregate_type": agg_type,
-                    "aggregate_id": agg_id,
-                    "correlation_id": correlation,
-                    "causation_id": causation,
-                    "occurred_at": created_at.isoformat(),
-                    "producer": producer,
-                    "payload": payload,
-                    **tracing.publish_context(spans, stream, traceparent, event_type, agg_id),
-                },
+            trace_fields = tracing.publish_context(
+                spans.setdefault(stream, []), stream, traceparent, event_type, agg_id
             )
-        tracing.end_publish_spans(spans, pipe.execute())
-        _observe(producer, rows)
+            by_stream.setdefault(stream, []).append(
+                (
+                    _id,
+                    {
+                        "event_id": event_id,
+                        "event_type": event_type,
+                        "event_version": version,
+                        "aggregate_type": agg_type,
+                        "aggregate_id": agg_id,
+                        "correlation_id": correlation,
+                        "causation_id": causation,
+                        "occurred_at": created_at.isoformat(),
+                        "producer": producer,
+                        "payload": payload,
+                        **trace_fields,
+                    },
+                )
+            )
+        replies = _send(redis_client, by_stream, recorded, durability, wait_timeout_ms, producer)
         fault("after_xadd")
-        conn.execute(_MARK_PUBLISHED, ([row[0] for row in rows],))
-    return len(rows)
+        ids: list[int] = []
+        streams: list[str] = []
+        entries: list[str] = []
+        highest: dict[str, str] = {}
+        lost: dict[str, str] = {}
+        for stream, reply in replies.items():
+            tracing.end_publish_spans(spans.get(stream, []), reply[1:] if reply[0] else [])
+            if reply[0] == 0:
+                lost[stream] = reply[1]
+                continue
+            for (row_id, _fields), entry_id in zip(by_stream[stream], reply[1:], strict=True):
+                ids.append(row_id)
+                streams.append(stream)
+                entries.append(entry_id)
+            highest[stream] = reply[-1]
+        if ids:
+            conn.execute(_MARK_PUBLISHED, (ids, streams, entries))
+            positions.record(conn, highest)
+        positions.repair(conn, redis_client, producer, lost, recorded)
+    recorded.update(highest)  # committed
+    published = set(ids)
+    _observe(producer, [row for row in rows if row[0] in published])
+    return len(ids)
+
+
+def _send(
+    client: redis.Redis,
+    by_stream: dict[str, list[tuple[int, dict[str, object]]]],
+    recorded: dict[str, str],
+    durability: Durability,
+    wait_timeout_ms: int,
+    producer: str,
+) -> dict[str, list]:
+    """One pipeline: a checked XADD script per stream, then the durability wait."""
+    pipe = client.pipeline(transaction=False)
+    for stream, entries in by_stream.items():
+        # entries may differ in fields (a traceparent or not): each says how many it has
+        flat = [
+            item
+            for _id, fields in entries
+            for item in (2 * len(fields), *(v for pair in fields.items() for v in pair))
+        ]
+        # EVAL through execute_command: a cluster pipeline routes it by its key (its eval()
+        # method is disabled), a plain one sends it as is
+        pipe.execute_command(
+            "EVAL", _CHECKED_XADD, 1, stream, recorded.get(stream, "0-0"), *flat
+        )
+    wait = durability.wait_command(wait_timeout_ms)
+    cluster = isinstance(client, redis.RedisCluster)
+    if wait and not cluster:
+        pipe.execute_command(*wait)  # same connection as the writes: WAIT counts them
+    replies = pipe.execute()
+    if wait:
+        try:
+            if cluster:
+                _wait_on_nodes(client, list(by_stream), wait, durability)
+            else:
+                durability.check_reply(replies[-1])
+        except NotDurable as err:
+            RELAY_NOT_DURABLE.labels(producer).inc()
+            raise NotDurable(f"{len(by_stream)} streams: {err}") from None
+        except redis.ResponseError as err:
+            RELAY_NOT_DURABLE.labels(producer).inc()
+            raise NotDurable(str(err)) from err
+    return dict(zip(by_stream, replies[: len(by_stream)], strict=True))
+
+
+def _wait_on_nodes(
+    client: redis.RedisCluster, streams: list[str], wait: tuple, durability: Durability
+) -> None:
+    """On a cluster, WAIT on each node the batch wrote to. redis-py hands a single-threaded
+    caller the connection it just released (each node's pool is LIFO), so the WAIT runs on the
+    connection that carried that node's writes."""
+    nodes = {
+        client.get_node_from_key(stream).name: client.get_node_from_key(stream)
+        for stream in streams
+    }
+    for name, node in nodes.items():
+        durability.check_reply(client.execute_command(*wait, target_nodes=node), f" on {name}")
 
 
 def _observe(producer: str, rows: list[tuple]) -> None:

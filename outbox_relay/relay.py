@@ -10,6 +10,11 @@ backend's `state_change` moves; a standby that sees the lock holder's backend wi
 for longer than `takeover_after_seconds` terminates it (pg_terminate_backend: same role) and
 takes the lock. A standby is so locked out for at most about takeover_after_seconds +
 standby_retry_seconds. See docs/architecture.md, "Relay failover".
+
+Redis losing data (docs/architecture.md, "Redis data loss"): the active relay compares what
+Redis has with the published positions it recorded on becoming active, after every Redis
+outage (a reconnect), and every `check_seconds`; every batch's XADD script checks its streams
+too. Rows Redis no longer has are un-marked and published again by the normal path.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import psycopg
 import redis
 
 from contracts import DEFAULT_PARTITIONS, relay_status_key
+from outbox_relay import positions
+from outbox_relay.durability import Durability, NotDurable
 from outbox_relay.publisher import FaultPoint, publish_batch
 from service_runtime.db import DB_OUTAGE_ERRORS, connect
 from service_runtime.failures import is_outage
@@ -51,6 +58,7 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.database = a.datid
   AND now() - coalesce(a.state_change, a.backend_start) > make_interval(secs => %s)
 """
 
+
 @dataclass(frozen=True)
 class RelaySettings:
     producer: str
@@ -60,8 +68,19 @@ class RelaySettings:
     standby_retry_seconds: float = 1.0
     # RELAY_TAKEOVER_AFTER_SECONDS: a lock holder idle this long is taken for dead (0: never)
     takeover_after_seconds: float = 15.0
+    # RELAY_DURABILITY: ack | replicas:N | fsync (outbox_relay/durability.py)
+    durability: str = "ack"
+    # RELAY_WAIT_TIMEOUT_MS: how long WAIT / WAITAOF may wait for a batch
+    wait_timeout_ms: int = 1000
+    # RELAY_CHECK_SECONDS: how often every recorded stream is compared with Redis
+    check_seconds: float = 5.0
+
+    @property
+    def durability_mode(self) -> Durability:
+        return Durability.parse(self.durability)
 
     def __post_init__(self) -> None:
+        self.durability_mode  # noqa: B018 - refuse a malformed RELAY_DURABILITY at once
         # an active relay is idle up to poll_seconds between queries (plus a batch and some
         # scheduling noise): a bound that close to it would terminate healthy relays
         if self.takeover_after_seconds and self.takeover_after_seconds < 3 * self.poll_seconds:
@@ -87,6 +106,10 @@ class Relay:
         self.on_batch = on_batch or (lambda _n: None)
         self.active = threading.Event()  # set while this relay holds the lock
         self.published = 0
+        self.republished = 0  # rows un-marked by loss detection (published again since)
+        self.recorded: dict[str, str] = {}  # published_positions, while active
+        self.durability = settings.durability_mode
+        self.durability.check_server(redis_client)  # DurabilityError: refuse to start
 
     def run(self, stop: threading.Event) -> None:
         delay = 0.2
@@ -146,13 +169,27 @@ class Relay:
                 time.sleep(0.05)
         return bool(terminated)
 
+    def _check_redis(self, conn: psycopg.Connection) -> None:
+        """Compare every recorded stream with Redis; un-mark what Redis lost."""
+        self.republished += positions.check_and_repair(
+            conn, self.redis, self.settings.producer, self.recorded
+        )
+
     def _publish_while_active(self, conn: psycopg.Connection, stop: threading.Event) -> None:
         conn.execute("LISTEN outbox")
+        self.recorded = positions.load(conn)
         redis_delay = 0.1
         backlog_checked = status_reported = 0.0
+        checked_at: float | None = None  # None: check before publishing (start, reconnect)
         reported = self.published
         while not stop.is_set():
             try:
+                if (
+                    checked_at is None
+                    or time.monotonic() - checked_at >= self.settings.check_seconds
+                ):
+                    self._check_redis(conn)
+                    checked_at = time.monotonic()
                 sent = publish_batch(
                     conn,
                     self.redis,
@@ -160,12 +197,24 @@ class Relay:
                     partitions=self.settings.partitions,
                     batch_size=self.settings.batch_size,
                     fault=self.fault,
+                    recorded=self.recorded,
+                    durability=self.durability,
+                    wait_timeout_ms=self.settings.wait_timeout_ms,
                 )
+            except NotDurable as err:
+                # Rolled back: the rows stay unpublished and go again (duplicates, no loss).
+                log.warning(
+                    "relay %s: batch not durable, sending again: %s", self.settings.producer, err
+                )
+                stop.wait(redis_delay)
+                redis_delay = min(redis_delay * 2, 5.0)
+                continue
             except redis.RedisError as err:
                 if not is_outage(err):  # OOM, READONLY, LOADING... are outages too
                     raise
                 # Keep the lock; the outbox buffers until Redis is back.
                 log.warning("relay %s: redis unavailable: %s", self.settings.producer, err)
+                checked_at = None  # a reconnect: Redis may have come back without its data
                 stop.wait(redis_delay)
                 redis_delay = min(redis_delay * 2, 5.0)
                 continue

@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 import redis
 
+from outbox_relay.durability import DurabilityError
 from outbox_relay.relay import Relay, RelaySettings
 from service_runtime import redis_client
 from service_runtime.config import (
@@ -37,6 +38,7 @@ from service_runtime.config import (
 from service_runtime.consumer import ConsumerSettings
 from service_runtime.consumer_group import StreamConsumer
 from service_runtime.db import connect, create_pool
+from service_runtime.failures import is_outage
 from service_runtime.faults import crash_at_configured_point
 from service_runtime.logs import setup_logging
 from service_runtime.metrics import serve as serve_metrics
@@ -107,16 +109,19 @@ def relay(service: str) -> None:
     setup_logging(service, "relay")
     configure_tracing(service, "relay")
     _refuse_to_start_unless(require_nested_windows)
-    settings = from_env(
-        RelaySettings, "RELAY_", producer=service, partitions=_checked_partitions(service)
-    )
+    try:
+        settings = from_env(
+            RelaySettings, "RELAY_", producer=service, partitions=_checked_partitions(service)
+        )
+        relay_ = Relay(
+            database_url(service),
+            redis_client.connect(redis_url(f"{service}_relay")),
+            settings,
+            fault=crash_at_configured_point,
+        )
+    except (ValueError, DurabilityError) as err:  # RELAY_DURABILITY it cannot honour
+        raise click.ClickException(str(err)) from err
     serve_metrics(_metrics_port(RELAY_METRICS_OFFSET + SERVICES.index(service)))
-    relay_ = Relay(
-        database_url(service),
-        redis_client.connect(redis_url(f"{service}_relay")),
-        settings,
-        fault=crash_at_configured_point,
-    )
     relay_.run(_stop_on_signals())
 
 
@@ -219,7 +224,9 @@ def cron() -> None:
         try:
             scheduler.start()  # returns on SIGTERM/SIGINT (rq's own handlers)
             return
-        except redis_client.REDIS_OUTAGE_ERRORS as err:
+        except redis.RedisError as err:  # READONLY after a failover too (failures.py)
+            if not is_outage(err):
+                raise
             logging.getLogger("saga.cron").warning("cron waiting for Redis: %s", err)
         try:
             time.sleep(delay)

@@ -7,6 +7,11 @@ transaction that starts with the lease fence, then XACK. A duplicate delivery fi
 row and changes nothing; a crash between commit and XACK means a redelivery, absorbed the same
 way. Nothing is acknowledged that this worker did not finish (committed, or dead-lettered).
 
+Dead letters are rows of the service's own database (table dead_letters), written in a fenced
+transaction before the XACK, so they survive Redis losing its data. A re-drive is requested in
+that table (`saga dead-letters redrive`); the partition's owner picks the requests up between
+reads and handles each in one fenced transaction that also records the outcome.
+
 Order: the partition is the unit that waits. When an entry's handler fails, nothing after it in
 the partition is handled until it succeeds or is dead-lettered (`Retry`, below).
 """
@@ -22,6 +27,7 @@ from datetime import UTC, datetime
 
 import psycopg
 import redis
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from contracts import (
@@ -31,7 +37,6 @@ from contracts import (
     ContractError,
     Envelope,
     base_of,
-    dead_letter_stream,
     decode_entry,
     group_streams,
 )
@@ -74,6 +79,28 @@ _FORGET_FAILURES = """
 DELETE FROM delivery_failures
 WHERE consumer_group = %s AND (stream, entry_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
 """
+_INSERT_DEAD_LETTER = """
+INSERT INTO dead_letters (consumer_group, partition, stream, entry_id, event_id, event_type,
+                          fields, error, attempts)
+VALUES (%(group)s, %(partition)s, %(stream)s, %(entry_id)s, %(event_id)s, %(event_type)s,
+        %(fields)s, %(error)s, %(attempts)s)
+ON CONFLICT (consumer_group, stream, entry_id) DO NOTHING
+"""
+_REDRIVE_REQUESTS = """
+SELECT id, stream, entry_id, fields FROM dead_letters
+WHERE consumer_group = %s AND partition = %s AND redrive_requested_at IS NOT NULL
+ORDER BY id LIMIT 50
+"""
+_REDRIVEN = """
+UPDATE dead_letters SET redrive_requested_at = NULL, redriven_at = clock_timestamp(),
+       redrive_outcome = %s, redrives = redrives + 1
+WHERE id = %s
+"""
+_REDRIVE_FAILED = """
+UPDATE dead_letters SET redrive_requested_at = NULL, redrive_outcome = %s, error = %s,
+       attempts = attempts + 1, redrives = redrives + 1
+WHERE id = %s
+"""
 _PRODUCER_OF_STREAM = {stream: producer for producer, stream in STREAM_OF_PRODUCER.items()}
 _PENDING = "0"  # XREADGROUP cursor: this consumer's own pending entries, from the start
 _NEW = ">"
@@ -95,6 +122,11 @@ class ConsumerSettings:
     max_deliveries: int = 5
     conflict_retries: int = 5
     outage_max_backoff_ms: int = 5000
+    redrive_check_ms: int = 1000  # how often the owner looks for re-drive requests
+    # how often the owner claims again what is pending with anyone else in its partition:
+    # Redis may come back with an older data set (a failover to a lagging replica) in which
+    # entries are pending with a previous owner, and redis-py reconnects without telling
+    takeover_check_ms: int = 5000
 
     def backoff_ms(self, attempts: int) -> int:
         return min(self.retry_base_ms * 2 ** max(attempts - 1, 0), self.retry_max_ms)
@@ -157,6 +189,8 @@ class PartitionWorker:
         self._on_outcome = on_outcome or (lambda _type, _outcome, _seconds: None)
         self.fault = fault
         self._not_ours = EVENT_TYPES - set(handlers)
+        self._redrive_due = 0.0  # time.monotonic() of the next look for re-drive requests
+        self._takeover_due = 0.0  # of the next look for entries pending with someone else
 
     @property
     def partition(self) -> int:
@@ -193,8 +227,9 @@ class PartitionWorker:
                         stream, group, me, min_idle_time=0, message_ids=ids, justid=True
                     )
                     claimed += len(ids)
-        self.cursors = dict.fromkeys(self.streams, _PENDING)
+        self._takeover_due = time.monotonic() + self.settings.takeover_check_ms / 1000
         if claimed:
+            self.cursors = dict.fromkeys(self.streams, _PENDING)  # read them, in id order
             log.info(
                 "%s partition %s: took over %d pending entries", group, self.partition, claimed
             )
@@ -212,6 +247,8 @@ class PartitionWorker:
                     self.ensure_groups()
                     self.take_over_pending()
                     started = True
+                elif time.monotonic() >= self._takeover_due:
+                    self.take_over_pending()
                 if self.retry and (wait := self.retry.due - time.monotonic()) > 0:
                     stop.wait(min(wait, 0.5))  # the partition waits for its failed entry
                     continue
@@ -231,6 +268,11 @@ class PartitionWorker:
                 if classify(err) is not FailureKind.OUTAGE:
                     raise
                 log.warning("consumer %s waiting for dependencies: %s", self.settings.group, err)
+                if isinstance(err, redis.RedisError):
+                    # Redis may come back with other data (restarted empty, an old AOF, a
+                    # failover to a lagging replica: entries pending with a previous owner
+                    # again): check the groups and take over the pending entries again.
+                    started = False
                 delay = self._back_off(stop, delay)
 
     def _back_off(self, stop: threading.Event, delay: float) -> float:
@@ -273,9 +315,14 @@ class PartitionWorker:
                 # entries from the start, whoever calls it (run() or a test's drain()).
                 self.cursors = dict.fromkeys(self.streams, _PENDING)
                 raise
-        elif block_ms and last_ids and all(c == _NEW for c in self.cursors.values()):
+        redriven = 0
+        if time.monotonic() >= self._redrive_due:  # after the read: it never delays one
+            redriven = self.redrive_requested()
+            self._redrive_due = time.monotonic() + s.redrive_check_ms / 1000
+        idle = not items and not redriven and all(c == _NEW for c in self.cursors.values())
+        if idle and block_ms and last_ids:
             self.redis.xread(last_ids, count=1, block=block_ms)
-        return len(items) + len(gone)
+        return len(items) + len(gone) + redriven
 
     # -- handling --------------------------------------------------------------------------------
 
@@ -466,7 +513,7 @@ class PartitionWorker:
         return False
 
     def _dead_letter(self, item: Item, error: str, attempts: int) -> None:
-        """Record the entry as a dead letter and acknowledge it, in one fenced Redis script."""
+        """Record the entry as a dead letter in the service's database (fenced), then XACK."""
         group = self.settings.group
         record = {
             **item.fields,
@@ -477,17 +524,65 @@ class PartitionWorker:
             "attempts": str(attempts),
             "dead_lettered_at": datetime.now(UTC).isoformat(),
         }
-        self.fence.dead_letter(
-            group,
-            self.partition,
-            self.lease.epoch,
-            dead_letter_stream(group, self.partition),
-            item.stream,
-            item.entry_id,
-            record,
-        )
+        with self.pool.connection() as conn, conn.transaction():
+            fence(conn, group, self.lease)
+            conn.execute(
+                _INSERT_DEAD_LETTER,
+                {
+                    "group": group,
+                    "partition": self.partition,
+                    "stream": item.stream,
+                    "entry_id": item.entry_id,
+                    "event_id": item.fields.get("event_id"),
+                    "event_type": item.fields.get("event_type"),
+                    "fields": Jsonb(record),
+                    "error": error[:2000],
+                    "attempts": attempts,
+                },
+            )
+        self._ack([item])
         self._count("dead_lettered", item.fields.get("event_type", "?"), time.perf_counter())
         log.error("dead-lettered %s from %s: %s", item.entry_id, item.stream, error)
+
+    # -- re-drives: requested in the dead_letters table, carried out by the owner ---------------
+
+    def redrive_requested(self) -> int:
+        """Handle the re-drive requests of this partition, each in one fenced transaction that
+        records its outcome; the number handled. A handler error is recorded on the dead
+        letter (which stays one); an outage or a lost lease leaves the request for later."""
+        with self.pool.connection() as conn:
+            requests = conn.execute(
+                _REDRIVE_REQUESTS, (self.settings.group, self.partition)
+            ).fetchall()
+        for letter_id, stream, entry_id, record in requests:
+            self._redrive(letter_id, Item(stream, entry_id, _envelope_fields(record)))
+        return len(requests)
+
+    def _redrive(self, letter_id: int, item: Item) -> None:
+        started = time.perf_counter()
+        try:
+            envelope = decode_entry(item.fields)
+            item = Item(item.stream, item.entry_id, item.fields, envelope)
+            self._check_producer(item, envelope)
+            with self.pool.connection() as conn, conn.transaction():
+                fence(conn, self.settings.group, self.lease)
+                outcome, emitted = self._apply(conn, item)
+                conn.execute(_REDRIVEN, (f"re-driven: {outcome}", letter_id))
+        except Exception as err:
+            kind = classify(err)
+            if isinstance(err, LostOwnership) or kind is FailureKind.OUTAGE:
+                raise
+            if kind is FailureKind.CONFLICT:
+                return  # still requested: the next look tries again
+            message = f"{type(err).__name__}: {err}"[:2000]
+            with self.pool.connection() as conn, conn.transaction():
+                fence(conn, self.settings.group, self.lease)
+                conn.execute(_REDRIVE_FAILED, (f"re-drive failed: {message}", message, letter_id))
+            log.error("re-drive of dead letter %s failed: %s", letter_id, message)
+            self._count("failed", item.fields.get("event_type", "?"), started)
+            return
+        count_emitted(self.settings.group, emitted)
+        self._settled(outcome, item, started)
 
     def _ack(self, items: list[Item]) -> None:
         by_stream: dict[str, list[str]] = {}
@@ -524,6 +619,13 @@ class PartitionWorker:
         CONSUMER_EVENTS.labels(self.settings.group, event_type, outcome).inc()
         CONSUMER_LATENCY.labels(self.settings.group, event_type).observe(seconds)
         self._on_outcome(event_type, outcome, seconds)
+
+
+def _envelope_fields(record: Mapping[str, str]) -> dict[str, str]:
+    """A dead letter's record without what the dead-lettering added (kept: where it came from,
+    so the producer check looks at the original stream)."""
+    added = {"group", "error", "attempts", "dead_lettered_at"}
+    return {k: v for k, v in record.items() if k not in added}
 
 
 def _log_context(envelope: Envelope, stream: str) -> dict[str, str]:

@@ -59,6 +59,7 @@ _REDIS_OUTAGE_REPLY_TYPES: tuple[type[BaseException], ...] = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.BusyLoadingError,
+    redis.exceptions.MasterDownError,
 )
 
 

@@ -59,6 +59,21 @@ RELAY_LATENCY = Histogram(
     ["service"],
     buckets=_LATENCY_BUCKETS,
 )
+RELAY_LOSSES = Counter(
+    "saga_relay_redis_losses_total",
+    "Partition streams found behind their recorded published position (Redis lost data)",
+    ["service"],
+)
+RELAY_REPUBLISHED = Counter(
+    "saga_relay_republished_total",
+    "Outbox rows un-marked by loss detection, to be published again",
+    ["service"],
+)
+RELAY_NOT_DURABLE = Counter(
+    "saga_relay_not_durable_total",
+    "Batches not marked published: WAIT/WAITAOF did not reach RELAY_DURABILITY",
+    ["service"],
+)
 RELAY_BACKLOG = Gauge("saga_relay_unpublished_rows", "Unpublished outbox rows", ["service"])
 CONSUMER_EVENTS = Counter(
     "saga_consumer_events_total",

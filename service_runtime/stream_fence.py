@@ -1,8 +1,8 @@
-"""The Redis side of partition ownership: reads and dead letters fenced on the owner's epoch.
+"""The Redis side of partition ownership: reads fenced on the owner's epoch.
 
 The owner of a partition writes its lease epoch to the partition's fence key
 (contracts.owner_fence_key, same hash tag as the partition's streams, so one slot on a
-cluster). Every XREADGROUP and every dead letter of the partition runs in a Lua script that
+cluster). Every XREADGROUP of the partition runs in a Lua script that
 first checks that key: once a new owner has set its epoch, a consumer that lost the partition
 (paused, cut off, lease expired) can no longer take new entries into its pending list, so the
 new owner's takeover of the pending entries is complete and one order's events stay in order.
@@ -50,18 +50,6 @@ end
 return {reply, last}
 """
 
-# KEYS: fence, dead-letter stream, source stream; ARGV: epoch, group, entry id, field, value...
-_DEAD_LETTER = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-    return redis.error_reply('FENCED by epoch ' .. tostring(redis.call('GET', KEYS[1])))
-end
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
-redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
-return id
-"""
-
 
 class Fenced(Exception):
     """Redis refused: the partition's fence carries another owner's epoch."""
@@ -74,7 +62,6 @@ class StreamFence:
         self.client = client
         self._set = client.register_script(_SET_FENCE)
         self._read = client.register_script(_READ)
-        self._dead_letter = client.register_script(_DEAD_LETTER)
 
     def claim(self, group: str, partition: int, epoch: int) -> bool:
         """Set the fence to this epoch unless a newer owner already set a higher one."""
@@ -103,28 +90,6 @@ class StreamFence:
             raise
         pairs = _stream_pairs(reply)
         return pairs, dict(zip(streams, last or [], strict=False))
-
-    def dead_letter(
-        self,
-        group: str,
-        partition: int,
-        epoch: int,
-        target: str,
-        source: str,
-        entry_id: str,
-        record: Mapping[str, str],
-    ) -> str:
-        """XADD the record to the dead letters and XACK the source entry, atomically, fenced."""
-        flat = [item for pair in record.items() for item in pair]
-        try:
-            return self._dead_letter(
-                keys=[owner_fence_key(group, partition), target, source],
-                args=[epoch, group, entry_id, *flat],
-            )
-        except redis.ResponseError as err:
-            if str(err).startswith(FENCED):
-                raise Fenced(str(err)) from err
-            raise
 
 
 def _stream_pairs(reply: object) -> list[tuple[str, list[Entry]]]:

@@ -273,10 +273,13 @@ def publish_context(
 
 
 def end_publish_spans(spans: list[Any], entry_ids: list[Any]) -> None:
-    """After the XADDs: each span gets its entry id and ends."""
-    for span, entry_id in zip(spans, entry_ids, strict=False):
-        text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        span.set_attribute("messaging.message.id", text)
+    """After the XADDs: each span gets its entry id (none when Redis refused the stream's
+    batch as behind, see outbox_relay/positions.py) and ends."""
+    for index, span in enumerate(spans):
+        if index < len(entry_ids):
+            entry_id = entry_ids[index]
+            text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+            span.set_attribute("messaging.message.id", text)
         span.end()
 
 

@@ -36,7 +36,11 @@ KINDS = {
     "redis-kill": 1,
     "redis-restart": 1,
     "postgres-crash": 1,
+    # Redis losing acknowledged data (issue 10); the single embedded Redis only
+    "redis-data-loss": 1,
+    "redis-failover": 1,
 }
+REDIS_LOSS_KINDS = ("redis-data-loss", "redis-failover")
 
 
 @dataclass
@@ -83,6 +87,10 @@ class FaultInjector(threading.Thread):
             ),
             "postgres-crash": lambda: self._outage(
                 self.servers.crash_postgres, self.servers.start_postgres
+            ),
+            "redis-data-loss": self._redis_data_loss,
+            "redis-failover": lambda: self.servers.fail_over_behind(
+                self.rng.uniform(*self.outage_seconds)
             ),
         }
 
@@ -164,6 +172,10 @@ class FaultInjector(threading.Thread):
             if is_consumer_process(name, service) and self.supervisor.pid(name) is not None
         ]
         return self._kill(self.rng.choice(names)) if names else None
+
+    def _redis_data_loss(self) -> str:
+        self.servers.lose_redis_data()
+        return "killed, data directory emptied, restarted"
 
     def _outage(self, down: Callable[[], None], up: Callable[[], None]) -> str:
         down()

@@ -2,7 +2,8 @@
 and partition ownership (changes of owner, the longest time a partition had no live owner).
 
 Streams are partitioned (contracts.streams): every figure here walks the P partition streams
-of each base stream, and the per-partition dead-letter and re-drive streams of each group."""
+of each base stream and the per-partition re-drive streams of each group; dead letters and
+loss detection's re-publishing are read from each service's own database."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import redis
 from contracts import (
     STREAM_OF_PRODUCER,
     SUBSCRIPTIONS,
-    dead_letter_stream,
     group_streams,
     producer_streams,
 )
@@ -199,15 +199,45 @@ _OWNERSHIP = re.compile(
 )
 
 
-def dead_letters(client: redis.Redis, partitions: int) -> dict[str, dict[str, int]]:
-    """Per group: the total, and the count of each partition that has any."""
+def dead_letters(db_urls: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """Per group: the total of dead letters not re-driven, and the count of each partition
+    that has any (table dead_letters of the group's own database)."""
     found: dict[str, dict[str, int]] = {}
     for group in SUBSCRIPTIONS:
-        by_partition = {p: client.xlen(dead_letter_stream(group, p)) for p in range(partitions)}
+        with psycopg.connect(db_urls[group], connect_timeout=3) as conn:
+            by_partition = dict(
+                conn.execute(
+                    "SELECT partition, count(*) FROM dead_letters WHERE consumer_group = %s"
+                    " AND redriven_at IS NULL GROUP BY partition ORDER BY partition",
+                    (group,),
+                ).fetchall()
+            )
         found[group] = {
             "total": sum(by_partition.values()),
             **{f"p{p}": n for p, n in by_partition.items() if n},
         }
+    return found
+
+
+def payment_timeouts(db_urls: Mapping[str, str]) -> int:
+    """Orders cancelled by the deadline sweep (reason payment_timeout)."""
+    with psycopg.connect(db_urls["orders"], connect_timeout=3) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM orders WHERE status = 'cancelled' AND reason = 'payment_timeout'"
+        ).fetchone()[0]
+
+
+def loss_repairs(db_urls: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """Per outbox: how often its relay found Redis behind the recorded published position,
+    and how many rows it re-published for that (table published_positions)."""
+    found: dict[str, dict[str, int]] = {}
+    for service in SERVICES:
+        with psycopg.connect(db_urls[service], connect_timeout=3) as conn:
+            losses, rows = conn.execute(
+                "SELECT coalesce(sum(losses), 0), coalesce(sum(republished), 0)"
+                " FROM published_positions"
+            ).fetchone()
+        found[service] = {"streams_found_behind": int(losses), "rows_republished": int(rows)}
     return found
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import time
 import warnings
 from contextlib import suppress
 from pathlib import Path
@@ -120,6 +122,63 @@ class ChaosServers:
         self._next_node += 1  # the next fault hits the next node
         self.cluster.start()  # starts the node that is down, waits for cluster_state:ok
 
+    # -- Redis losing data (issue 10): single embedded Redis only ----------------------------
+
+    def lose_redis_data(self) -> None:
+        """`redis-data-loss`: SIGKILL Redis, empty its data directory (AOF and RDB gone), start
+        it again on the same port: every stream, group, fence key and rq job is gone."""
+        self._single_redis_only("redis-data-loss")
+        self.kill_redis()
+        _empty_data_dir(self.redis.data_dir)
+        self.redis.start()
+
+    def fail_over_behind(self, lag_seconds: float) -> str:
+        """`redis-failover`, for the single embedded Redis (clients keep its address):
+
+        1. a replica is started beside the primary (`--replicaof`) and synced;
+        2. the replica is promoted (REPLICAOF NO ONE): its data stops at that moment, while
+           the primary goes on taking writes for `lag_seconds` (the replica lags behind);
+        3. the primary is killed (SIGKILL) and restarted with an empty data directory, as a
+           replica of the promoted one, which hands it its (lagging) data set in a full sync;
+           then it becomes primary again (REPLICAOF NO ONE) and the helper is stopped.
+
+        So, at the primary's address, the clients find what a failover to a replica that was
+        `lag_seconds` behind leaves them: the writes of the last `lag_seconds` are gone, and
+        while the data is copied, writes are refused (READONLY: an outage to every process)."""
+        self._single_redis_only("redis-failover")
+        from devstack.redis import EmbeddedReplica
+
+        replica = EmbeddedReplica(
+            self.run_dir / "replica", free_port(), self.redis.port, self.redis.password
+        )
+        replica.start()
+        try:
+            if not wait_until(replica.in_sync, timeout=30, interval=0.1):
+                raise RuntimeError("the replica did not sync")
+            replica.promote()
+            time.sleep(lag_seconds)
+            self.kill_redis()
+            _empty_data_dir(self.redis.data_dir)
+            self.redis.start()
+            with self.redis_client(socket_timeout=10) as primary:
+                primary.config_set("masterauth", self.redis.password)
+                primary.execute_command("REPLICAOF", "127.0.0.1", str(replica.port))
+                synced = wait_until(lambda: _synced(primary), timeout=60, interval=0.1)
+                primary.execute_command("REPLICAOF", "NO", "ONE")
+                if not synced:
+                    raise RuntimeError("the restarted primary did not sync from the replica")
+        finally:
+            with suppress(Exception):
+                replica.stop()
+            shutil.rmtree(self.run_dir / "replica", ignore_errors=True)
+        return f"replica promoted {lag_seconds:.1f} s behind"
+
+    def _single_redis_only(self, kind: str) -> None:
+        if self.cluster is not None:
+            raise click.ClickException(
+                f"{kind} is staged on the single embedded Redis only, not with --redis-cluster"
+            )
+
     def _cluster_node_dir(self) -> Path:
         return self.cluster.node_dir(self.cluster.ports[self._next_node % len(self.cluster.ports)])
 
@@ -138,6 +197,25 @@ class ChaosServers:
             return True
         except psycopg.OperationalError:
             return False
+
+
+def _empty_data_dir(data_dir: Path) -> None:
+    """Remove the AOF (file or Redis 7's directory) and RDB, keep the config file."""
+    for path in data_dir.iterdir():
+        if path.name.startswith(("appendonly", "dump", "temp-")):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _synced(client: redis.Redis) -> bool:
+    try:
+        info = client.info("replication")
+        loading = client.info("persistence").get("loading", 0)
+    except redis.RedisError:
+        return False
+    return info.get("master_link_status") == "up" and not loading
 
 
 def _answers(port: int) -> bool:

@@ -16,14 +16,13 @@ from typing import Any
 import click
 from flask import Flask, abort, jsonify, render_template, request, send_file
 
-from contracts import redrive_stream
 from sagactl.console import assets, auth, views
 from sagactl.console.monitor import Connections, Monitor, describe
 from sagactl.inspect.common import duration, short_time
-from sagactl.inspect.dead_letters import get_dead_letter, list_dead_letters, redrive
+from sagactl.inspect.dead_letters import get_dead_letter, list_dead_letters, request_redrive
 from sagactl.inspect.diagrams import COMPENSATIONS, order_sequence_diagram
 from sagactl.inspect.orders import STATUSES, order_record, recent_orders
-from sagactl.inspect.partitions import GROUPS, redrive_partition
+from sagactl.inspect.partitions import GROUPS
 from sagactl.inspect.trace import trace_order
 from service_runtime.config import SERVICES
 
@@ -170,63 +169,51 @@ def create_app(
         if group not in (None, *GROUPS):
             group = None
         try:
-            report = list_dead_letters(connections.client(), connections.partitions(), group)
+            report = list_dead_letters(group)
         except Exception as err:
-            connections.reset()
             return unavailable(err)
         return render_template("dead_letters.html", report=report, group=group)
 
-    def letter_or_404(group: str, partition: int, entry_id: str) -> dict[str, Any]:
+    def letter_or_404(group: str, letter_id: int) -> dict[str, Any]:
         if group not in GROUPS:
             abort(404, f"no group {group}")
         try:
-            return get_dead_letter(
-                connections.client(), connections.partitions(), entry_id, group, partition
-            )
+            return get_dead_letter(letter_id, group)
         except click.ClickException as err:
             abort(404, err.message)
 
-    def redrive_target(letter: dict[str, Any]) -> str:
-        partition = redrive_partition(letter["fields"], letter["stream"], connections.partitions())
-        return redrive_stream(letter["group"], partition)
-
-    @app.get("/dead-letters/<group>/<int:partition>/<entry_id>")
-    def dead_letter(group: str, partition: int, entry_id: str) -> Any:
-        letter = letter_or_404(group, partition, entry_id)
+    @app.get("/dead-letters/<group>/<int:letter_id>")
+    def dead_letter(group: str, letter_id: int) -> Any:
+        letter = letter_or_404(group, letter_id)
         return render_template(
-            "dead_letter.html",
-            letter=letter,
-            target=redrive_target(letter),
-            password_file=auth.password_file(),
+            "dead_letter.html", letter=letter, password_file=auth.password_file()
         )
 
-    @app.post("/dead-letters/<group>/<int:partition>/<entry_id>/redrive")
-    def redrive_dead_letter(group: str, partition: int, entry_id: str) -> Any:
-        letter = letter_or_404(group, partition, entry_id)
-        target = redrive_target(letter)
+    @app.post("/dead-letters/<group>/<int:letter_id>/redrive")
+    def redrive_dead_letter(group: str, letter_id: int) -> Any:
+        letter = letter_or_404(group, letter_id)
         problem = None
         if not auth.is_operator(request.form.get("password")):
             time.sleep(0.5)  # a wrong guess costs time
             problem, status = "The operator password is not right: nothing was re-driven.", 403
-        elif request.form.get("confirm") != entry_id:
+        elif request.form.get("confirm") != str(letter_id):
             problem, status = "Tick the confirmation to re-drive: nothing was re-driven.", 400
         if problem:
             return render_template(
                 "dead_letter.html",
                 letter=letter,
-                target=target,
                 password_file=auth.password_file(),
                 problem=problem,
             ), status
         try:
-            moved = redrive(
-                connections.client(), group, connections.partitions(), [entry_id], partition
-            )
+            requested = request_redrive(group, [letter_id])
         except click.ClickException as err:
             return render_template(
-                "redriven.html", letter=letter, moved=[], failure=err.message
+                "redriven.html", letter=letter, requested=[], failure=err.message
             ), 409
-        return render_template("redriven.html", letter=letter, moved=moved, failure=None)
+        return render_template(
+            "redriven.html", letter=letter, requested=requested, failure=None
+        )
 
     # -- assets ------------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ stream, so entries of several partitions are ordered with `id_key`, never as tex
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -19,11 +18,8 @@ from contracts import (
     STREAM_OF_PRODUCER,
     SUBSCRIPTIONS,
     base_of,
-    dead_letter_stream,
     partition_index,
-    partition_of,
     partition_stream,
-    redrive_stream,
 )
 from sagactl.inspect.common import iso, open_db
 from service_runtime.ownership import owners
@@ -45,17 +41,14 @@ def id_key(entry_id: str) -> tuple[int, int]:
     return int(millis), int(seq or 0)
 
 
-def dead_letter_base(group: str) -> str:
-    return f"{group}.dead-letters"
-
-
 def redrive_base(group: str) -> str:
     return f"{group}.redrive"
 
 
 def all_bases() -> list[str]:
-    """Every base stream: the events, then each group's re-drives and dead letters."""
-    per_group = [name for g in GROUPS for name in (redrive_base(g), dead_letter_base(g))]
+    """Every base stream: the events, then each group's re-drive stream (dead letters are rows
+    of each group's database, not streams)."""
+    per_group = [redrive_base(g) for g in GROUPS]
     return [*EVENT_BASES, *per_group]
 
 
@@ -123,43 +116,6 @@ def owner_text(lease: dict[str, Any]) -> str:
     if lease["owner"] is None:
         return "-"
     return lease["owner"] if lease["live"] else f"({lease['owner']})"
-
-
-# -- dead letters --------------------------------------------------------------------------------
-
-
-def redrive_partition(fields: dict[str, str], source: str, partitions: int) -> int:
-    """The partition a dead letter goes back to: its original stream's partition, else its
-    order's, else the partition of the dead-letter stream it is in."""
-    index = partition_index(fields.get("original_stream", ""))
-    if index is not None and index < partitions:
-        return index
-    if fields.get("aggregate_id"):
-        return partition_of(fields["aggregate_id"], partitions)
-    return partition_index(source) or 0
-
-
-def redrive_target(group: str, fields: dict[str, str], source: str, partitions: int) -> str:
-    return redrive_stream(group, redrive_partition(fields, source, partitions))
-
-
-def find_entries(
-    client: redis.Redis, streams: Iterable[str], entry_id: str
-) -> list[tuple[str, dict[str, str]]]:
-    """(stream, fields) of every stream among `streams` holding an entry with this id."""
-    streams = list(streams)
-    pipe = client.pipeline(transaction=False)
-    for stream in streams:
-        pipe.xrange(stream, min=entry_id, max=entry_id, count=1)
-    return [
-        (stream, found[0][1])
-        for stream, found in zip(streams, pipe.execute(), strict=True)
-        if found
-    ]
-
-
-def dead_letter_streams(groups: Iterable[str], partitions: int) -> list[str]:
-    return [dead_letter_stream(g, p) for g in groups for p in range(partitions)]
 
 
 def scan_for_events(

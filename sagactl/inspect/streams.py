@@ -14,10 +14,10 @@ import redis
 from contracts import (
     ENVELOPE_FIELDS,
     base_of,
-    dead_letter_stream,
     group_streams,
     partition_index,
 )
+from sagactl.inspect import dead_letters
 from sagactl.inspect.common import (
     duration,
     entry_time,
@@ -63,23 +63,11 @@ def as_pairs(reply: Any) -> list[tuple[str, list[Entry]]]:
 
 # -- saga streams ------------------------------------------------------------------------------
 
-# A group's dead letters come from all the streams it reads; counting them per stream means
-# reading the dead-letter streams, so only up to this many (a long one keeps its total only).
-DEAD_LETTER_SCAN_LIMIT = 10_000
 
-
-def dead_letter_origins(client: redis.Redis, group: str, partitions: int) -> Counter[str] | None:
-    """How many of group's dead letters came from each (partition) stream; None if too many."""
-    sources = [dead_letter_stream(group, p) for p in range(partitions)]
-    if sum(client.xlen(source) for source in sources) > DEAD_LETTER_SCAN_LIMIT:
-        return None
-    origins: Counter[str] = Counter()
-    for source in sources:
-        start = "-"
-        while page := client.xrange(source, min=start, max="+", count=1000):
-            origins.update(fields.get("original_stream", "?") for _id, fields in page)
-            start = f"({page[-1][0]}"
-    return origins
+def dead_letter_origins(group: str) -> Counter[str]:
+    """How many of group's dead letters (not re-driven) came from each partition stream (rows
+    of the group's own database)."""
+    return Counter(dead_letters.open_by_stream(group))
 
 
 def stream_report(
@@ -208,7 +196,7 @@ def partition_summary(
 
 def streams_report(client: redis.Redis, partitions: int) -> dict[str, Any]:
     """Everything `saga streams` shows, for JSON and for the tables."""
-    origins = {group: dead_letter_origins(client, group, partitions) for group in GROUPS}
+    origins = {group: dead_letter_origins(group) for group in GROUPS}
     by_stream: dict[str, dict[str, Any]] = {}
     bases = []
     for base in all_bases():
@@ -218,8 +206,9 @@ def streams_report(client: redis.Redis, partitions: int) -> dict[str, Any]:
     groups = []
     for group in GROUPS:
         leases = group_owners(group)
+        dead_by_partition = dead_letters.open_by_partition(group)
         for p in range(partitions):
-            dead = by_stream[dead_letter_stream(group, p)]["length"]
+            dead = dead_by_partition.get(p, 0)
             groups.append(partition_summary(group, p, leases.get(p, NO_OWNER), by_stream, dead))
     return {"partitions": partitions, "streams": bases, "groups": groups}
 

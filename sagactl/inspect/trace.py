@@ -4,8 +4,8 @@ Every event of an order's saga carries the order id as its correlation id, so ea
 outbox gives the events it produced (committed_at, published_at) and each subscribing
 group's inbox tells when that group processed them. The events are found in the order's
 partition streams (`orders.events.{pN}`, N = partition_of(order id)) with their entry ids; an
-event a group gave up on is found in that group's dead letters of the same partition and shown
-as dead-lettered, with the dead letter's entry id. Outbox and inbox rows are pruned after
+event a group gave up on is found in that group's dead letters (its own database) and shown
+as dead-lettered, with the dead letter's number. Outbox and inbox rows are pruned after
 their retention window: an old order shows its current state but a shorter timeline.
 """
 
@@ -20,7 +20,6 @@ import click
 from contracts import (
     STREAM_OF_PRODUCER,
     SUBSCRIPTIONS,
-    dead_letter_stream,
     partition_of,
     partition_stream,
 )
@@ -124,7 +123,7 @@ def trace_order(
                 failures[(group, event_id)] = (attempts, error)
     client = open_redis() if client is None else client
     _find_entries(client, events)
-    dead = _find_dead_letters(client, events, processed, partitions)
+    dead = _find_dead_letters(events, processed)
     events.sort(key=lambda e: e["committed_at"])
     for event in events:
         event["commit_to_publish_ms"] = _hop_ms(event["committed_at"], event["published_at"])
@@ -181,23 +180,25 @@ def _find_entries(client: Any, events: list[dict[str, Any]]) -> None:
 
 
 def _find_dead_letters(
-    client: Any,
-    events: list[dict[str, Any]],
-    processed: dict[tuple[str, str], Any],
-    partitions: int,
-) -> dict[tuple[str, str], dict[str, str]]:
-    """(group, event_id) -> {stream, id} of the dead letter, for events not processed."""
-    wanted: dict[str, dict[str, set[str]]] = {}  # group -> dead-letter stream -> event ids
+    events: list[dict[str, Any]], processed: dict[tuple[str, str], Any]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """(group, event_id) -> {id, stream, entry_id} of its dead letter (in the group's own
+    database), for events not processed."""
+    wanted: dict[str, list[str]] = {}
     for event in events:
         for group in subscribers(event["producer"]):
             if (group, event["event_id"]) not in processed:
-                stream = dead_letter_stream(group, partition_of(event["aggregate_id"], partitions))
-                wanted.setdefault(group, {}).setdefault(stream, set()).add(event["event_id"])
-    dead: dict[tuple[str, str], dict[str, str]] = {}
-    for group, streams in wanted.items():
-        for stream, event_ids in streams.items():
-            for event_id, entry_id in scan_for_events(client, stream, event_ids).items():
-                dead[(group, event_id)] = {"stream": stream, "id": entry_id}
+                wanted.setdefault(group, []).append(event["event_id"])
+    dead: dict[tuple[str, str], dict[str, Any]] = {}
+    for group, event_ids in wanted.items():
+        with open_db(group) as conn:
+            for letter_id, event_id, stream, entry_id in conn.execute(
+                "SELECT id, event_id, stream, entry_id FROM dead_letters"
+                " WHERE consumer_group = %s AND event_id = ANY(%s) AND redriven_at IS NULL"
+                " ORDER BY id",
+                (group, event_ids),
+            ):
+                dead[(group, event_id)] = {"id": letter_id, "stream": stream, "entry_id": entry_id}
     return dead
 
 

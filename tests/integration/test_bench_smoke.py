@@ -16,6 +16,7 @@ from benchmarks import (
     relay_latency,
     report,
 )
+from tests.conftest import cluster_tests_enabled
 
 
 def assert_percentiles(figures: dict) -> None:
@@ -127,3 +128,25 @@ def test_consumer_counts_parse_as_a_list_or_repeated():
 
     assert _counts(None, None, ("1,2", "4", "2")) == (1, 2, 4)  # type: ignore[arg-type]
     assert _counts(None, None, ()) == (1,)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(cluster_tests_enabled(), reason="a replica of the one embedded Redis")
+def test_relay_per_durability_mode(clean_state):
+    from benchmarks import relay_durability
+
+    results = relay_durability.measure(
+        clean_state.db_urls["orders"],
+        clean_state.redis_url,
+        rows=200,
+        rate=50,
+        seconds=1,
+        batch_size=50,
+        partitions=8,
+    )
+    assert set(results) == {"ack", "replicas:1", "fsync"}
+    for mode in ("ack", "replicas:1"):
+        assert results[mode]["drain"]["stream_length"] == 200, mode
+        assert results[mode]["latency"]["missing"] == 0, mode
+    if "unsupported" in results["fsync"]:  # Redis before 7.2: the relay's own start-up error
+        assert "7.2 or later" in results["fsync"]["unsupported"]
+    assert "RELAY_DURABILITY" in report._durability_section(results)

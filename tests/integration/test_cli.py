@@ -15,9 +15,7 @@ import redis as redis_lib
 from click.testing import CliRunner, Result
 
 from contracts import (
-    ENVELOPE_FIELDS,
     ORDERS_EVENTS,
-    dead_letter_stream,
     partition_of,
     partition_stream,
     redrive_stream,
@@ -283,7 +281,8 @@ def test_tail_decodes_filters_and_follows_across_partitions(shop):
 
     text = saga("tail", "billing.events").output
     assert "PaymentCaptured" in text and order_id in text and '"amount_cents":300' in text
-    assert "no entries" in saga("tail", "orders.dead-letters").output  # known, not written yet
+    assert "no entries" in saga("tail", "orders.redrive").output  # known, not written yet
+    assert "no stream named" in failed("tail", "orders.dead-letters")  # rows in a database now
     assert "no stream named" in failed("tail", "nope.events")
     assert "no stream named" in failed("tail", partition_stream(ORDERS_EVENTS, P))
 
@@ -463,25 +462,33 @@ def failing_inventory(shop) -> tuple[list[PartitionWorker], Counter, dict]:
 
 
 def test_trace_shows_a_dead_lettered_event_with_its_dead_letter_id(shop):
-    """Issue 9 item 16: a dead-lettered event is "dead-lettered <entry id>", not "not yet"."""
+    """Issue 9 item 16: a dead-lettered event is "dead-lettered <id>", not "not yet"."""
     workers, outcomes, _broken = failing_inventory(shop)
     order_id = shop.place("alice", [("apple", 2)])
     shop.publish("orders")
     assert drain(workers) == 1 and outcomes["dead_lettered"] == 1
-    ((dead_id, _fields),) = shop.redis.xrange(dead_letter_stream("inventory", part(order_id)))
+    ((letter_id, entry_id),) = dead_letter_rows(shop, "inventory")
 
     report = saga_json("trace", order_id)
     placed = {d["group"]: d for d in report["events"][0]["deliveries"]}
     assert placed["inventory"]["status"] == "dead_lettered"
     assert placed["inventory"]["dead_letter"] == {
-        "stream": dead_letter_stream("inventory", part(order_id)),
-        "id": dead_id,
+        "id": letter_id,
+        "stream": partition_stream(ORDERS_EVENTS, part(order_id)),
+        "entry_id": entry_id,
     }
     assert placed["inventory"]["failed_attempts"] == 1
     assert "stock database on fire" in placed["inventory"]["last_error"]
     text = saga("trace", order_id).output
-    assert f"dead-lettered {dead_id}" in text
+    assert f"dead-lettered {letter_id}" in text
     assert "not yet" not in text
+
+
+def dead_letter_rows(shop, group: str) -> list[tuple[int, str]]:
+    with psycopg.connect(shop.db_urls[group]) as conn:
+        return conn.execute(
+            "SELECT id, entry_id FROM dead_letters WHERE consumer_group = %s ORDER BY id", (group,)
+        ).fetchall()
 
 
 def test_dead_letters_list_show_and_redrive_to_the_failing_group_only(shop):
@@ -497,11 +504,11 @@ def test_dead_letters_list_show_and_redrive_to_the_failing_group_only(shop):
     assert letters["totals"] == {"orders": 0, "inventory": 1, "billing": 0}
     (letter,) = letters["dead_letters"]
     assert letter["group"] == "inventory"
-    assert (letter["partition"], letter["stream"]) == (p, dead_letter_stream("inventory", p))
+    assert (letter["partition"], letter["stream"]) == (p, partition_stream(ORDERS_EVENTS, p))
     assert letter["event_type"] == "OrderPlaced"
     assert letter["correlation_id"] == order_id
     assert letter["original_stream"] == partition_stream(ORDERS_EVENTS, p)
-    assert letter["attempts"] == 1
+    assert letter["attempts"] == 1 and letter["state"] == "dead"
     assert "stock database on fire" in letter["error"]
     assert "stock database on fire" in saga("dead-letters", "list", "inventory").output
     assert saga_json("dead-letters", "list", "--partition", str((p + 1) % P))["dead_letters"] == []
@@ -521,48 +528,75 @@ def test_dead_letters_list_show_and_redrive_to_the_failing_group_only(shop):
     assert counts[(partition_stream(ORDERS_EVENTS, p), "billing")] == 0
     assert "no dead letters" in saga("dead-letters", "list", "billing").output
 
-    shown = saga_json("dead-letters", "show", letter["id"])
+    shown = saga_json("dead-letters", "show", str(letter["id"]))
     assert shown["group"] == "inventory" and shown["partition"] == p
     assert shown["payload"]["order_id"] == order_id
     assert shown["fields"]["original_id"] == letter["original_id"]
-    text = saga("dead-letters", "show", letter["id"], "--group", "inventory").output
+    text = saga("dead-letters", "show", str(letter["id"]), "--group", "inventory").output
     assert "RuntimeError: stock database on fire" in text and order_id in text
-    assert "no dead letter" in failed("dead-letters", "show", "1-1")
-    assert "not a stream entry id" in failed("dead-letters", "show", "abc")
+    assert "no dead letter" in failed("dead-letters", "show", "999")
+    assert "abc" in failed("dead-letters", "show", "abc")
 
-    assert "no dead letter 1-1" in failed("dead-letters", "redrive", "1-1", "--group", "inventory")
-    assert shop.redis.xlen(dead_letter_stream("inventory", p)) == 1  # nothing moved
+    assert "no dead letter 999" in failed("dead-letters", "redrive", "999", "--group", "inventory")
     assert failed("dead-letters", "redrive", "--group", "inventory")  # neither ids nor --all
 
+    # Redis loses everything: the dead letter is in inventory's database, untouched
     orders_length = stream_total(shop.redis, ORDERS_EVENTS)
-    moved = saga_json("dead-letters", "redrive", letter["id"], "--group", "inventory")
-    assert [(m["id"], m["stream"]) for m in moved["redriven"]] == [
-        (letter["id"], redrive_stream("inventory", p))
+    requested = saga_json("dead-letters", "redrive", str(letter["id"]), "--group", "inventory")
+    assert [(m["id"], m["partition"]) for m in requested["redrive_requested"]] == [
+        (letter["id"], p)
     ]
-    assert shop.redis.xlen(dead_letter_stream("inventory", p)) == 0
-    ((_, fields),) = shop.redis.xrange(redrive_stream("inventory", p))
-    # the original envelope, and where it came from (not the dead letter's error and counts)
-    assert set(fields) == {*ENVELOPE_FIELDS, "original_stream", "original_id"}
-    assert fields["original_stream"] == partition_stream(ORDERS_EVENTS, p)
-    assert stream_total(shop.redis, ORDERS_EVENTS) == orders_length  # originals untouched
+    assert saga_json("dead-letters", "list")["dead_letters"][0]["state"] == "redrive requested"
+    assert stream_total(shop.redis, ORDERS_EVENTS) == orders_length  # nothing written to Redis
+    assert shop.redis.xlen(redrive_stream("inventory", p)) == 0
+
+    # still broken: the re-drive fails, is recorded, and the dead letter stays one
+    assert sum(w.redrive_requested() for w in workers) == 1
+    (again,) = saga_json("dead-letters", "list")["dead_letters"]
+    assert (again["state"], again["attempts"], again["redrives"]) == ("dead", 2, 1)
+    assert again["redrive_outcome"].startswith("re-drive failed")
 
     # billing, the other group on orders.events, never sees it again
     assert shop.deliver("billing") == 0
-    # inventory, fixed, handles it from its re-drive stream, and the saga completes
+    # inventory, fixed, handles it when re-driven, and the saga completes
     broken["failing"] = False
-    assert drain(workers) == 1
+    saga("dead-letters", "redrive", "--all", "--group", "inventory")
+    assert sum(w.redrive_requested() for w in workers) == 1
     assert outcomes["processed"] == 1
-    with psycopg.connect(shop.db_urls["inventory"]) as conn:
-        stream = conn.execute(
-            "SELECT stream FROM inbox WHERE consumer_group = 'inventory'"
-            " AND event_type = 'OrderPlaced'"
-        ).fetchone()[0]
-    assert stream == redrive_stream("inventory", p)
+    assert saga_json("dead-letters", "list")["dead_letters"] == []
+    (done,) = saga_json("dead-letters", "list", "--all")["dead_letters"]
+    assert (done["state"], done["redrive_outcome"], done["redrives"]) == (
+        "re-driven",
+        "re-driven: processed",
+        2,
+    )
+    assert "re-driven already" in failed(
+        "dead-letters", "redrive", str(letter["id"]), "--group", "inventory"
+    )
     shop.settle()
     assert shop.order(order_id)["status"] == "confirmed"
 
 
-def test_redrive_all_takes_only_what_is_there_now(shop):
+def test_dead_letters_survive_redis_losing_its_data_and_can_be_redriven(shop):
+    workers, outcomes, broken = failing_inventory(shop)
+    order_id = shop.place("alice", [("apple", 2)])
+    shop.publish("orders")
+    assert drain(workers) == 1 and outcomes["dead_lettered"] == 1
+    shop.redis.flushall()
+    assert saga_json("dead-letters", "list")["totals"]["inventory"] == 1
+    broken["failing"] = False
+    saga("dead-letters", "redrive", "--all", "--group", "inventory")
+    assert sum(w.redrive_requested() for w in workers) == 1
+    assert outcomes["processed"] == 1
+    assert saga_json("dead-letters", "list")["totals"]["inventory"] == 0
+    with psycopg.connect(shop.db_urls["inventory"]) as conn:
+        (status,) = conn.execute(
+            "SELECT status FROM reservations WHERE order_id = %s", (order_id,)
+        ).fetchone()
+    assert status == "held"
+
+
+def test_a_contract_breaking_entry_redriven_fails_again_and_stays_a_dead_letter(shop):
     # An entry that breaks its contract: every group that handles its type dead-letters it
     # at once (inventory and billing both react to OrderCancelled).
     order_id = str(uuid.uuid4())
@@ -576,38 +610,20 @@ def test_redrive_all_takes_only_what_is_there_now(shop):
     assert letters["totals"] == {"orders": 0, "inventory": 1, "billing": 1}
     assert all(d["error"].startswith("contract:") for d in letters["dead_letters"])
     old_id = next(d["id"] for d in letters["dead_letters"] if d["group"] == "billing")
-    shown = saga_json("dead-letters", "show", old_id, "--group", "billing")
+    shown = saga_json("dead-letters", "show", str(old_id), "--group", "billing")
     assert shown["payload"] == "{not json"
+    if old_id == next(d["id"] for d in letters["dead_letters"] if d["group"] == "inventory"):
+        assert "say which" in failed("dead-letters", "show", str(old_id))
 
     text = saga("dead-letters", "redrive", "--all", "--group", "billing").output
-    assert "1 re-driven to billing" in text and redrive_stream("billing", p) in text
-    # still broken: billing dead-letters it again, under a new id; inventory's stays put
-    assert shop.deliver("billing") == 1
-    again = saga_json("dead-letters", "list", "billing")["dead_letters"]
-    assert len(again) == 1 and again[0]["id"] != old_id
-    # it still points at the entry it came from, in the partition it belongs to
-    assert again[0]["original_stream"] == partition_stream(ORDERS_EVENTS, p)
-    assert again[0]["partition"] == p
-    assert shop.redis.xlen(dead_letter_stream("inventory", p)) == 1
+    assert "1 re-drive requests recorded for billing" in text
+    assert sum(w.redrive_requested() for w in shop.consumers["billing"]) == 1
+    (again,) = saga_json("dead-letters", "list", "billing")["dead_letters"]
+    assert (again["id"], again["state"], again["redrives"]) == (old_id, "dead", 1)
+    assert again["partition"] == p
+    assert saga_json("dead-letters", "list", "inventory")["totals"]["inventory"] == 1
     nothing = saga("dead-letters", "redrive", "--all", "--group", "orders").output
-    assert "no dead letters for orders" in nothing
-
-
-def test_redrive_of_an_id_in_two_partitions_asks_which(shop):
-    """Entry ids are unique per stream only: the same id in two partitions is ambiguous."""
-    for partition in (1, 2):
-        shop.redis.xadd(
-            dead_letter_stream("orders", partition),
-            {"event_type": "PaymentCaptured", "error": "x", "attempts": "1"},
-            id="1000-1",
-        )
-    assert "say which" in failed("dead-letters", "show", "1000-1")
-    assert "say which" in failed("dead-letters", "redrive", "1000-1", "--group", "orders")
-    assert shop.redis.xlen(dead_letter_stream("orders", 1)) == 1  # nothing moved
-    moved = saga_json("dead-letters", "redrive", "1000-1", "--group", "orders", "-p", "2")
-    assert [m["stream"] for m in moved["redriven"]] == [redrive_stream("orders", 2)]
-    assert shop.redis.xlen(dead_letter_stream("orders", 2)) == 0
-    assert shop.redis.xlen(dead_letter_stream("orders", 1)) == 1
+    assert "no dead letters to re-drive for orders" in nothing
 
 
 def test_redrive_of_ids_in_several_partitions_moves_each_within_its_partition(shop):
@@ -658,7 +674,7 @@ def test_redrive_of_a_dead_letter_filed_under_another_partition(shop):
 
 def test_unreachable_servers_give_one_clear_line(cli_env, monkeypatch):
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
-    for command in (["streams"], ["tail", ORDERS_EVENTS], ["dead-letters", "list"]):
+    for command in (["streams"], ["tail", ORDERS_EVENTS]):
         output = failed(*command)
         assert "cannot reach Redis at 127.0.0.1:" in output
         assert len(output.strip().splitlines()) == 1
@@ -667,6 +683,7 @@ def test_unreachable_servers_give_one_clear_line(cli_env, monkeypatch):
     monkeypatch.setenv("ORDERS_DATABASE_URL", f"postgresql://nobody@127.0.0.1:{free_port()}/x")
     assert "cannot reach the orders database" in failed("outbox")
     assert "cannot reach the orders database" in failed("trace", str(uuid.uuid4()))
+    assert "cannot reach the orders database" in failed("dead-letters", "list")
 
     monkeypatch.delenv("REDIS_URL")  # and no stack.env in SAGA_RUN_DIR either
     assert "REDIS_URL is not set" in failed("streams")

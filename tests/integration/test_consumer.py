@@ -21,7 +21,6 @@ from prometheus_client import REGISTRY
 from contracts import (
     ORDERS_EVENTS,
     Envelope,
-    dead_letter_stream,
     encode_entry,
     partition_of,
     partition_stream,
@@ -137,8 +136,16 @@ def pending_ids(redis_client, partition: int = 0) -> list[str]:
     return [info["message_id"] for info in pending(redis_client, partition)]
 
 
-def dead_letters(redis_client, partition: int = 0) -> list[dict[str, str]]:
-    return [fields for _id, fields in redis_client.xrange(dead_letter_stream(GROUP, partition))]
+def dead_letters(db, partition: int = 0) -> list[dict[str, str]]:
+    """The group's dead letters of a partition, from its own database (their records)."""
+    return [
+        row[0]
+        for row in db.execute(
+            "SELECT fields FROM dead_letters WHERE consumer_group = %s AND partition = %s"
+            " ORDER BY id",
+            (GROUP, partition),
+        )
+    ]
 
 
 def sample(name: str, **labels: str) -> float:
@@ -366,7 +373,7 @@ def test_a_handler_that_always_fails_is_dead_lettered_then_the_partition_flows_o
     drain([worker])
 
     assert poison.calls == [bad.event_id] * 3
-    [letter] = dead_letters(redis_client)
+    [letter] = dead_letters(db)
     for name, value in encode_entry(bad).items():
         assert letter[name] == value
     assert letter["original_stream"] == stream_of(bad)
@@ -386,7 +393,7 @@ def test_a_contract_invalid_entry_is_dead_lettered_at_once(db, redis_client, mak
     fields["event_id"] = "not-a-uuid"
     entry_id = redis_client.xadd(stream_of(env), fields)
     worker.step()
-    [letter] = dead_letters(redis_client)
+    [letter] = dead_letters(db)
     assert letter["original_id"] == entry_id
     assert letter["attempts"] == "1"
     assert letter["error"].startswith("contract: event_id is not a UUID")
@@ -475,7 +482,7 @@ def test_attempts_are_counted_across_owners_and_the_new_owner_dead_letters_at_th
     new = take_over(redis_client, pool, pool, {"OrderPlaced": handler}, 0, max_deliveries=3)
     assert pending(redis_client)[0]["consumer"] == "new"
     new.step()  # the third attempt overall: the last one
-    [letter] = dead_letters(redis_client)
+    [letter] = dead_letters(db)
     assert (letter["original_id"], letter["attempts"]) == (entry_id, "3")
     assert pending(redis_client) == []
     assert applied(db) == 0
@@ -617,7 +624,7 @@ def test_a_real_deadlock_between_two_partitions_batches_resolves_as_a_conflict(
     assert dict(db.execute("SELECT key, n FROM test_counters").fetchall()) == {"x": 2, "y": 2}
     assert len(inbox_rows(db)) == 4
     assert failures(db) == {}
-    assert dead_letters(redis_client, 0) == [] and dead_letters(redis_client, 1) == []
+    assert dead_letters(db, 0) == [] and dead_letters(db, 1) == []
     assert pending(redis_client, 0) == [] and pending(redis_client, 1) == []
     assert "deadlock detected" in caplog.text
     assert "waiting for dependencies" not in caplog.text
@@ -659,7 +666,7 @@ def test_a_database_outage_costs_no_attempt_and_the_loop_resumes(
         background.start("worker", worker.run)
         wait_until(lambda: switch.refused >= 3)
         # down: not dead-lettered although max_deliveries is 1, nothing counted, still pending
-        assert dead_letters(redis_client) == []
+        assert dead_letters(db) == []
         assert failures(db) == {}
         assert pending_ids(redis_client) == [entry_id]
         switch.down.clear()
@@ -667,7 +674,7 @@ def test_a_database_outage_costs_no_attempt_and_the_loop_resumes(
     assert sample("saga_consumer_outages_total", group=GROUP) >= outages + 3
     assert "waiting for dependencies" in caplog.text
     wait_until(lambda: pending(redis_client) == [])
-    assert failures(db) == {} and dead_letters(redis_client) == []
+    assert failures(db) == {} and dead_letters(db) == []
 
 
 def test_run_consumes_until_stopped(db, redis_client, make_worker, background) -> None:

@@ -18,7 +18,6 @@ from contracts import (
     ContractError,
     Envelope,
     base_of,
-    dead_letter_stream,
     decode_entry,
     encode_entry,
     group_streams,
@@ -261,10 +260,9 @@ def test_every_group_reads_the_other_services_streams_only():
         assert set(streams) <= set(STREAM_OF_PRODUCER.values())
 
 
-def test_dead_letter_and_redrive_streams_are_per_group_and_partition():
-    assert dead_letter_stream("inventory", 3) == "inventory.dead-letters.{p3}"
+def test_redrive_streams_are_per_group_and_partition():
     assert redrive_stream("inventory", 3) == "inventory.redrive.{p3}"
-    assert dead_letter_stream("orders", 1) != dead_letter_stream("billing", 1)
+    assert redrive_stream("orders", 1) != redrive_stream("billing", 1)
 
 
 def test_partition_of_is_crc32_of_the_order_id_and_stable():
