@@ -566,7 +566,10 @@ class PartitionWorker:
             self._check_producer(item, envelope)
             with self.pool.connection() as conn, conn.transaction():
                 fence(conn, self.settings.group, self.lease)
-                outcome, emitted = self._apply(conn, item)
+                # the same inbox rule as any delivery: an event applied before is not again
+                fresh = bool(self._insert_inbox(conn, [item]))
+                emitted = self._apply(conn, item) if fresh else []
+                outcome = "processed" if fresh else "duplicate"
                 conn.execute(_REDRIVEN, (f"re-driven: {outcome}", letter_id))
         except Exception as err:
             kind = classify(err)

@@ -77,18 +77,20 @@ def open_redis() -> RedisClient:
 
 
 @contextmanager
-def open_db(service: str) -> Iterator[psycopg.Connection]:
+def open_db(service: str, *, writes: bool = False) -> Iterator[psycopg.Connection]:
     """An autocommit connection to one service's database, read-only: inspection (the CLI and
-    the console) never writes to a service's database."""
-    with connect_db(service) as conn:
+    the console) never writes to a service's database. The one exception, `writes=True`, is an
+    operator's request recorded for the service to carry out (a dead letter's re-drive)."""
+    with connect_db(service, writes=writes) as conn:
         yield conn
 
 
-def connect_db(service: str) -> psycopg.Connection:
+def connect_db(service: str, *, writes: bool = False) -> psycopg.Connection:
     """What `open_db` yields, for a caller that keeps it open (the console's sampler)."""
     url = config.database_url(service)
+    options = "" if writes else READ_ONLY_OPTIONS
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=5, options=READ_ONLY_OPTIONS)
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=5, options=options)
     except psycopg.OperationalError as err:
         text = str(err).strip()
         reason = text.splitlines()[0].strip() if text else "unreachable"

@@ -277,7 +277,7 @@ def request_redrive(
     if partition is not None:
         where += " AND partition = %s"
         params += (partition,)
-    with open_db(group) as conn, conn.transaction():
+    with open_db(group, writes=True) as conn, conn.transaction():
         if ids is not None:
             known = {
                 row[0]: row[1:]

@@ -333,7 +333,7 @@ def test_a_dead_letter_is_redriven_after_its_cause_is_fixed(
     browser.find_element(By.ID, "confirm").click()
     browser.find_element(By.CSS_SELECTOR, "#redrive-form button[type='submit']").click()
     outcome = _wait_for(browser, "#redrive-outcome").text
-    assert "Re-driven" in outcome and "inventory.redrive.{p" in outcome, outcome
+    assert "Re-drive requested" in outcome and "OrderCancelled" in outcome, outcome
     assert password not in browser.page_source
     chromium_browser.screenshot(browser, "redriven")
 

@@ -30,7 +30,6 @@ from sagactl.inspect.streams import follow_entries
 from sagactl.main import cli
 from service_runtime.consumer import ConsumerSettings, PartitionWorker
 from service_runtime.ownership import PartitionLeases
-from service_runtime.redis_client import is_cluster
 from tests.helpers import EXPIRE_LEASES, stream_total, wait_until
 from tests.partition_steps import drain, own_partitions
 
@@ -624,52 +623,6 @@ def test_a_contract_breaking_entry_redriven_fails_again_and_stays_a_dead_letter(
     assert saga_json("dead-letters", "list", "inventory")["totals"]["inventory"] == 1
     nothing = saga("dead-letters", "redrive", "--all", "--group", "orders").output
     assert "no dead letters to re-drive for orders" in nothing
-
-
-def test_redrive_of_ids_in_several_partitions_moves_each_within_its_partition(shop):
-    """One transaction per partition (its keys share a hash tag: one slot on a cluster too);
-    every id is looked up first, so an unknown one among them moves nothing."""
-    ids = {
-        partition: shop.redis.xadd(
-            dead_letter_stream("orders", partition),
-            {"event_type": "PaymentCaptured", "error": "x", "attempts": "1"},
-            id=f"{1000 + partition}-1",  # ids are unique per stream only: distinct ones here
-        )
-        for partition in (1, 2, 5)
-    }
-    assert "no dead letter 1-1" in failed(
-        "dead-letters", "redrive", ids[1], "1-1", "--group", "orders"
-    )
-    assert saga_json("dead-letters", "list", "orders")["totals"] == {"orders": 3}
-    moved = saga_json("dead-letters", "redrive", *ids.values(), "--group", "orders")["redriven"]
-    assert {(m["id"], m["stream"]) for m in moved} == {
-        (entry_id, redrive_stream("orders", partition)) for partition, entry_id in ids.items()
-    }
-    for partition in ids:
-        assert shop.redis.xlen(dead_letter_stream("orders", partition)) == 0
-        assert shop.redis.xlen(redrive_stream("orders", partition)) == 1
-
-
-
-def test_redrive_of_a_dead_letter_filed_under_another_partition(shop):
-    """The consumer files a dead letter under its original stream's partition; one written by
-    hand elsewhere goes back to that partition too, in one MULTI on one Redis. A cluster
-    cannot span the two slots in one transaction: it says so and moves nothing."""
-    source = dead_letter_stream("orders", 1)
-    original = partition_stream("inventory.events", 4)
-    shop.redis.xadd(source, {"event_type": "StockReserved", "original_stream": original}, id="7-1")
-    if not is_cluster(shop.redis):
-        moved = saga_json("dead-letters", "redrive", "7-1", "--group", "orders")["redriven"]
-        assert [m["stream"] for m in moved] == [redrive_stream("orders", 4)]
-        assert shop.redis.xlen(source) == 0
-        return
-    assert "cannot move them in one transaction" in failed(
-        "dead-letters", "redrive", "--all", "--group", "orders"
-    )
-    assert shop.redis.xlen(source) == 1
-    assert shop.redis.xlen(redrive_stream("orders", 4)) == 0
-
-# -- errors ------------------------------------------------------------------------------------
 
 
 def test_unreachable_servers_give_one_clear_line(cli_env, monkeypatch):

@@ -135,12 +135,15 @@ def client(monkeypatch, tmp_path):
     letter = {
         "group": "inventory",
         "partition": 2,
-        "stream": "inventory.dead-letters.{p2}",
-        "id": "5-0",
-        "fields": {"original_stream": "orders.events.{p2}", "event_type": "OrderPlaced"},
+        "stream": "orders.events.{p2}",
+        "entry_id": "5-0",
+        "id": 7,
+        "fields": {"event_type": "OrderPlaced"},
         "payload": {},
         "event_type": "OrderPlaced",
         "error": "boom",
+        "state": "dead",
+        "redrive_outcome": None,
         "correlation_id": None,
     }
     redriven: list[Any] = []
@@ -154,21 +157,20 @@ def client(monkeypatch, tmp_path):
 
     monkeypatch.setattr(console_app, "get_dead_letter", lambda *a, **k: letter)
 
-    def redrive(_client, group, partitions, ids, partition):
-        redriven.append((group, ids, partition))
+    def request_redrive(group, ids):
+        redriven.append((group, ids))
         return [
             {
-                "id": "5-0",
+                "id": 7,
                 "partition": 2,
-                "from": letter["stream"],
-                "stream": "inventory.redrive.{p2}",
-                "redrive_id": "9-0",
+                "stream": "orders.events.{p2}",
+                "entry_id": "5-0",
                 "event_type": "OrderPlaced",
                 "event_id": "e",
             }
         ]
 
-    monkeypatch.setattr(console_app, "redrive", redrive)
+    monkeypatch.setattr(console_app, "request_redrive", request_redrive)
     app = console_app.create_app(port=8000, connections=FakeConnections())
     app.testing = True
     test_client = app.test_client()
@@ -178,11 +180,11 @@ def client(monkeypatch, tmp_path):
 
 def test_only_loopback_host_names_are_answered(client):
     assert (
-        client.get("/dead-letters/inventory/2/5-0", base_url="http://127.0.0.1:8000").status_code
+        client.get("/dead-letters/inventory/7", base_url="http://127.0.0.1:8000").status_code
         == 200
     )
     assert (
-        client.get("/dead-letters/inventory/2/5-0", base_url="http://localhost:8000").status_code
+        client.get("/dead-letters/inventory/7", base_url="http://localhost:8000").status_code
         == 200
     )
     assert client.get("/", base_url="http://attacker.example:8000").status_code == 421
@@ -191,16 +193,16 @@ def test_only_loopback_host_names_are_answered(client):
 def test_a_redrive_needs_the_operator_password_and_the_confirmation(client, tmp_path):
     from sagactl.console.auth import operator_password, password_file
 
-    url = "/dead-letters/inventory/2/5-0/redrive"
+    url = "/dead-letters/inventory/7/redrive"
     base = "http://127.0.0.1:8000"
-    wrong = client.post(url, base_url=base, data={"password": "guess", "confirm": "5-0"})
+    wrong = client.post(url, base_url=base, data={"password": "guess", "confirm": "7"})
     assert wrong.status_code == 403 and client.redriven == []
     password = operator_password()
     assert password_file().stat().st_mode & 0o777 == 0o600
     unconfirmed = client.post(url, base_url=base, data={"password": password})
     assert unconfirmed.status_code == 400 and client.redriven == []
-    done = client.post(url, base_url=base, data={"password": password, "confirm": "5-0"})
-    assert done.status_code == 200 and client.redriven == [("inventory", ["5-0"], 2)]
+    done = client.post(url, base_url=base, data={"password": password, "confirm": "7"})
+    assert done.status_code == 200 and client.redriven == [("inventory", [7])]
     body = done.get_data(as_text=True)
-    assert "inventory.redrive.{p2}" in body and password not in body
+    assert "Re-drive requested" in body and "partition 2" in body and password not in body
     assert "default-src 'self'" in done.headers["Content-Security-Policy"]
