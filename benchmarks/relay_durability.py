@@ -28,7 +28,9 @@ def replica_of(redis_url: str) -> Iterator[Any]:
 
     url = urlparse(redis_url)
     run_dir = Path(tempfile.mkdtemp(prefix="saga-bench-replica-"))
-    server = EmbeddedReplica(run_dir, free_port(), url.port or 6379, url.password or "")
+    server = EmbeddedReplica(
+        run_dir, free_port(), url.port or 6379, url.password or "", url.username
+    )
     server.start()
     try:
         if not wait_until(server.in_sync, timeout=30):

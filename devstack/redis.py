@@ -231,9 +231,17 @@ class EmbeddedReplica(EmbeddedRedis):
     RELAY_DURABILITY=replicas:N (bench, tests) and the `redis-failover` chaos fault, where it
     is promoted (REPLICAOF NO ONE) while it may still lag behind its primary."""
 
-    def __init__(self, run_dir: Path | str, port: int, primary_port: int, password: str) -> None:
+    def __init__(
+        self,
+        run_dir: Path | str,
+        port: int,
+        primary_port: int,
+        password: str,
+        user: str | None = None,
+    ) -> None:
         super().__init__(run_dir, port)
         self.primary_port = primary_port
+        self.primary_user = user  # the primary's ACL user to sync as (None: the default user)
         self.__dict__["password"] = password  # the primary's: clients use one URL for both
 
     def _config(self) -> str:
@@ -242,6 +250,7 @@ class EmbeddedReplica(EmbeddedRedis):
         return (
             super()._config().replace("appendonly yes", "appendonly no")
             + f"replicaof 127.0.0.1 {self.primary_port}\n"
+            + (f"masteruser {self.primary_user}\n" if self.primary_user else "")
             + f"masterauth {json.dumps(self.password)}\n"
         )
 

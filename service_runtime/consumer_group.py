@@ -95,8 +95,8 @@ class StreamConsumer:
                 del held[lease.partition]
             for partition in sorted(target - set(held)):
                 lease = self.leases.acquire(conn, partition)
-                if lease is not None:
-                    self._start(lease)
+                if lease is not None and not self._start(lease):
+                    self.leases.release(conn, lease)  # no worker: do not sit on the lease
         PARTITIONS_OWNED.labels(self.settings.group, self.settings.consumer).set(len(self.running))
 
     def shutdown(self) -> None:
@@ -113,10 +113,12 @@ class StreamConsumer:
     def _leases(self) -> list[Lease]:
         return [running.worker.lease for running in self.running.values()]
 
-    def _start(self, lease: Lease) -> None:
+    def _start(self, lease: Lease) -> bool:
+        """Fence the partition in Redis with this lease's epoch and start its worker; False
+        when a higher epoch is already there (a lease table reset under a live deployment)."""
         if not self.fence.claim(self.settings.group, lease.partition, lease.epoch):
             log.warning("partition %s: a newer owner already fenced it", lease.partition)
-            return
+            return False
         worker = PartitionWorker(
             self.redis,
             self.fence,
@@ -140,6 +142,7 @@ class StreamConsumer:
         log.info(
             "%s owns partition %d (epoch %d)", self.settings.consumer, lease.partition, lease.epoch
         )
+        return True
 
     def _run_worker(self, worker: PartitionWorker, stop: threading.Event) -> None:
         try:

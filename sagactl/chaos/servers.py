@@ -146,10 +146,10 @@ class ChaosServers:
         `lag_seconds` behind leaves them: the writes of the last `lag_seconds` are gone, and
         while the data is copied, writes are refused (READONLY: an outage to every process)."""
         self._single_redis_only("redis-failover")
-        from devstack.redis import EmbeddedReplica
+        from devstack.redis import ADMIN_USER, EmbeddedReplica
 
         replica = EmbeddedReplica(
-            self.run_dir / "replica", free_port(), self.redis.port, self.redis.password
+            self.run_dir / "replica", free_port(), self.redis.port, self.redis.password, ADMIN_USER
         )
         replica.start()
         try:

@@ -91,7 +91,7 @@ def replica(clean_state):
 
     url = urlparse(clean_state.redis_url)
     run_dir = Path(tempfile.mkdtemp(prefix="saga-replica-"))
-    server = EmbeddedReplica(run_dir, free_port(), url.port, url.password or "")
+    server = EmbeddedReplica(run_dir, free_port(), url.port, url.password or "", url.username)
     server.start()
     try:
         wait_until(server.in_sync, timeout=20, message="the replica did not sync")
