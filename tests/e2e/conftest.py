@@ -127,7 +127,6 @@ def system(pg_admin_url: str, redis_server_url: str, otlp: OtlpReceiver) -> Iter
         "METRICS_PORT_BASE": str(metrics_base),
         "CONSOLE_PORT": str(console_port),
         "SAGA_RUN_DIR": str(scratch / "run"),
-        "CONSUMER_CLAIM_IDLE_MS": "5000",
         # tracing on, as a user turns it on (README): spans of every process to the receiver
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "200",
