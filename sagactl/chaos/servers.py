@@ -161,6 +161,7 @@ class ChaosServers:
             _empty_data_dir(self.redis.data_dir)
             self.redis.start()
             with self.redis_client(socket_timeout=10) as primary:
+                primary.config_set("masteruser", ADMIN_USER)  # no default user (ACLs)
                 primary.config_set("masterauth", self.redis.password)
                 primary.execute_command("REPLICAOF", "127.0.0.1", str(replica.port))
                 synced = wait_until(lambda: _synced(primary), timeout=60, interval=0.1)
