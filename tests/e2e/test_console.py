@@ -214,7 +214,7 @@ def test_an_order_appears_with_its_rendered_sequence_diagram(console, browser, s
     row_css = f"#orders tr[data-order-id='{order_id}']"
     # The table is live (htmx swaps it): read and click through fresh lookups, not a held element
     wait_until(
-        lambda: "confirmed" in _fresh(lambda: _text_of(browser, row_css)),
+        lambda: "confirmed" in (_fresh(lambda: _text_of(browser, row_css)) or ""),
         timeout=30,
         interval=0.3,
         message=f"no confirmed {row_css} on {browser.current_url}",
