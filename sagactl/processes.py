@@ -25,6 +25,7 @@ from outbox_relay.durability import DurabilityError
 from outbox_relay.relay import Relay, RelaySettings
 from service_runtime import redis_client
 from service_runtime.config import (
+    MAX_CONSUMERS_PER_SERVICE,
     SERVICES,
     ConfigError,
     database_url,
@@ -64,7 +65,6 @@ def _stop_on_signals() -> threading.Event:
 RELAY_METRICS_OFFSET = 1
 WORKER_METRICS_OFFSET = 21
 CONSUMER_METRICS_OFFSET = 30
-MAX_CONSUMER_INSTANCES = 9
 
 
 def consumer_metrics_offset(service: str, instance: int) -> int:
@@ -134,7 +134,7 @@ def relay(service: str) -> None:
 )
 @click.option(
     "--instance",
-    type=click.IntRange(1, MAX_CONSUMER_INSTANCES),
+    type=click.IntRange(1, MAX_CONSUMERS_PER_SERVICE),
     help="This consumer's number among its service's consumers (make run-all numbers them "
     "1..CONSUMERS_PER_SERVICE): its default name and its metrics port.",
 )

@@ -114,30 +114,33 @@ DEFAULT_CONSOLE_PORT = 8000
 
 def console_port() -> int:
     """CONSOLE_PORT: where `saga console` listens on 127.0.0.1 (8000)."""
-    raw = setting("CONSOLE_PORT") or str(DEFAULT_CONSOLE_PORT)
-    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
-        raise ConfigError("CONSOLE_PORT must be a port number (1 to 65535)")
-    return int(raw)
+    return _whole_number("CONSOLE_PORT", DEFAULT_CONSOLE_PORT, 1, 65535)
 
 
 def stream_partitions() -> int:
     """STREAM_PARTITIONS: the partition count of the whole deployment (DESIGN.md §6a)."""
     from contracts.streams import DEFAULT_PARTITIONS, MAX_PARTITIONS
 
-    raw = setting("STREAM_PARTITIONS") or str(DEFAULT_PARTITIONS)
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PARTITIONS:
-        raise ConfigError(f"STREAM_PARTITIONS must be a whole number from 1 to {MAX_PARTITIONS}")
-    return int(raw)
+    return _whole_number("STREAM_PARTITIONS", DEFAULT_PARTITIONS, 1, MAX_PARTITIONS)
 
 
 DEFAULT_CONSUMERS_PER_SERVICE = 2
+# Each consumer of a service has its own metrics port (sagactl/processes.py): 9 per service.
+MAX_CONSUMERS_PER_SERVICE = 9
 
 
 def consumers_per_service() -> int:
     """CONSUMERS_PER_SERVICE: consumer processes per group under `make run-all`."""
-    raw = setting("CONSUMERS_PER_SERVICE") or str(DEFAULT_CONSUMERS_PER_SERVICE)
-    if not raw.isdigit() or not 1 <= int(raw) <= 64:
-        raise ConfigError("CONSUMERS_PER_SERVICE must be a whole number from 1 to 64")
+    return _whole_number(
+        "CONSUMERS_PER_SERVICE", DEFAULT_CONSUMERS_PER_SERVICE, 1, MAX_CONSUMERS_PER_SERVICE
+    )
+
+
+def _whole_number(name: str, default: int, low: int, high: int) -> int:
+    """A whole-number setting within [low, high], else a ConfigError naming it and the range."""
+    raw = (setting(name) or str(default)).strip()
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, not {raw!r}")
     return int(raw)
 
 

@@ -9,7 +9,10 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
+from datetime import UTC, datetime
 from typing import Any, TypeVar
+
+from contracts import Envelope
 
 T = TypeVar("T")
 
@@ -45,6 +48,26 @@ def order_placed_payload(order_id: str | None = None, customer_id: str = "alice"
         "customer_id": customer_id,
         "items": [{"sku": "SKU-1", "quantity": 1}],
     }
+
+
+def order_placed_envelope(
+    order_id: str | None = None, sku: str = "SKU-1", quantity: int = 1
+) -> Envelope:
+    """A valid OrderPlaced v1 Envelope as orders publishes it (a fresh order id unless given)."""
+    payload = order_placed_payload(order_id)
+    payload["items"] = [{"sku": sku, "quantity": quantity}]
+    return Envelope(
+        event_id=str(uuid.uuid4()),
+        event_type="OrderPlaced",
+        event_version=1,
+        aggregate_type="order",
+        aggregate_id=payload["order_id"],
+        correlation_id=payload["order_id"],
+        causation_id=None,
+        occurred_at=datetime.now(UTC).isoformat(),
+        producer="orders",
+        payload=payload,
+    )
 
 
 def stream_total(client: Any, base: str, partitions: int = 8) -> int:

@@ -44,7 +44,7 @@ from sagactl.supervisor import (
     with_consumer_replicas,
     with_standby_relays,
 )
-from service_runtime.config import PROJECT_ROOT, SERVICES, run_dir
+from service_runtime.config import MAX_CONSUMERS_PER_SERVICE, PROJECT_ROOT, SERVICES, run_dir
 
 # Short timeouts so that a soak of a few minutes exercises the slow paths too: stuck orders
 # time out, abandoned entries are claimed, failed ones retried.
@@ -128,7 +128,7 @@ def _fault_kinds(_ctx: click.Context, _param: click.Parameter, value: str) -> li
     "--consumers",
     default=DEFAULT_CHAOS_CONSUMERS,
     show_default=True,
-    type=click.IntRange(1, 9),
+    type=click.IntRange(1, MAX_CONSUMERS_PER_SERVICE),
     help="Consumer processes per service (one group each); the consumer faults kill them.",
 )
 @click.option(

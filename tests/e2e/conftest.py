@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,3 +170,33 @@ def system(pg_admin_url: str, redis_server_url: str, otlp: OtlpReceiver) -> Iter
             process.wait()
         drop(pg_admin_url, SERVICES, prefix=prefix)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def place_and_confirm(urls: dict[str, str]) -> tuple[str, str]:
+    """A fresh product and customer, an order of 2, and its wait for `confirmed` over the real
+    APIs; returns (order id, customer id)."""
+    sku, customer = f"sku-{uuid.uuid4().hex[:8]}", f"c-{uuid.uuid4().hex[:8]}"
+    r = requests.put(
+        f"{urls['inventory']}/products/{sku}",
+        json={"name": sku, "price_cents": 250, "available": 10},
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    r = requests.put(
+        f"{urls['billing']}/accounts/{customer}", json={"balance_cents": 5000}, timeout=10
+    )
+    assert r.status_code == 201, r.text
+    r = requests.post(
+        f"{urls['orders']}/orders",
+        json={"customer_id": customer, "items": [{"sku": sku, "quantity": 2}]},
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    order_id = r.json()["order_id"]
+
+    def status() -> str | None:
+        found = requests.get(f"{urls['orders']}/orders/{order_id}", timeout=10).json()["status"]
+        return found if found != "pending" else None
+
+    assert wait_until(status, timeout=60) == "confirmed"
+    return order_id, customer

@@ -22,7 +22,7 @@ from selenium.webdriver.common.by import By
 
 from contracts import partition_of, partition_stream
 from tests.e2e import browser as chromium_browser
-from tests.e2e.conftest import RunningSystem
+from tests.e2e.conftest import RunningSystem, place_and_confirm
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -92,35 +92,6 @@ def _text_of(driver, css: str) -> str:
 def _click(driver, css: str) -> bool:
     driver.find_element(By.CSS_SELECTOR, css).click()
     return True
-
-
-def _confirmed_order(system: RunningSystem) -> tuple[str, str]:
-    sku, customer = f"sku-{uuid.uuid4().hex[:8]}", f"c-{uuid.uuid4().hex[:8]}"
-    urls = system.urls
-    r = requests.put(
-        f"{urls['inventory']}/products/{sku}",
-        json={"name": sku, "price_cents": 250, "available": 10},
-        timeout=10,
-    )
-    assert r.status_code == 201, r.text
-    r = requests.put(
-        f"{urls['billing']}/accounts/{customer}", json={"balance_cents": 5000}, timeout=10
-    )
-    assert r.status_code == 201, r.text
-    r = requests.post(
-        f"{urls['orders']}/orders",
-        json={"customer_id": customer, "items": [{"sku": sku, "quantity": 2}]},
-        timeout=10,
-    )
-    assert r.status_code == 201, r.text
-    order_id = r.json()["order_id"]
-
-    def status() -> str | None:
-        found = requests.get(f"{urls['orders']}/orders/{order_id}", timeout=10).json()["status"]
-        return found if found != "pending" else None
-
-    assert wait_until(status, timeout=60) == "confirmed"
-    return order_id, customer
 
 
 def _sequence_diagram(driver) -> dict[str, list[str]]:
@@ -207,7 +178,7 @@ def test_the_overview_shows_the_three_streams_and_their_groups(console, browser)
 
 
 def test_an_order_appears_with_its_rendered_sequence_diagram(console, browser, system):
-    order_id, customer = _confirmed_order(system)
+    order_id, customer = place_and_confirm(system.urls)
     browser.get(f"{console}/orders")
     browser.find_element(By.ID, "customer").send_keys(customer)
     browser.find_element(By.CSS_SELECTOR, "form.search button[type='submit']").click()
@@ -303,7 +274,7 @@ def test_a_dead_letter_is_redriven_after_its_cause_is_fixed(
     OrderCancelled fails CONSUMER_MAX_DELIVERIES times and is dead-lettered (the stock stays
     held). The operator fixes the grant and re-drives it from the console: the stock is
     released and the order's diagram shows StockReleased."""
-    order_id, _customer = _confirmed_order(system)
+    order_id, _customer = place_and_confirm(system.urls)
     inventory_inbox_grant(False)
     r = requests.post(f"{system.urls['orders']}/orders/{order_id}/cancel", timeout=10)
     assert r.status_code == 202, r.text

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -17,9 +16,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-import requests
 
-from tests.e2e.conftest import PROJECT_ROOT, SERVICES, _free_port_block, _ready
+from tests.e2e.conftest import (
+    PROJECT_ROOT,
+    SERVICES,
+    _free_port_block,
+    _ready,
+    place_and_confirm,
+)
 from tests.helpers import wait_until
 
 
@@ -149,33 +153,6 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _place_and_confirm(urls: dict[str, str]) -> None:
-    sku, customer = f"sku-{uuid.uuid4().hex[:8]}", f"c-{uuid.uuid4().hex[:8]}"
-    r = requests.put(
-        f"{urls['inventory']}/products/{sku}",
-        json={"name": sku, "price_cents": 100, "available": 5},
-        timeout=10,
-    )
-    assert r.status_code == 201, r.text
-    r = requests.put(
-        f"{urls['billing']}/accounts/{customer}", json={"balance_cents": 500}, timeout=10
-    )
-    assert r.status_code == 201, r.text
-    r = requests.post(
-        f"{urls['orders']}/orders",
-        json={"customer_id": customer, "items": [{"sku": sku, "quantity": 2}]},
-        timeout=10,
-    )
-    assert r.status_code == 201, r.text
-    order_id = r.json()["order_id"]
-
-    def status() -> str | None:
-        found = requests.get(f"{urls['orders']}/orders/{order_id}", timeout=10).json()["status"]
-        return found if found != "pending" else None
-
-    assert wait_until(status, timeout=60) == "confirmed"
-
-
 def test_a_killed_relay_and_consumer_come_back_and_the_saga_completes(run_all: RunAll) -> None:
     relay = wait_until(lambda: run_all.supervised("relay", "orders"), timeout=30)
     # run-all starts CONSUMERS_PER_SERVICE (2) consumers per service: kill the first one
@@ -204,7 +181,7 @@ def test_a_killed_relay_and_consumer_come_back_and_the_saga_completes(run_all: R
     assert run_all.process.poll() is None
     assert all(_ready(url) for url in run_all.urls.values())
     # OrderPlaced needs the new orders relay, StockReserved the new inventory consumer
-    _place_and_confirm(run_all.urls)
+    place_and_confirm(run_all.urls)
 
 
 def test_no_secret_in_the_output_or_on_any_command_line(run_all: RunAll) -> None:
@@ -272,7 +249,7 @@ def test_the_saga_runs_on_a_redis_cluster_with_three_consumers_per_service(redis
         assert wait_until(
             lambda: running.supervised("consume", "billing", "--instance", "3"), timeout=30
         )
-        _place_and_confirm(running.urls)
+        place_and_confirm(running.urls)
         cluster = connect(redis_cluster, cluster=True)
         streams = scan_keys(cluster, "*.events.{p*}", type_="stream")
         bases = {stream.rpartition(".{")[0] for stream in streams}

@@ -6,9 +6,13 @@ database stands in for "a service database" (it has the outbox and inbox tables)
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -163,3 +167,42 @@ def saga(make_saga) -> SagaDriver:
 @pytest.fixture
 def shop(make_saga) -> SagaDriver:
     return make_saga(stocked=True)
+
+
+# -- real `saga` processes ----------------------------------------------------------------------
+
+SAGA = str(Path(sys.executable).parent / "saga")
+
+
+@pytest.fixture
+def spawn(clean_state) -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start `saga ARGS...` on the test servers, with short timings (a crashed consumer's
+    partitions free up within 1 s) and `SAGA_CRASH_AT=crash_at` if given; settings given as
+    keywords override. Whatever still runs is stopped at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def run(*args: str, crash_at: str | None = None, **settings: str) -> subprocess.Popen:
+        env = {
+            **os.environ,
+            **clean_state.env,
+            "METRICS_PORT_BASE": "0",
+            "CONSUMER_BLOCK_MS": "100",
+            "CONSUMER_LEASE_MS": "1000",
+            "CONSUMER_HEARTBEAT_MS": "200",
+            "RELAY_POLL_SECONDS": "0.2",
+            **settings,
+        }
+        env.pop("SAGA_CRASH_AT", None)
+        if crash_at:
+            env["SAGA_CRASH_AT"] = crash_at
+        process = subprocess.Popen(
+            [SAGA, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        started.append(process)
+        return process
+
+    yield run
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=15)

@@ -31,7 +31,7 @@ from service_runtime.consumer import ConsumerSettings, PartitionWorker
 from service_runtime.ownership import LostOwnership, PartitionLeases
 from service_runtime.stream_fence import Fenced, StreamFence
 from service_runtime.unit_of_work import unit_of_work
-from tests.helpers import order_placed_payload, wait_until
+from tests.helpers import order_placed_envelope, order_placed_payload, wait_until
 from tests.partition_steps import drain, own_partitions
 
 GROUP = "inventory"
@@ -707,22 +707,7 @@ def test_order_placed_and_cancelled_handled_at_once_never_leave_stock_held(
     orders = []
     for round_ in range(3):
         order_id = str(uuid.uuid4())
-        placed = Envelope(
-            event_id=str(uuid.uuid4()),
-            event_type="OrderPlaced",
-            event_version=1,
-            aggregate_type="order",
-            aggregate_id=order_id,
-            correlation_id=order_id,
-            causation_id=None,
-            occurred_at=datetime.now(UTC).isoformat(),
-            producer="orders",
-            payload={
-                "order_id": order_id,
-                "customer_id": "alice",
-                "items": [{"sku": "apple", "quantity": 2}],
-            },
-        )
+        placed = order_placed_envelope(order_id, sku="apple", quantity=2)
         cancelled = dataclasses.replace(
             placed,
             event_id=str(uuid.uuid4()),

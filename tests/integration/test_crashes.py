@@ -5,10 +5,7 @@ a duplicate is possible, a loss or a double effect is not.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -17,39 +14,6 @@ from contracts import partition_of, partition_stream
 from service_runtime.faults import CRASH_EXIT_CODE
 from tests.helpers import stream_total, wait_until
 from tests.saga_driver import SagaDriver
-
-SAGA = str(Path(sys.executable).parent / "saga")
-
-
-@pytest.fixture
-def spawn(clean_state):
-    """Start `saga ...` with the test servers' settings; kill leftovers at teardown."""
-    started: list[subprocess.Popen] = []
-
-    def run(*args: str, crash_at: str | None = None) -> subprocess.Popen:
-        env = {
-            **os.environ,
-            **clean_state.env,
-            "METRICS_PORT_BASE": "0",
-            "CONSUMER_BLOCK_MS": "100",
-            "CONSUMER_LEASE_MS": "1000",  # a crashed consumer's partitions free up within 1 s
-            "CONSUMER_HEARTBEAT_MS": "200",
-            "RELAY_POLL_SECONDS": "0.2",
-        }
-        env.pop("SAGA_CRASH_AT", None)
-        if crash_at:
-            env["SAGA_CRASH_AT"] = crash_at
-        process = subprocess.Popen(
-            [SAGA, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        started.append(process)
-        return process
-
-    yield run
-    for process in started:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=15)
 
 
 def crashed(process: subprocess.Popen) -> None:

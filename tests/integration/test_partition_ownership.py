@@ -9,15 +9,10 @@ takeover took is printed (`pytest -s`) and recorded as a test property.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -29,7 +24,7 @@ from service_runtime.consumer import ConsumerSettings
 from service_runtime.consumer_group import StreamConsumer
 from service_runtime.db import create_pool
 from service_runtime.ownership import assignment
-from tests.helpers import wait_until
+from tests.helpers import order_placed_envelope, wait_until
 
 GROUP = "inventory"
 PARTITIONS = 4
@@ -38,8 +33,6 @@ HEARTBEAT_MS = 100
 # Scheduling margin on a shared 2-core machine: a heartbeat thread may start late.
 MARGIN_S = 2.0
 BOUND_S = (LEASE_MS + HEARTBEAT_MS) / 1000
-
-SAGA = str(Path(sys.executable).parent / "saga")
 
 
 def live_owners(db_url: str) -> dict[int, str]:
@@ -59,22 +52,7 @@ def split_as_assigned(names: list[str]) -> dict[int, str]:
 def order_placed(partition: int) -> Envelope:
     while partition_of(order_id := str(uuid.uuid4()), PARTITIONS) != partition:
         pass
-    return Envelope(
-        event_id=str(uuid.uuid4()),
-        event_type="OrderPlaced",
-        event_version=1,
-        aggregate_type="order",
-        aggregate_id=order_id,
-        correlation_id=order_id,
-        causation_id=None,
-        occurred_at=datetime.now(UTC).isoformat(),
-        producer="orders",
-        payload={
-            "order_id": order_id,
-            "customer_id": "alice",
-            "items": [{"sku": "no-such-sku", "quantity": 1}],  # -> StockReservationFailed
-        },
-    )
+    return order_placed_envelope(order_id, sku="no-such-sku")  # -> StockReservationFailed
 
 
 def publish_everywhere(redis_client, per_partition: int = 2) -> list[Envelope]:
@@ -247,41 +225,13 @@ def test_a_consumer_that_stops_hands_its_partitions_back_at_once(
 # -- real processes --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def spawn(clean_state) -> Iterator[Callable[..., subprocess.Popen]]:
-    started: list[subprocess.Popen] = []
-
-    def run(*args: str, **env_overrides: str) -> subprocess.Popen:
-        env = {
-            **os.environ,
-            **clean_state.env,
-            "METRICS_PORT_BASE": "0",
-            "STREAM_PARTITIONS": str(PARTITIONS),
-            "CONSUMER_LEASE_MS": str(LEASE_MS),
-            "CONSUMER_HEARTBEAT_MS": "200",
-            "CONSUMER_BLOCK_MS": "100",
-            **env_overrides,
-        }
-        env.pop("SAGA_CRASH_AT", None)
-        process = subprocess.Popen(
-            [SAGA, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        started.append(process)
-        return process
-
-    yield run
-    for process in started:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=15)
-
-
 def test_two_consumer_processes_split_the_partitions_and_the_survivor_of_a_sigkill_owns_all(
     clean_state, redis_client, spawn, record_property
 ) -> None:
     db_url = clean_state.db_urls[GROUP]
-    first = spawn("consume", "inventory", "--name", "inventory-a")
-    spawn("consume", "inventory", "--name", "inventory-b")
+    timings = {"STREAM_PARTITIONS": str(PARTITIONS), "CONSUMER_LEASE_MS": str(LEASE_MS)}
+    first = spawn("consume", "inventory", "--name", "inventory-a", **timings)
+    spawn("consume", "inventory", "--name", "inventory-b", **timings)
     wanted = split_as_assigned(["inventory-a", "inventory-b"])
     wait_until(
         lambda: live_owners(db_url) == wanted,

@@ -210,38 +210,20 @@ def test_the_relay_repairs_a_flushall_by_itself(db_url, db, redis_client, emit, 
 
 def _start_services(make_saga, clean_state, background, services):
     """Real relays and StreamConsumers (threads) of the given services, fast timings."""
-    import importlib
-
-    from service_runtime.consumer import ConsumerSettings
-    from service_runtime.consumer_group import StreamConsumer
     from service_runtime.redis_client import connect as redis_connect
 
     driver = make_saga(stocked=True)
     for service in services:
-        client = redis_connect(clean_state.redis_url)
-        if service.endswith("-relay"):
-            name = service.removesuffix("-relay")
-            relay = Relay(
-                clean_state.db_urls[name],
-                client,
-                settings(producer=name, partitions=driver.partitions, check_seconds=0.3),
-            )
-            background.start(service, relay.run)
+        if not service.endswith("-relay"):
+            _start_services_on(driver, clean_state, background, [service])
             continue
-        consumer = StreamConsumer(
-            client,
-            driver.pools[service],
-            ConsumerSettings(
-                group=service,
-                consumer=f"{service}-live",
-                partitions=driver.partitions,
-                block_ms=200,
-                heartbeat_ms=200,
-                lease_ms=1000,
-            ),
-            importlib.import_module(f"{service}_service.reactions").HANDLERS,
+        name = service.removesuffix("-relay")
+        relay = Relay(
+            clean_state.db_urls[name],
+            redis_connect(clean_state.redis_url),
+            settings(producer=name, partitions=driver.partitions, check_seconds=0.3),
         )
-        background.start(service, consumer.run)
+        background.start(service, relay.run)
     return driver
 
 
@@ -300,6 +282,7 @@ def _unpublished(driver) -> int:
 
 
 def _start_services_on(driver, clean_state, background, services) -> None:
+    """StreamConsumers (threads) of the given services on `driver`'s pools, fast timings."""
     import importlib
 
     from service_runtime.consumer import ConsumerSettings
