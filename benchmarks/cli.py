@@ -143,6 +143,20 @@ def _counts(
     help="STREAM_PARTITIONS of every measurement.",
 )
 @click.option(
+    "--profile",
+    "profile_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run every process of the end-to-end system under py-spy and write its collapsed "
+    "stacks to this folder (needs the bench extra: pip install -e '.[bench]').",
+)
+@click.option(
+    "--profile-process",
+    "profile_processes",
+    multiple=True,
+    help="With --profile: only this Procfile process (repeatable), e.g. orders-web or "
+    "inventory-consumer-1; py-spy costs CPU of its own, so profile a few at a time.",
+)
+@click.option(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     help="JSON results file. Default: bench-results-<UTC time>.json in the project.",
@@ -185,8 +199,12 @@ def bench(only: tuple[str, ...], output: Path | None, **sizes: Any) -> None:
                 results[name] = {"error": f"{type(err).__name__}: {err}"}
         results["environment"]["load_after"] = _load()
     report.evaluate(results)
-    output.write_text(json.dumps(results, indent=2) + "\n")
+    output.write_text(json.dumps(results, indent=2, default=str) + "\n")
     click.echo(report.render(results))
+    if sizes["profile_dir"]:
+        from benchmarks import profiles
+
+        click.echo("\n" + profiles.summary(sizes["profile_dir"]))
     click.echo(f"\nresults written to {output}")
 
 
@@ -221,6 +239,8 @@ def _plan(servers: Servers, sizes: dict[str, Any]) -> dict[str, Callable[[], dic
             consumers=consumers,
             partitions=partitions,
             idle_seconds=sizes["idle_seconds"],
+            profile_dir=sizes["profile_dir"],
+            profile_processes=sizes["profile_processes"],
         )
 
     return {

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from benchmarks import profiles
 from benchmarks.sample import follow_streams, percentiles, reset
 from contracts import DEFAULT_PARTITIONS, producer_streams
 from devstack import issuer
@@ -74,12 +75,19 @@ def measure(
     consumers: int = 1,
     partitions: int = DEFAULT_PARTITIONS,
     idle_seconds: float = 60.0,
+    profile_dir: Path | None = None,
+    profile_processes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Every rate in `rates`, then rising by `rise_by` while the last step kept up; the system
     runs `consumers` consumer processes per service over `partitions` partitions."""
     reset(list(db_urls.values()), redis_url)
     workdir = Path(tempfile.mkdtemp(prefix="saga-bench-e2e-"))
-    system = _System(db_urls, redis_url, workdir, consumers, partitions)
+    profile = None
+    if profile_dir:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        # start-up, idle, warm-up and every step, with a little to spare
+        profile = profiles.Profile(profile_dir, tuple(profile_processes))
+    system = _System(db_urls, redis_url, workdir, consumers, partitions, profile)
     outcomes: dict[str, tuple[str, float]] = {}
     stop = threading.Event()
     follower = threading.Thread(
@@ -352,6 +360,7 @@ class _System:
         workdir: Path,
         consumers: int = 1,
         partitions: int = DEFAULT_PARTITIONS,
+        profile: profiles.Profile | None = None,
     ) -> None:
         ports = {service: free_port() for service in SERVICES}
         self.urls = {s: f"http://127.0.0.1:{port}" for s, port in ports.items()}
@@ -373,8 +382,9 @@ class _System:
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         _JSON["Authorization"] = f"Bearer {issuer.admin_token(workdir / 'run', 'bench', 86400)}"
+        self.profiling = profile is not None
         procfile = workdir / "Procfile"
-        procfile.write_text(procfile_with_consumers(PROJECT_ROOT / "Procfile", consumers))
+        procfile.write_text(procfile_with_consumers(PROJECT_ROOT / "Procfile", consumers, profile))
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
                 [
@@ -402,6 +412,8 @@ class _System:
             raise RuntimeError("the system did not become ready")
 
     def stop(self) -> None:
+        if self.profiling and self.process.poll() is None:
+            profiles.finish(self.process.pid)
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
         try:
@@ -411,10 +423,16 @@ class _System:
             self.process.wait()
 
 
-def procfile_with_consumers(procfile: Path, consumers: int) -> str:
-    """The Procfile's text with `consumers` consumers per service, as run-all runs them."""
+def procfile_with_consumers(
+    procfile: Path, consumers: int, profile: profiles.Profile | None = None
+) -> str:
+    """The Procfile's text with `consumers` consumers per service, as run-all runs them;
+    with `profile`, the profiled ones under py-spy."""
     specs = with_consumer_replicas(parse_procfile(procfile), consumers)
-    return "".join(f"{spec.name}: {spec.command}\n" for spec in specs)
+    return "".join(
+        f"{spec.name}: {profile.command(spec.name, spec.command) if profile else spec.command}\n"
+        for spec in specs
+    )
 
 
 def _status(base_url: str, path: str) -> int:

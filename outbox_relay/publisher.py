@@ -190,9 +190,7 @@ def _send(
         ]
         # EVAL through execute_command: a cluster pipeline routes it by its key (its eval()
         # method is disabled), a plain one sends it as is
-        pipe.execute_command(
-            "EVAL", _CHECKED_XADD, 1, stream, recorded.get(stream, "0-0"), *flat
-        )
+        pipe.execute_command("EVAL", _CHECKED_XADD, 1, stream, recorded.get(stream, "0-0"), *flat)
     wait = durability.wait_command(wait_timeout_ms)
     cluster = isinstance(client, redis.RedisCluster)
     if wait and not cluster:

@@ -86,6 +86,10 @@ VALUES (%(group)s, %(partition)s, %(stream)s, %(entry_id)s, %(event_id)s, %(even
         %(fields)s, %(error)s, %(attempts)s)
 ON CONFLICT (consumer_group, stream, entry_id) DO NOTHING
 """
+_PARTITIONS_TO_REDRIVE = """
+SELECT DISTINCT partition FROM dead_letters
+WHERE consumer_group = %s AND redrive_requested_at IS NOT NULL
+"""
 _REDRIVE_REQUESTS = """
 SELECT id, stream, entry_id, fields FROM dead_letters
 WHERE consumer_group = %s AND partition = %s AND redrive_requested_at IS NOT NULL
@@ -122,7 +126,6 @@ class ConsumerSettings:
     max_deliveries: int = 5
     conflict_retries: int = 5
     outage_max_backoff_ms: int = 5000
-    redrive_check_ms: int = 1000  # how often the owner looks for re-drive requests
     # how often the owner claims again what is pending with anyone else in its partition:
     # Redis may come back with an older data set (a failover to a lagging replica) in which
     # entries are pending with a previous owner, and redis-py reconnects without telling
@@ -189,7 +192,8 @@ class PartitionWorker:
         self._on_outcome = on_outcome or (lambda _type, _outcome, _seconds: None)
         self.fault = fault
         self._not_ours = EVENT_TYPES - set(handlers)
-        self._redrive_due = 0.0  # time.monotonic() of the next look for re-drive requests
+        # set by the consumer's heartbeat when this partition has re-drive requests
+        self.redrive_wanted = threading.Event()
         self._takeover_due = 0.0  # of the next look for entries pending with someone else
 
     @property
@@ -283,8 +287,8 @@ class PartitionWorker:
         return min(delay * 2, self.settings.outage_max_backoff_ms / 1000)
 
     def step(self, block_ms: int | None = None) -> int:
-        """One fenced read and its handling; the number of entries read. With `block_ms`, an
-        empty read waits up to that long for new entries (XREAD BLOCK, without taking them)."""
+        """One fenced read and its handling; the number of entries read. With `block_ms`, once
+        caught up it waits up to that long for new entries (XREAD BLOCK, without taking them)."""
         if self.retry and self.retry.due > time.monotonic():
             return 0  # the partition waits for its failed entry
         s = self.settings
@@ -316,11 +320,14 @@ class PartitionWorker:
                 self.cursors = dict.fromkeys(self.streams, _PENDING)
                 raise
         redriven = 0
-        if time.monotonic() >= self._redrive_due:  # after the read: it never delays one
+        if self.redrive_wanted.is_set():  # after the read: it never delays one
+            self.redrive_wanted.clear()
             redriven = self.redrive_requested()
-            self._redrive_due = time.monotonic() + s.redrive_check_ms / 1000
-        idle = not items and not redriven and all(c == _NEW for c in self.cursors.values())
-        if idle and block_ms and last_ids:
+        # Caught up: a read that was not full took every new entry up to the streams' tops,
+        # so wait for anything newer (XREAD BLOCK, taking nothing) rather than read again.
+        full = any(len(entries) >= s.batch_size for _, entries in pairs)
+        caught_up = not full and not redriven and all(c == _NEW for c in self.cursors.values())
+        if caught_up and block_ms and last_ids and not self.retry:
             self.redis.xread(last_ids, count=1, block=block_ms)
         return len(items) + len(gone) + redriven
 
@@ -622,6 +629,12 @@ class PartitionWorker:
         CONSUMER_EVENTS.labels(self.settings.group, event_type, outcome).inc()
         CONSUMER_LATENCY.labels(self.settings.group, event_type).observe(seconds)
         self._on_outcome(event_type, outcome, seconds)
+
+
+def partitions_to_redrive(conn: psycopg.Connection, group: str) -> set[int]:
+    """The group's partitions with re-drive requests: one query per consumer and heartbeat,
+    not one per partition and second."""
+    return {row[0] for row in conn.execute(_PARTITIONS_TO_REDRIVE, (group,))}
 
 
 def _envelope_fields(record: Mapping[str, str]) -> dict[str, str]:

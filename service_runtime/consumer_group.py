@@ -1,10 +1,11 @@
 """A consumer process in its service's group: membership, partition leases, one worker each.
 
 Every `heartbeat_ms` this consumer: says it is alive (consumer_members), renews the leases it
-holds, hands back the partitions that the current assignment gives to someone else, and takes
-the ones it gives to it when they are free. Each owned partition runs a PartitionWorker in its
-own thread (blocking reads of one partition's streams: one slot, on a cluster too). Timings and
-bounds: docs/architecture.md, "Partition ownership".
+holds, tells the workers of partitions with re-drive requests, hands back the partitions that
+the current assignment gives to someone else, and takes the ones it gives to it when free.
+Each owned partition runs a PartitionWorker in its own thread (blocking reads of one
+partition's streams: one slot, on a cluster too). Timings and bounds: docs/architecture.md,
+"Partition ownership".
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from dataclasses import dataclass, field
 import redis
 from psycopg_pool import ConnectionPool
 
-from service_runtime.consumer import ConsumerSettings, Handler, OutcomeHook, PartitionWorker
+from service_runtime.consumer import (
+    ConsumerSettings,
+    Handler,
+    OutcomeHook,
+    PartitionWorker,
+    partitions_to_redrive,
+)
 from service_runtime.failures import FailureKind, classify
 from service_runtime.faults import no_faults
 from service_runtime.metrics import PARTITION_CHANGES, PARTITIONS_OWNED
@@ -86,6 +93,9 @@ class StreamConsumer:
             target = assignment(members, self.settings.partitions, self.settings.consumer)
             held = {lease.partition: lease for lease in self.leases.renew(conn, self._leases())}
             self._renewed_at = time.monotonic()
+            redrive = partitions_to_redrive(conn, self.settings.group) if held else set()
+        for partition in redrive & set(held):
+            self.running[partition].worker.redrive_wanted.set()
         self._stop_all([p for p in self.running if p not in held], "lost")
         crashed = [p for p in held if not self.running[p].thread.is_alive()]  # a bug: restart
         handed_back = self._stop_all([*crashed, *(set(held) - target - set(crashed))], "released")

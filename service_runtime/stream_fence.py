@@ -30,8 +30,9 @@ return 0
 """
 
 # KEYS: fence, stream...; ARGV: epoch, group, consumer, count, id per stream.
-# Returns {reply of XREADGROUP or false, {last entry id of each stream}}: the last ids only when
-# nothing was read, for an XREAD BLOCK that wakes on anything newer (no missed wake-up).
+# Returns {reply of XREADGROUP or false, {last entry id of each stream}}: the tops of the
+# streams when this read ran, for an XREAD BLOCK that wakes on anything newer without a second
+# read (a read that was not full took everything up to them: no missed wake-up).
 _READ = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
     return redis.error_reply('FENCED by epoch ' .. tostring(redis.call('GET', KEYS[1])))
@@ -41,11 +42,9 @@ for i = 2, #KEYS do args[#args + 1] = KEYS[i] end
 for i = 5, #ARGV do args[#args + 1] = ARGV[i] end
 local reply = redis.call(unpack(args))
 local last = {}
-if not reply then
-    for i = 2, #KEYS do
-        local top = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
-        last[#last + 1] = top[1] and top[1][1] or '0-0'
-    end
+for i = 2, #KEYS do
+    local top = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+    last[#last + 1] = top[1] and top[1][1] or '0-0'
 end
 return {reply, last}
 """
@@ -77,7 +76,7 @@ class StreamFence:
         count: int,
     ) -> tuple[list[tuple[str, list[Entry]]], dict[str, str]]:
         """XREADGROUP over the partition's streams at the given cursors ('>' or an id).
-        Returns (entries per stream, {stream: last entry id} when nothing was read)."""
+        Returns (entries per stream, {stream: its last entry id when this read ran})."""
         streams = list(cursors)
         try:
             reply, last = self._read(

@@ -211,9 +211,7 @@ def create_app(
             return render_template(
                 "redriven.html", letter=letter, requested=[], failure=err.message
             ), 409
-        return render_template(
-            "redriven.html", letter=letter, requested=requested, failure=None
-        )
+        return render_template("redriven.html", letter=letter, requested=requested, failure=None)
 
     # -- assets ------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import click
 import psycopg
 import redis
 
-from sagactl.inspect.common import connect_db, open_redis
+from sagactl.inspect.common import connect_db, open_redis, reusing
 from sagactl.inspect.outbox import outbox_reports
 from sagactl.inspect.partitions import EVENT_BASES, GROUPS, deployment_partitions
 from sagactl.inspect.streams import count_after, streams_report
@@ -127,7 +127,8 @@ class Monitor:
         try:
             client = self.connections.client()
             partitions = self.connections.partitions()
-            streams = streams_report(client, partitions)
+            with reusing(self.connections.db):
+                streams = streams_report(client, partitions)
             outbox = outbox_reports(client, self.connections.db)
             now = time.time()
             rates = self._rates(client, streams, now)

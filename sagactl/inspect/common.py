@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -76,11 +77,32 @@ def open_redis() -> RedisClient:
     return client
 
 
+Lender = Callable[[str], AbstractContextManager[psycopg.Connection]]
+# Set by `reusing`: where open_db takes its read-only connections from instead of connecting.
+_LENDER: ContextVar[Lender | None] = ContextVar("saga_inspect_lender", default=None)
+
+
+@contextmanager
+def reusing(lender: Lender) -> Iterator[None]:
+    """Within this block (this thread), read-only `open_db` borrows from `lender`: the
+    console's sampler keeps one connection per service open instead of one per query."""
+    token = _LENDER.set(lender)
+    try:
+        yield
+    finally:
+        _LENDER.reset(token)
+
+
 @contextmanager
 def open_db(service: str, *, writes: bool = False) -> Iterator[psycopg.Connection]:
     """An autocommit connection to one service's database, read-only: inspection (the CLI and
     the console) never writes to a service's database. The one exception, `writes=True`, is an
     operator's request recorded for the service to carry out (a dead letter's re-drive)."""
+    lender = _LENDER.get()
+    if lender is not None and not writes:
+        with lender(service) as conn:
+            yield conn
+        return
     with connect_db(service, writes=writes) as conn:
         yield conn
 

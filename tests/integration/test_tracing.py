@@ -54,9 +54,10 @@ def _by_event(found: list[ReadableSpan], kind: SpanKind) -> dict[tuple[str, str]
     """(event type, group or producer stream) -> span."""
     out = {}
     for span in _of_kind(found, kind):
-        key = span.attributes.get("messaging.consumer.group.name") or span.attributes[
-            "messaging.destination.name"
-        ].split(".")[0]
+        key = (
+            span.attributes.get("messaging.consumer.group.name")
+            or span.attributes["messaging.destination.name"].split(".")[0]
+        )
         out[(span.attributes["saga.event.type"], key)] = span
     return out
 

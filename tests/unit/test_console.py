@@ -180,12 +180,10 @@ def client(monkeypatch, tmp_path):
 
 def test_only_loopback_host_names_are_answered(client):
     assert (
-        client.get("/dead-letters/inventory/7", base_url="http://127.0.0.1:8000").status_code
-        == 200
+        client.get("/dead-letters/inventory/7", base_url="http://127.0.0.1:8000").status_code == 200
     )
     assert (
-        client.get("/dead-letters/inventory/7", base_url="http://localhost:8000").status_code
-        == 200
+        client.get("/dead-letters/inventory/7", base_url="http://localhost:8000").status_code == 200
     )
     assert client.get("/", base_url="http://attacker.example:8000").status_code == 421
 
