@@ -99,7 +99,8 @@ def _counts(
     "--consumer-entries",
     default=20_000,
     show_default=True,
-    help="Stream entries the consumer handles.",
+    help="Stream entries the consumer handles (and then FastStream's batch subscriber, its"
+    " yardstick, when installed: pip install -e .[bench]).",
 )
 @click.option(
     "--e2e-rates",
@@ -212,6 +213,7 @@ def _plan(servers: Servers, sizes: dict[str, Any]) -> dict[str, Callable[[], dic
     from benchmarks import (
         consumer_throughput,
         end_to_end,
+        faststream_yardstick,
         raw_limits,
         relay_drain,
         relay_durability,
@@ -243,6 +245,15 @@ def _plan(servers: Servers, sizes: dict[str, Any]) -> dict[str, Callable[[], dic
             profile_processes=sizes["profile_processes"],
         )
 
+    def consumer(entries: int) -> dict[str, Any]:
+        ours = consumer_throughput.measure(
+            inventory, redis_url, entries=entries, partitions=partitions
+        )
+        # its yardstick right after, same entries and batch size (null if not installed)
+        return ours | faststream_yardstick.alongside(
+            inventory, redis_url, entries=entries, batch_size=ours["batch_size"]
+        )
+
     return {
         "raw_limits": lambda: raw_limits.measure(
             orders, redis_url, xadd_single=sizes["xadd_single"],
@@ -257,8 +268,7 @@ def _plan(servers: Servers, sizes: dict[str, Any]) -> dict[str, Callable[[], dic
             orders, redis_url, rows=sizes["durability_rows"], rate=sizes["latency_rate"],
             seconds=sizes["latency_seconds"], batch_size=sizes["relay_batch"],
             partitions=partitions),
-        "consumer_throughput": lambda: consumer_throughput.measure(
-            inventory, redis_url, entries=sizes["consumer_entries"], partitions=partitions),
+        "consumer_throughput": lambda: consumer(sizes["consumer_entries"]),
         "end_to_end": lambda: end_to_end.combine([e2e(n) for n in sizes["consumers"]]),
     }  # fmt: skip
 

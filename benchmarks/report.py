@@ -19,6 +19,7 @@ class Target:
     at_least: bool  # met when measured >= goal; otherwise when measured <= goal
     measured: Callable[[Results], float | None]
     percent: bool = False
+    times: bool = False  # a ratio: printed as 1.23x
 
 
 def _get(results: Results, *path: str | int) -> Any:
@@ -63,6 +64,8 @@ TARGETS = (
     Target("relay_p99_ms", "relay p99 <= 25 ms at 1,000 rows/s", 25, False, _relay_p99),
     Target("consumer_events_per_s", "one consumer >= 10,000 events/s", 10_000, True,
            lambda r: _get(r, "consumer_throughput", "events_per_s")),
+    Target("consumer_vs_faststream", "one consumer >= 1.5x FastStream's batch subscriber", 1.5,
+           True, lambda r: _get(r, "ratios", "consumer_vs_faststream"), times=True),
     Target("cpu_ms_per_order_at_100", "CPU per confirmed order <= 8 ms at 100 orders/s", 8,
            False, lambda r: _e2e_cpu_at(r, 100)),
     Target("saga_p50_ms_at_100", "saga p50 <= 50 ms at 100 orders/s", 50, False,
@@ -90,6 +93,9 @@ def evaluate(results: Results) -> Results:
         "consumer_vs_xadd_single": _ratio(consumer, single),
         "consumer_vs_xadd_pipelined": _ratio(consumer, pipelined),
         "consumer_vs_pg_commit_1_connection": _ratio(consumer, commit),
+        "consumer_vs_faststream": _ratio(
+            consumer, _get(results, "consumer_throughput", "faststream_events_per_s")
+        ),
     }
     checks = []
     for target in TARGETS:
@@ -109,6 +115,7 @@ def evaluate(results: Results) -> Results:
                 else _ratio(target.goal, measured),
                 "met": met,  # None: not measured
                 "percent": target.percent,
+                "times": target.times,
             }
         )
     results["checks"] = checks
@@ -188,13 +195,32 @@ def _component_section(results: Results) -> str:
                 f"commits, {_pct(ratios.get('consumer_vs_xadd_pipelined'))} of pipelined XADD",
             ]
         )
+    if consumer and "error" not in consumer and "faststream" in consumer:
+        rows.append(_faststream_row(consumer, ratios.get("consumer_vs_faststream")))
     errors = [
         f"{name}: error: {results[name]['error']}"
         for name in ("relay_drain", "relay_latency", "consumer_throughput")
         if "error" in (results.get(name) or {})
     ]
-    table = _table(["measurement", "result", "against raw limits"], rows) if rows else ""
+    headers = ["measurement", "result", "against raw limits (and the yardstick)"]
+    table = _table(headers, rows) if rows else ""
     return "\n".join(["Relay and consumer", table, *errors])
+
+
+def _faststream_row(consumer: Results, ratio: float | None) -> list[str]:
+    """The yardstick: FastStream's batch subscriber on the same entries, work and servers."""
+    yardstick = consumer["faststream"]
+    label = "FastStream batch subscriber (same entries and work)"
+    if "skipped" in yardstick or "error" in yardstick:
+        return [label, yardstick.get("skipped") or f"error: {yardstick['error']}", ""]
+    cpu = [consumer.get("cpu_us_per_event"), yardstick.get("cpu_us_per_event")]
+    return [
+        f"FastStream {yardstick['version']} batch subscriber (same entries and work)",
+        f"{_n(yardstick['events_per_s'])} events/s",
+        f"one consumer is {_times(ratio)} it (target 1.50x); CPU/event in the bench process: "
+        + " vs ".join("n/a" if us is None else f"{us:.0f}" for us in cpu)
+        + " µs",
+    ]
 
 
 def _durability_section(modes: Results) -> str:
@@ -324,7 +350,7 @@ def _targets_section(results: Results) -> str:
     rows = [
         [
             check["target"],
-            _pct(check["measured"]) if check["percent"] else _n(check["measured"], 2),
+            _measured(check),
             "n/a" if check["vs_goal"] is None else f"{check['vs_goal']:.2f}x",
             {True: "met", False: "MISSED", None: "not measured"}[check["met"]],
         ]
@@ -333,6 +359,18 @@ def _targets_section(results: Results) -> str:
     return "Targets (vs goal > 1.00x is better than the goal)\n" + _table(
         ["target", "measured", "vs goal", ""], rows
     )
+
+
+def _measured(check: Results) -> str:
+    if check["percent"]:
+        return _pct(check["measured"])
+    if check.get("times"):
+        return _times(check["measured"])
+    return _n(check["measured"], 2)
+
+
+def _times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def _n(value: float | None, decimals: int = 0) -> str:

@@ -16,6 +16,8 @@ from benchmarks import (
     relay_latency,
     report,
 )
+from service_runtime.db import connect
+from service_runtime.redis_client import connect as redis_connect
 from tests.conftest import cluster_tests_enabled
 
 
@@ -55,6 +57,7 @@ def test_relay_and_consumer_measurements(clean_state):
 
     report.evaluate(results)
     ratios = results["ratios"]
+    assert ratios.pop("consumer_vs_faststream") is None  # its yardstick was not run
     assert all(value > 0 for value in ratios.values()), ratios
     checks = {check["target"]: check for check in results["checks"]}
     for target in report.TARGETS[:4]:  # the ones these measurements feed
@@ -62,6 +65,56 @@ def test_relay_and_consumer_measurements(clean_state):
         assert checks[target.text]["met"] in (True, False)
     table = report.render(results)
     assert all(target.text in table for target in report.TARGETS)
+
+
+def test_faststream_yardstick_handles_every_entry(clean_state):
+    pytest.importorskip("faststream.redis", reason="the bench extra: pip install -e .[bench]")
+    from benchmarks import faststream_yardstick
+
+    inventory, redis_url = clean_state.db_urls["inventory"], clean_state.redis_url
+    result = faststream_yardstick.measure(inventory, redis_url, entries=200, batch_size=50)
+
+    assert result["events_per_s"] > 0 and result["version"]
+    assert result["inbox_rows"] == 200 and result["left_pending"] == 0
+    with redis_connect(redis_url) as client:
+        entries = client.xrange(faststream_yardstick.STREAM)
+    with connect(inventory) as conn:
+        inbox = conn.execute("SELECT event_id::text, stream, entry_id FROM inbox").fetchall()
+    assert sorted(inbox) == sorted(
+        (fields["event_id"], faststream_yardstick.STREAM, entry_id) for entry_id, fields in entries
+    )
+
+    results = report.evaluate(
+        {
+            "consumer_throughput": {
+                "entries": 200,
+                "events_per_s": 3 * result["events_per_s"],
+                **faststream_yardstick.alongside(inventory, redis_url, entries=200, batch_size=50),
+            }
+        }
+    )
+    assert results["consumer_throughput"]["faststream"]["left_pending"] == 0
+    [check] = [c for c in results["checks"] if c["key"] == "consumer_vs_faststream"]
+    assert check["measured"] > 0 and check["met"] in (True, False)
+    assert "FastStream" in report.render(results)
+
+
+def test_faststream_yardstick_is_skipped_when_not_installed(monkeypatch):
+    from benchmarks import faststream_yardstick
+
+    monkeypatch.setattr(faststream_yardstick, "faststream_version", lambda: None)
+    figures = faststream_yardstick.alongside("unused", "unused", entries=200, batch_size=50)
+    assert figures == {
+        "faststream_events_per_s": None,
+        "faststream": {"skipped": "skipped: pip install -e .[bench]"},
+    }
+    results = report.evaluate(
+        {"consumer_throughput": {"entries": 200, "events_per_s": 5_000.0, **figures}}
+    )
+    assert results["ratios"]["consumer_vs_faststream"] is None
+    [check] = [c for c in results["checks"] if c["key"] == "consumer_vs_faststream"]
+    assert check["measured"] is None and check["met"] is None
+    assert "skipped: pip install -e .[bench]" in report.render(results)
 
 
 @pytest.mark.e2e
