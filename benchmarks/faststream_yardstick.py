@@ -32,13 +32,19 @@ from contracts import (
     decode_entry,
     partition_stream,
 )
-from service_runtime.consumer import _INSERT_INBOX
 from service_runtime.db import KEEPALIVES, connect
 from service_runtime.redis_client import connect as redis_connect
 
 GROUP = "inventory"  # the group our consumer's measurement reads as
 STREAM = partition_stream(ORDERS_EVENTS, 0)  # a StreamSub reads one stream: all go to p0
 SKIPPED = "skipped: pip install -e .[bench]"
+# A batch's inbox rows in one statement, as our consumer writes them (without its lease fence:
+# FastStream has no partition ownership to check)
+_INSERT_INBOX = """
+INSERT INTO inbox (consumer_group, event_id, event_type, stream, entry_id)
+SELECT %s, * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[])
+ON CONFLICT DO NOTHING
+"""
 
 
 def faststream_version() -> str | None:

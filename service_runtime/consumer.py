@@ -50,7 +50,7 @@ from service_runtime.metrics import (
     CONSUMER_LATENCY,
     CONSUMER_OUTAGES,
 )
-from service_runtime.ownership import Lease, LostOwnership, fence
+from service_runtime.ownership import FENCE_QUERY, Lease, LostOwnership, fence, lost
 from service_runtime.stream_fence import Fenced, StreamFence
 from service_runtime.unit_of_work import UnitOfWork, count_emitted
 
@@ -59,13 +59,18 @@ log = logging.getLogger(__name__)
 Handler = Callable[[UnitOfWork, Envelope], None]
 OutcomeHook = Callable[[str, str, float], None]
 
-# A batch's inbox rows in one statement, in batch order; the ones returned are new (an event
-# already in the inbox, or twice in the batch, comes back once at most: its first time).
-_INSERT_INBOX = """
-INSERT INTO inbox (consumer_group, event_id, event_type, stream, entry_id)
-SELECT %s, * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[])
-ON CONFLICT DO NOTHING
-RETURNING event_id::text
+# The lease fence and a batch's inbox rows in one statement (the transaction's first): the
+# lease row FOR SHARE, then the rows, in batch order, only if the lease is ours. The event ids
+# returned are new (one already in the inbox, or twice in the batch, comes back once at most).
+_FENCED_INBOX = f"""
+WITH lease AS ({FENCE_QUERY}),
+inserted AS (
+    INSERT INTO inbox (consumer_group, event_id, event_type, stream, entry_id)
+    SELECT %s, v.* FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[]) AS v, lease
+    ON CONFLICT DO NOTHING
+    RETURNING event_id::text
+)
+SELECT (SELECT count(*) FROM lease), array(SELECT event_id FROM inserted)
 """
 _COUNT_FAILURE = """
 INSERT INTO delivery_failures (consumer_group, stream, entry_id, event_id, attempts, last_error)
@@ -418,8 +423,7 @@ class PartitionWorker:
         emitted: list[str] = []
         try:
             with self.pool.connection() as conn, conn.transaction():
-                fence(conn, self.settings.group, self.lease)
-                new = self._insert_inbox(conn, batch)
+                new = self._fenced_inbox(conn, batch)
                 for index, item in enumerate(batch):
                     if item.envelope is None or item.envelope.event_id not in new:
                         outcomes.append("duplicate")
@@ -452,21 +456,28 @@ class PartitionWorker:
         self.fault("after_commit")
         self._ack(batch)
 
-    def _insert_inbox(self, conn: psycopg.Connection, batch: list[Item]) -> set[str]:
-        """Inside the transaction: the batch's inbox rows; the event ids not seen before."""
+    def _fenced_inbox(self, conn: psycopg.Connection, batch: list[Item]) -> set[str]:
+        """First in the transaction: the lease fence (LostOwnership if the partition is no
+        longer ours) and the batch's inbox rows; the event ids not seen before."""
         envelopes = [item.envelope for item in batch]
         assert all(envelopes)
-        rows = conn.execute(
-            _INSERT_INBOX,
+        group, lease = self.settings.group, self.lease
+        leases, new = conn.execute(
+            _FENCED_INBOX,
             (
-                self.settings.group,
+                group,
+                lease.partition,
+                lease.epoch,
+                group,
                 [e.event_id for e in envelopes],  # type: ignore[union-attr]
                 [e.event_type for e in envelopes],  # type: ignore[union-attr]
                 [item.stream for item in batch],
                 [item.entry_id for item in batch],
             ),
-        ).fetchall()
-        return {row[0] for row in rows}
+        ).fetchone()
+        if not leases:
+            raise lost(group, lease)
+        return set(new)
 
     def _apply(self, conn: psycopg.Connection, item: Item) -> list[str]:
         """Inside the transaction, for an entry whose inbox row is new: its handler; the
@@ -572,9 +583,8 @@ class PartitionWorker:
             item = Item(item.stream, item.entry_id, item.fields, envelope)
             self._check_producer(item, envelope)
             with self.pool.connection() as conn, conn.transaction():
-                fence(conn, self.settings.group, self.lease)
-                # the same inbox rule as any delivery: an event applied before is not again
-                fresh = bool(self._insert_inbox(conn, [item]))
+                # the same fence and inbox rule as any delivery: applied before, not again
+                fresh = bool(self._fenced_inbox(conn, [item]))
                 emitted = self._apply(conn, item) if fresh else []
                 outcome = "processed" if fresh else "duplicate"
                 conn.execute(_REDRIVEN, (f"re-driven: {outcome}", letter_id))

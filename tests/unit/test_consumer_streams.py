@@ -81,17 +81,19 @@ class _Conn:
         self._pool.commits += 1
 
     def execute(self, query: str, params: tuple = ()) -> _Cursor:
-        if "FROM partition_leases" in query and "FOR SHARE" in query:
-            _group, partition, epoch = params
-            return _Cursor((1,) if self._pool.leases.get(partition) == epoch else None)
-        if "INSERT INTO inbox" in query:  # a batch's rows; the new event ids come back
-            group, event_ids = params[0], params[1]
+        if "INSERT INTO inbox" in query:  # the fence, then a batch's rows: (leases, new ids)
+            _group, partition, epoch, group, event_ids = params[:5]
+            if self._pool.leases.get(partition) != epoch:
+                return _Cursor((0, []))
             new = []
             for event_id in event_ids:
                 if (group, event_id) not in self._inbox:
                     self._inbox.add((group, event_id))
-                    new.append((event_id,))
-            return _Cursor(None, new)
+                    new.append(event_id)
+            return _Cursor((1, new))
+        if "FROM partition_leases" in query and "FOR SHARE" in query:
+            _group, partition, epoch = params
+            return _Cursor((1,) if self._pool.leases.get(partition) == epoch else None)
         if "INSERT INTO delivery_failures" in query:
             key = (params[0], params[1], params[2])
             self._failures[key] = self._failures.get(key, 0) + 1
