@@ -64,7 +64,6 @@ def install(app: Flask, verifier: Verifier | None = None) -> None:
     if verifier is not None:
         app.extensions["console_verifier"] = verifier
     logouts = auth.Logouts()
-    app.extensions["console_logouts"] = logouts
 
     @app.before_request
     def require_operator() -> Any:
