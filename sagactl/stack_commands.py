@@ -173,8 +173,7 @@ def banner(env: dict[str, str], embedded: bool = True) -> str:
             f"  {service:<10} {base}  swagger {base}/swagger-ui  openapi {base}/openapi.json"
         )
     console = f"http://127.0.0.1:{config.console_port()}"
-    password = config.run_dir() / "secrets" / "console-operator"
-    lines.append(f"  {'console':<10} {console}  (operator password for re-drives: {password})")
+    lines.append(f"  {'console':<10} {console}  (log in with an admin token)")
     url = env["REDIS_URL"]
     lines.append(f"  {'redis':<10} {redact_url(url)}  ->  {redis_cli_command(url)}")
     if env.get("AUTH_JWKS_URL") and not env.get("AUTH_PUBLIC_KEY_FILE"):

@@ -65,10 +65,12 @@ class AuthConfigError(RuntimeError):
 
 @dataclass(frozen=True)
 class Principal:
-    """Who called: the token's subject and scopes."""
+    """Who called: the token's subject and scopes, and when the token expires (unix seconds;
+    the console ends its login session then)."""
 
     subject: str
     scopes: frozenset[str]
+    expires_at: float | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -154,7 +156,7 @@ class Verifier:
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject:
             raise InvalidToken("The token's subject is not a string.")
-        return Principal(subject, _scopes(claims))
+        return Principal(subject, _scopes(claims), expires_at=float(claims["exp"]))
 
 
 def _public_key(pem: bytes) -> tuple[Any, list[str]]:

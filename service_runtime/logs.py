@@ -7,7 +7,8 @@ import logging
 import os
 from datetime import UTC, datetime
 
-_CONTEXT_KEYS = ("event_id", "correlation_id", "order_id", "event_type", "stream")
+# operator: who acted, on the console
+_CONTEXT_KEYS = ("event_id", "correlation_id", "order_id", "event_type", "stream", "operator")
 
 
 class JsonFormatter(logging.Formatter):

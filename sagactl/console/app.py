@@ -1,22 +1,25 @@
 """The console's Flask application: server-rendered pages over sagactl.inspect.
 
 Loopback only: `saga console` binds 127.0.0.1, and requests naming another host (a DNS
-rebinding page in the operator's browser) are refused. Nothing here writes to a service's
-database; the one action, a dead letter's re-drive, needs the operator password (auth.py) and
-an explicit confirmation in the same request, so no other page can trigger it.
+rebinding page in the operator's browser) are refused, as are POSTs a browser says come from
+another site. Every page needs an operator's login (login.py: an admin JWT verified like the
+REST APIs' bearer tokens, then a signed session cookie that never holds the token). Nothing
+here writes to a service's database; the one action, a dead letter's re-drive, needs that
+session and an explicit confirmation in the same request, and is logged with the operator.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any
 
 import click
-from flask import Flask, abort, jsonify, render_template, request, send_file
+from flask import Flask, abort, g, jsonify, render_template, request, send_file
 
-from sagactl.console import assets, auth, views
+from sagactl.console import assets, login, views
 from sagactl.console.monitor import Connections, Monitor, describe
 from sagactl.inspect.common import duration, short_time
 from sagactl.inspect.dead_letters import get_dead_letter, list_dead_letters, request_redrive
@@ -24,7 +27,10 @@ from sagactl.inspect.diagrams import COMPENSATIONS, order_sequence_diagram
 from sagactl.inspect.orders import STATUSES, order_record, recent_orders
 from sagactl.inspect.partitions import GROUPS
 from sagactl.inspect.trace import trace_order
+from service_runtime.auth import Verifier
 from service_runtime.config import SERVICES
+
+log = logging.getLogger("saga.console")
 
 TERMINAL = ("confirmed", "rejected", "cancelled")
 # Content-Security-Policy: only our own scripts; Mermaid styles its SVG inline
@@ -36,10 +42,16 @@ CSP = (
 
 
 def create_app(
-    port: int | None = None, monitor: Monitor | None = None, connections: Connections | None = None
+    port: int | None = None,
+    monitor: Monitor | None = None,
+    connections: Connections | None = None,
+    verifier: Verifier | None = None,
 ) -> Flask:
-    """The console; `port` is the one it is served on (checked against the Host header)."""
+    """The console; `port` is the one it is served on (checked against the Host header),
+    `verifier` checks login tokens (default: the APIs' settings, AUTH_PUBLIC_KEY_FILE or
+    AUTH_JWKS_URL)."""
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # a token or a confirmation, nothing more
     connections = connections or Connections()
     monitor = monitor or Monitor(connections)
     app.extensions["saga_monitor"] = monitor
@@ -51,6 +63,7 @@ def create_app(
         duration=duration,
         short_time=short_time,
         cents=lambda c: "-" if c is None else f"{c / 100:,.2f}",
+        clock=lambda t: time.strftime("%H:%M UTC", time.gmtime(t)),
         pretty=lambda v: v if isinstance(v, str) else json.dumps(v, indent=2, sort_keys=True),
     )
     app.jinja_env.globals.update(
@@ -61,6 +74,23 @@ def create_app(
     def loopback_only() -> None:
         if request.host not in allowed_hosts:
             abort(421, "this console answers on the loopback interface only")
+
+    @app.before_request
+    def same_origin_forms() -> None:
+        # the SameSite=Strict cookie already stays home; this also refuses a cross-site POST
+        # to /login. Sec-Fetch-Site first: under Referrer-Policy no-referrer a browser sends
+        # "Origin: null" even for our own forms. Clients that send neither (curl) pass.
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return
+        site = request.headers.get("Sec-Fetch-Site")
+        origin = request.headers.get("Origin")
+        if site is not None:
+            if site != "same-origin":
+                abort(403, "this console refuses forms sent from another site")
+        elif origin not in (None, "null", f"{request.scheme}://{request.host}"):
+            abort(403, "this console refuses forms sent from another site")
+
+    login.install(app, verifier)
 
     @app.after_request
     def headers(response: Any) -> Any:
@@ -74,7 +104,11 @@ def create_app(
 
     @app.context_processor
     def common() -> dict[str, Any]:
-        return {"missing_assets": assets.missing(), "nav": request.endpoint}
+        return {
+            "missing_assets": assets.missing(),
+            "nav": request.endpoint,
+            "operator": g.get("operator"),
+        }
 
     def unavailable(err: BaseException, status: int = 503) -> tuple[str, int]:
         return render_template("error.html", message=describe(err), status=status), status
@@ -185,32 +219,38 @@ def create_app(
     @app.get("/dead-letters/<group>/<int:letter_id>")
     def dead_letter(group: str, letter_id: int) -> Any:
         letter = letter_or_404(group, letter_id)
-        return render_template(
-            "dead_letter.html", letter=letter, password_file=auth.password_file()
-        )
+        return render_template("dead_letter.html", letter=letter)
 
     @app.post("/dead-letters/<group>/<int:letter_id>/redrive")
     def redrive_dead_letter(group: str, letter_id: int) -> Any:
+        # the guard let only a logged-in operator this far; the confirmation is this request's
         letter = letter_or_404(group, letter_id)
-        problem = None
-        if not auth.is_operator(request.form.get("password")):
-            time.sleep(0.5)  # a wrong guess costs time
-            problem, status = "The operator password is not right: nothing was re-driven.", 403
-        elif request.form.get("confirm") != str(letter_id):
-            problem, status = "Tick the confirmation to re-drive: nothing was re-driven.", 400
-        if problem:
-            return render_template(
-                "dead_letter.html",
-                letter=letter,
-                password_file=auth.password_file(),
-                problem=problem,
-            ), status
+        if request.form.get("confirm") != str(letter_id):
+            problem = "Tick the confirmation to re-drive: nothing was re-driven."
+            return render_template("dead_letter.html", letter=letter, problem=problem), 400
+        operator = g.operator.subject
         try:
             requested = request_redrive(group, [letter_id])
         except click.ClickException as err:
+            log.warning(
+                "console: %s could not re-drive %s's dead letter %s: %s",
+                operator,
+                group,
+                letter_id,
+                err.message,
+                extra={"operator": operator},
+            )
             return render_template(
                 "redriven.html", letter=letter, requested=[], failure=err.message
             ), 409
+        # dead_letters has no column for who asked: the console's log line records it
+        log.info(
+            "console: %s requested the re-drive of %s's dead letter %s",
+            operator,
+            group,
+            letter_id,
+            extra={"operator": operator},
+        )
         return render_template("redriven.html", letter=letter, requested=requested, failure=None)
 
     # -- assets ------------------------------------------------------------------------------
@@ -222,6 +262,7 @@ def create_app(
             abort(404, f"asset {name} is not installed (make console-assets)")
         return send_file(path, max_age=3600)
 
+    @app.errorhandler(403)
     @app.errorhandler(404)
     @app.errorhandler(421)
     def not_found(err: Any) -> tuple[str, int]:

@@ -12,6 +12,7 @@ from werkzeug.serving import make_server
 from sagactl.console import assets, auth
 from sagactl.console.app import create_app
 from sagactl.console.monitor import Connections, Monitor
+from service_runtime.auth import AuthConfigError, Verifier
 from service_runtime.config import console_port
 from service_runtime.logs import setup_logging
 
@@ -26,21 +27,26 @@ def console(port: int | None) -> None:
     """The running system in the browser: overview, orders, dead letters (loopback only).
 
     Reads what `saga streams`, `saga outbox`, `saga dead-letters` and `saga trace` read (the
-    environment, else the stack of `make run-all`). Re-driving a dead letter asks for the
-    operator password kept in the run folder's secrets (console-operator).
+    environment, else the stack of `make run-all`). Every page needs an operator's login: an
+    admin token (`saga token admin`) verified like the REST APIs verify it (AUTH_PUBLIC_KEY_FILE
+    or AUTH_JWKS_URL); the session is signed with a key in the run folder's secrets.
     """
     setup_logging("saga", "console")
     log = logging.getLogger("saga.console")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request (polling)
     port = port or console_port()
-    auth.operator_password()  # created now, so the operator can read it before the first re-drive
+    try:
+        verifier = Verifier.from_settings()  # the APIs' own settings: the same tokens log in
+    except (AuthConfigError, OSError) as err:
+        raise click.ClickException(f"the console cannot verify operator logins: {err}") from err
+    auth.session_key()  # created now (0600), not by the first request
     if missing := assets.missing():
         log.warning(
             "console: browser assets missing (%s): run `make console-assets`", ", ".join(missing)
         )
     connections = Connections()
     monitor = Monitor(connections)
-    app = create_app(port=port, monitor=monitor, connections=connections)
+    app = create_app(port=port, monitor=monitor, connections=connections, verifier=verifier)
     server = make_server("127.0.0.1", port, app, threaded=True)
     stop = threading.Event()
 
@@ -51,7 +57,7 @@ def console(port: int | None) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
     monitor.start()
-    log.info("console on http://127.0.0.1:%s (operator password in %s)", port, auth.password_file())
+    log.info("console on http://127.0.0.1:%s (log in with `saga token admin`)", port)
     try:
         server.serve_forever()
     finally:

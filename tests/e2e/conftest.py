@@ -39,7 +39,7 @@ class RunningSystem:
     redis_url: str
     log_path: Path
     console_url: str = ""  # `saga console` of this run-all (a Procfile process)
-    run_dir: Path | None = None  # SAGA_RUN_DIR: the console's operator password is in there
+    run_dir: Path | None = None  # SAGA_RUN_DIR: the console's session key is in there
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url, decode_responses=True)

@@ -1,6 +1,7 @@
 """`saga console` in a real browser (headless Debian chromium driven by Selenium) against the
-real running system of `saga run-all`: the overview, an order's sequence diagram, a poison event
-in the dead letters, and a handler failure re-driven after its cause was fixed.
+real running system of `saga run-all`: the operator login (a token from `saga token admin`
+pasted into /login), the overview, an order's sequence diagram, a poison event in the dead
+letters, and a handler failure re-driven after its cause was fixed.
 
 Screenshots: .artifacts/console/*.png (ignored by git; docs/console-*.png are copies).
 """
@@ -8,10 +9,14 @@ Screenshots: .artifacts/console/*.png (ignored by git; docs/console-*.png are co
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import psycopg
 import psycopg.sql
@@ -21,6 +26,7 @@ from selenium.common.exceptions import NoSuchElementException, StaleElementRefer
 from selenium.webdriver.common.by import By
 
 from contracts import partition_of, partition_stream
+from tests import tokens
 from tests.e2e import browser as chromium_browser
 from tests.e2e.conftest import RunningSystem, place_and_confirm
 from tests.helpers import wait_until
@@ -35,6 +41,7 @@ FLOWS = {
     ("billing.events", "orders"),
     ("billing.events", "inventory"),
 }
+OPERATOR = "e2e-operator"
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +67,43 @@ def browser() -> Iterator:
         pytest.fail(reason)
     with chromium_browser.chromium() as driver:
         yield driver
+
+
+def _saga_token(*args: str) -> str:
+    """What `saga token ...` prints, run as an operator runs it: in the run folder of the
+    issuer whose public key this system verifies with (AUTH_PUBLIC_KEY_FILE, the test
+    session's development issuer, tests/tokens.py)."""
+    saga = Path(sys.executable).parent / "saga"
+    done = subprocess.run(
+        [str(saga), "token", *args],
+        env={**os.environ, "SAGA_RUN_DIR": str(tokens.run_dir())},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def operator_token() -> str:
+    return _saga_token("admin", "--subject", OPERATOR)
+
+
+def _paste_token(driver, token: str) -> None:
+    field = _wait_for(driver, "#login-form #token")
+    field.clear()
+    field.send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "#login-form button[type='submit']").click()
+
+
+@pytest.fixture
+def logged_in(console, browser, operator_token) -> None:
+    """The browser with an operator's session (logged in through the form when it has none)."""
+    browser.get(f"{console}/login")
+    if urlsplit(browser.current_url).path == "/login":
+        _paste_token(browser, operator_token)
+    assert _wait_for(browser, "#signed-in-as").text == OPERATOR
 
 
 def _wait_for(driver, css: str, timeout: float = 30.0, reload: bool = False):
@@ -111,7 +155,56 @@ def _sequence_diagram(driver) -> dict[str, list[str]]:
     }
 
 
-def test_the_overview_shows_the_three_streams_and_their_groups(console, browser):
+def _at_login_page(driver, console: str) -> dict[str, list[str]] | None:
+    """The login page's query (`next`) when the browser is on it, else None."""
+    url = urlsplit(driver.current_url)
+    if f"{url.scheme}://{url.netloc}" != console or url.path != "/login":
+        return None
+    return parse_qs(url.query)
+
+
+def test_without_a_login_the_console_shows_the_login_page(console, browser, operator_token):
+    browser.delete_all_cookies()
+    browser.get(console)
+    assert wait_until(lambda: _at_login_page(browser, console), timeout=10) == {"next": ["/"]}
+    assert _wait_for(browser, "#login-form")
+    assert not browser.find_elements(By.CSS_SELECTOR, "svg.flow")
+    assert not browser.find_elements(By.CSS_SELECTOR, "nav[aria-label='Main']")
+    chromium_browser.screenshot(browser, "login")
+
+    # a customer's token is refused, and the form says why
+    _paste_token(browser, _saga_token("customer", "alice"))
+    assert "admin" in _wait_for(browser, "#login-problem").text
+    assert _at_login_page(browser, console) is not None
+    chromium_browser.screenshot(browser, "login-refused")
+
+    # an operator's: the overview it asked for, the token nowhere on the page
+    _paste_token(browser, operator_token)
+    assert _wait_for(browser, "#signed-in-as").text == OPERATOR
+    _wait_for(browser, "svg.flow")
+    assert urlsplit(browser.current_url).path == "/"
+    assert operator_token not in browser.page_source
+    cookie = browser.get_cookie("saga_console_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert operator_token not in cookie["value"]
+
+    # the session gone (as when its token expires): the live overview's next refresh (htmx,
+    # every 2 s) takes the browser to the login page instead of swapping a form into the page
+    browser.delete_cookie("saga_console_session")
+    assert wait_until(lambda: _at_login_page(browser, console), timeout=15) == {"next": ["/"]}
+    _paste_token(browser, operator_token)
+    _wait_for(browser, "svg.flow")
+
+    # logging out ends it
+    browser.find_element(By.CSS_SELECTOR, "#logout-form button[type='submit']").click()
+    wait_until(lambda: _at_login_page(browser, console) is not None, timeout=10)
+    browser.get(f"{console}/dead-letters")
+    assert wait_until(lambda: _at_login_page(browser, console), timeout=10) == {
+        "next": ["/dead-letters"]
+    }
+
+
+def test_the_overview_shows_the_three_streams_and_their_groups(console, browser, logged_in):
     browser.get(console)
     _wait_for(browser, "svg.flow")
 
@@ -177,7 +270,7 @@ def test_the_overview_shows_the_three_streams_and_their_groups(console, browser)
     chromium_browser.screenshot(browser, "overview")
 
 
-def test_an_order_appears_with_its_rendered_sequence_diagram(console, browser, system):
+def test_an_order_appears_with_its_rendered_sequence_diagram(console, browser, system, logged_in):
     order_id, customer = place_and_confirm(system.urls)
     browser.get(f"{console}/orders")
     browser.find_element(By.ID, "customer").send_keys(customer)
@@ -233,7 +326,7 @@ def _poison(system: RunningSystem) -> tuple[str, str]:
     return order_id, event_id
 
 
-def test_a_poison_event_shows_in_the_dead_letters(console, browser, system):
+def test_a_poison_event_shows_in_the_dead_letters(console, browser, system, logged_in):
     _order_id, event_id = _poison(system)
     browser.get(f"{console}/dead-letters?group=inventory")
     row = _wait_for(browser, f"#dead-letters tr[data-event-id='{event_id}']", reload=True)
@@ -243,7 +336,8 @@ def test_a_poison_event_shows_in_the_dead_letters(console, browser, system):
     error = _wait_for(browser, "#dead-letter-error").text
     assert "items" in error, error  # the contract's complaint names the missing field
     assert "mallory" in browser.find_element(By.ID, "dead-letter-payload").text
-    assert browser.find_elements(By.CSS_SELECTOR, "#redrive-form input[type='password']")
+    assert browser.find_elements(By.CSS_SELECTOR, "#redrive-form input#confirm")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#redrive-form input[type='password']")
 
 
 @pytest.fixture
@@ -268,7 +362,7 @@ def inventory_inbox_grant(system: RunningSystem, pg_admin_url: str) -> Iterator:
 
 
 def test_a_dead_letter_is_redriven_after_its_cause_is_fixed(
-    console, browser, system, inventory_inbox_grant
+    console, browser, system, inventory_inbox_grant, logged_in
 ):
     """The customer cancels a confirmed order while inventory cannot write its inbox: its
     OrderCancelled fails CONSUMER_MAX_DELIVERIES times and is dead-lettered (the stock stays
@@ -289,23 +383,22 @@ def test_a_dead_letter_is_redriven_after_its_cause_is_fixed(
     inventory_inbox_grant(True)  # the fix
     row.find_element(By.CSS_SELECTOR, "th a").click()
     _wait_for(browser, "#redrive-form")
-    entry_url = browser.current_url
+    assert OPERATOR in browser.find_element(By.ID, "redrive-as").text
 
-    # a wrong password re-drives nothing
-    browser.find_element(By.ID, "password").send_keys("not-the-password")
-    browser.find_element(By.ID, "confirm").click()
-    browser.find_element(By.CSS_SELECTOR, "#redrive-form button[type='submit']").click()
-    assert "not right" in _wait_for(browser, "#redrive-problem").text
-    browser.get(entry_url)
-    assert browser.find_elements(By.ID, "redrive-form"), "the dead letter is still there"
-
-    password = (system.run_dir / "secrets" / "console-operator").read_text().strip()
-    browser.find_element(By.ID, "password").send_keys(password)
     browser.find_element(By.ID, "confirm").click()
     browser.find_element(By.CSS_SELECTOR, "#redrive-form button[type='submit']").click()
     outcome = _wait_for(browser, "#redrive-outcome").text
     assert "Re-drive requested" in outcome and "OrderCancelled" in outcome, outcome
-    assert password not in browser.page_source
+    assert f"Requested by {OPERATOR}" in outcome
+    # who asked is in the console's log line (dead_letters has no column for it)
+    wait_until(
+        lambda: any(
+            "requested the re-drive" in line and f'"operator": "{OPERATOR}"' in line
+            for line in system.log_path.read_text(errors="replace").splitlines()
+        ),
+        timeout=10,
+        message=lambda: system.log_tail(),
+    )
     chromium_browser.screenshot(browser, "redriven")
 
     def released() -> bool:

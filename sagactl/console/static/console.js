@@ -52,7 +52,12 @@
     var charts = [];
     function refresh() {
       fetch("/api/samples", { headers: { Accept: "application/json" } })
-        .then(function (r) { return r.json(); })
+        .then(function (r) {
+          // the session ended: to the login page, as htmx does for the live fragments
+          if (r.status === 401) { window.location.href = r.headers.get("HX-Redirect") || "/login"; }
+          if (!r.ok) { throw new Error(r.status); }
+          return r.json();
+        })
         .then(function (data) {
           if (!charts.length) {
             els.forEach(function (el) { charts.push(makeChart(el, data)); el.dataset.ready = "true"; });
