@@ -227,7 +227,10 @@ class Relay:
                 # Only a count: when a row was published is its published_at (`saga outbox`).
                 self._report_status(published=self.published)
                 status_reported, reported = time.monotonic(), self.published
-            if time.monotonic() - backlog_checked >= 1.0:
+            if sent < self.settings.batch_size:
+                # the claim took every unpublished row there was: no backlog, no query
+                RELAY_BACKLOG.labels(self.settings.producer).set(0)
+            elif time.monotonic() - backlog_checked >= 1.0:
                 RELAY_BACKLOG.labels(self.settings.producer).set(unpublished_count(conn))
                 backlog_checked = time.monotonic()
             if sent < self.settings.batch_size:

@@ -31,6 +31,7 @@ from service_runtime.config import (
     database_url,
     from_env,
     http_port,
+    payment_sweep_seconds,
     redis_url,
     rq_redis_url,
     run_dir,
@@ -178,7 +179,7 @@ def consume(service: str, name: str | None, instance: int | None) -> None:
         pool.close()
 
 
-def _refuse_to_start_unless(check: Callable[[], None]) -> None:
+def _refuse_to_start_unless(check: Callable[[], object]) -> None:
     """Run a start-up check; a ConfigError ends the process (exit 1) with its message."""
     try:
         check()
@@ -208,14 +209,16 @@ def cron() -> None:
 
     setup_logging("saga", "cron")
     _refuse_to_start_unless(require_nested_windows)
-    # One enqueue a second would drown the log at INFO; failures still show.
+    _refuse_to_start_unless(payment_sweep_seconds)
+    # An enqueue every few seconds would drown the log at INFO; failures still show.
     logging.getLogger("rq.cron").setLevel(logging.WARNING)
     # rq stores pickled bytes: it needs a client that does not decode responses. And a plain
     # Redis: rq does not support Redis Cluster (RQ_REDIS_URL, DESIGN.md §6a).
     scheduler = CronScheduler(
         connection=redis.Redis.from_url(rq_redis_url()), name=f"saga-cron:{socket.gethostname()}"
     )
-    scheduler.register(sweep_payment_deadlines, RQ_QUEUE, interval=1, job_timeout=60)
+    sweep = payment_sweep_seconds()
+    scheduler.register(sweep_payment_deadlines, RQ_QUEUE, interval=sweep, job_timeout=60)
     scheduler.register(run_retention, RQ_QUEUE, interval=3600, job_timeout=1800)
     # rq's scheduler loop raises when Redis goes away; rather than dying (and being restarted
     # with backoff by the supervisor), wait for Redis to come back

@@ -151,6 +151,13 @@ def payment_timeout_seconds() -> int:
     return int(setting("PAYMENT_TIMEOUT_SECONDS") or DEFAULT_PAYMENT_TIMEOUT_SECONDS)
 
 
+def payment_sweep_seconds() -> int:
+    """How often the deadline sweeper runs (PAYMENT_SWEEP_SECONDS, default 5): an overdue
+    order is cancelled at most this late. Each run is an rq job in a forked process: once a
+    second was most of the idle system's cost."""
+    return _whole_number("PAYMENT_SWEEP_SECONDS", 5, 1, 3600)
+
+
 def from_env(cls: type[T], prefix: str, **given: Any) -> T:
     """A dataclass of knobs; each field not given comes from the variable PREFIX + FIELD
     (e.g. CONSUMER_BATCH_SIZE for ConsumerSettings.batch_size), else its default.

@@ -199,6 +199,8 @@ class PartitionWorker:
         self._not_ours = EVENT_TYPES - set(handlers)
         # set by the consumer's heartbeat when this partition has re-drive requests
         self.redrive_wanted = threading.Event()
+        # the streams' tops when a read last took everything new ({}: not known to be caught up)
+        self._caught_up_at: dict[str, str] = {}
         self._takeover_due = 0.0  # of the next look for entries pending with someone else
 
     @property
@@ -238,6 +240,7 @@ class PartitionWorker:
                     claimed += len(ids)
         self._takeover_due = time.monotonic() + self.settings.takeover_check_ms / 1000
         if claimed:
+            self._caught_up_at = {}
             self.cursors = dict.fromkeys(self.streams, _PENDING)  # read them, in id order
             log.info(
                 "%s partition %s: took over %d pending entries", group, self.partition, claimed
@@ -296,6 +299,9 @@ class PartitionWorker:
         caught up it waits up to that long for new entries (XREAD BLOCK, without taking them)."""
         if self.retry and self.retry.due > time.monotonic():
             return 0  # the partition waits for its failed entry
+        if block_ms and self._nothing_new_within(block_ms):
+            return 0
+        self._caught_up_at = {}
         s = self.settings
         reading_pending = any(cursor != _NEW for cursor in self.cursors.values())
         pairs, last_ids = self.fence.read(
@@ -328,13 +334,28 @@ class PartitionWorker:
         if self.redrive_wanted.is_set():  # after the read: it never delays one
             self.redrive_wanted.clear()
             redriven = self.redrive_requested()
-        # Caught up: a read that was not full took every new entry up to the streams' tops,
-        # so wait for anything newer (XREAD BLOCK, taking nothing) rather than read again.
+        # Caught up: a read that was not full took every new entry up to the streams' tops
+        # (last_ids), so the next step waits for anything newer rather than reading again.
         full = any(len(entries) >= s.batch_size for _, entries in pairs)
-        caught_up = not full and not redriven and all(c == _NEW for c in self.cursors.values())
-        if caught_up and block_ms and last_ids and not self.retry:
-            self.redis.xread(last_ids, count=1, block=block_ms)
+        if not full and not redriven and all(c == _NEW for c in self.cursors.values()):
+            self._caught_up_at = last_ids
         return len(items) + len(gone) + redriven
+
+    def _nothing_new_within(self, block_ms: int) -> bool:
+        """When the last read took everything new up to the streams' tops, wait up to block_ms
+        for anything newer (fenced XREAD BLOCK, taking nothing) instead of reading again: an
+        idle partition costs one round trip per block_ms. True if nothing came."""
+        waiting = (
+            self._caught_up_at
+            and all(cursor == _NEW for cursor in self.cursors.values())
+            and not self.redrive_wanted.is_set()
+        )
+        if not waiting:
+            return False
+        s = self.settings
+        return not self.fence.wait(
+            s.group, self.partition, self.lease.epoch, self._caught_up_at, block_ms
+        )
 
     # -- handling --------------------------------------------------------------------------------
 

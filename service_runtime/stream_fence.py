@@ -90,6 +90,20 @@ class StreamFence:
         pairs = _stream_pairs(reply)
         return pairs, dict(zip(streams, last or [], strict=False))
 
+    def wait(
+        self, group: str, partition: int, epoch: int, since: Mapping[str, str], block_ms: int
+    ) -> bool:
+        """Wait up to block_ms for an entry newer than `since` (XREAD BLOCK, taking nothing);
+        whether one came. The fence is checked first, in the same round trip (one slot), so a
+        worker that lost the partition learns it while idle too: Fenced."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(owner_fence_key(group, partition))
+        pipe.xread(dict(since), count=1, block=block_ms)
+        current, newer = pipe.execute()
+        if current != str(epoch):
+            raise Fenced(f"{FENCED} by epoch {current}")
+        return bool(newer)
+
 
 def _stream_pairs(reply: object) -> list[tuple[str, list[Entry]]]:
     """XREADGROUP's reply as [(stream, [(id, fields or None)])]. Real Redis gives

@@ -50,6 +50,7 @@ from service_runtime.config import MAX_CONSUMERS_PER_SERVICE, PROJECT_ROOT, SERV
 # time out, abandoned entries are claimed, failed ones retried.
 SOAK_SETTINGS = {
     "PAYMENT_TIMEOUT_SECONDS": "20",
+    "PAYMENT_SWEEP_SECONDS": "1",
     "CONSUMER_RETRY_BASE_MS": "200",
     "RELAY_POLL_SECONDS": "0.5",
     "RELAY_STANDBY_RETRY_SECONDS": "0.5",

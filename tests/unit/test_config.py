@@ -10,6 +10,7 @@ from outbox_relay.relay import RelaySettings
 from service_runtime.config import (
     ConfigError,
     from_env,
+    payment_sweep_seconds,
     redis_cluster,
     rq_redis_url,
     stream_partitions,
@@ -44,6 +45,17 @@ def test_partition_count_defaults_and_bounds(monkeypatch):
         monkeypatch.setenv("STREAM_PARTITIONS", bad)
         with pytest.raises(ConfigError, match="STREAM_PARTITIONS"):
             stream_partitions()
+
+
+def test_payment_sweep_interval_defaults_and_bounds(monkeypatch):
+    monkeypatch.delenv("PAYMENT_SWEEP_SECONDS", raising=False)
+    assert payment_sweep_seconds() == 5
+    monkeypatch.setenv("PAYMENT_SWEEP_SECONDS", "1")
+    assert payment_sweep_seconds() == 1
+    for bad in ("0", "1.5", "soon", "3601"):
+        monkeypatch.setenv("PAYMENT_SWEEP_SECONDS", bad)
+        with pytest.raises(ConfigError, match="PAYMENT_SWEEP_SECONDS"):
+            payment_sweep_seconds()
 
 
 # -- rq's Redis beside a Redis Cluster (DESIGN.md §6a) --------------------------------------------

@@ -996,3 +996,57 @@ def test_entries_pending_with_a_previous_owner_again_are_claimed_by_the_periodic
     assert worker.step() == 1
     assert handler.seen == [env.event_id] and pending(r, stream_of(env)) == []
     assert entry_id
+
+
+# -- caught up: an idle partition waits with XREAD BLOCK, it does not read again ----------------
+
+
+class CountingFence(StreamFence):
+    """The real fenced read, counted."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        super().__init__(client)
+        self.reads = 0
+
+    def read(self, *args: Any, **kwargs: Any) -> Any:
+        self.reads += 1
+        return super().read(*args, **kwargs)
+
+
+def test_a_caught_up_partition_blocks_instead_of_reading_again_and_misses_nothing(r):
+    recorder = Recorder()
+    worker = take(r, FakeInboxPool(), {"OrderPlaced": recorder})
+    worker.fence = fence = CountingFence(r)
+    first = envelope()
+    publish(r, first)
+    assert worker.step(block_ms=10) == 1  # not a full batch: caught up at the streams' tops
+    reads = fence.reads
+    assert worker.step(block_ms=10) == 0  # nothing newer: the XREAD BLOCK timed out
+    assert worker.step(block_ms=10) == 0
+    assert fence.reads == reads  # no fenced read while idle
+
+    second = envelope()
+    publish(r, second)  # after the tops the worker waits on: the next step must see it
+    assert worker.step(block_ms=10) == 1
+    assert recorder.seen == [first.event_id, second.event_id]
+    assert fence.reads == reads + 1
+
+    # idle, it still learns that the partition moved: the wait checks the fence first
+    assert StreamFence(r).claim(GROUP, 0, 2)
+    with pytest.raises(Fenced):
+        worker.step(block_ms=10)
+
+
+def test_a_full_batch_reads_again_at_once_and_a_redrive_request_skips_the_wait(r):
+    recorder = Recorder()
+    worker = take(r, FakeInboxPool(), {"OrderPlaced": recorder}, batch_size=2)
+    worker.fence = fence = CountingFence(r)
+    for _ in range(3):
+        publish(r, envelope())
+    assert worker.step(block_ms=10) == 2  # a full batch: more may be there
+    reads = fence.reads
+    assert worker.step(block_ms=10) == 1  # read at once, not after a wait
+    assert fence.reads == reads + 1
+    worker.redrive_wanted.set()  # the heartbeat saw a request: read (and re-drive) now
+    assert worker.step(block_ms=10) == 0
+    assert fence.reads == reads + 2 and not worker.redrive_wanted.is_set()
