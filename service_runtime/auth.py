@@ -20,6 +20,7 @@ operators only: a new endpoint is closed until someone opens it.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ DEFAULT_ISSUER = "saga-dev-issuer"
 DEFAULT_AUDIENCE = "saga"
 REALM = "saga"
 LEEWAY_SECONDS = 30  # clock skew between the issuer and the services
+VERIFIED_CACHE_SIZE = 4096  # tokens remembered as verified, per process
 
 # endpoints anyone may call: liveness, readiness, the API documents and Swagger UI, metrics
 # (aggregates per route template, no customer data; scraped by Prometheus without a token)
@@ -103,6 +105,7 @@ class Verifier:
         self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300) if jwks_url else None
         self._key: Any = None
         self._algorithms: list[str] = []
+        self._verified: dict[str, Principal] = {}  # token -> principal, only verified ones
         if public_key_pem is not None:
             self._key, self._algorithms = _public_key(public_key_pem)
 
@@ -124,6 +127,19 @@ class Verifier:
         )
 
     def verify(self, token: str) -> Principal:
+        """The token's principal. A token verified before is answered from memory until it
+        expires: a client sends the same token with every request, and the signature check
+        is the largest part of authenticating one."""
+        known = self._verified.get(token)
+        if known is not None and time.time() < (known.expires_at or 0) + LEEWAY_SECONDS:
+            return known
+        principal = self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()  # bounded: many distinct tokens only cost re-verification
+        self._verified[token] = principal
+        return principal
+
+    def _verify(self, token: str) -> Principal:
         try:
             if self._jwks is not None:
                 signing = self._jwks.get_signing_key_from_jwt(token)

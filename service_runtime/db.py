@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+import weakref
+
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -33,9 +36,11 @@ def create_pool(
 ) -> ConnectionPool:
     """Open lazily: a process starts (and answers 503) even while the database is down.
 
-    Checking each connection on checkout costs a round trip, and saves a client request from
-    failing on a connection the server dropped. A consumer, which simply retries the entry
-    after a failure, can go without (`check_on_checkout=False`).
+    Checking a connection on checkout costs a round trip, and saves a client request from
+    failing on a connection the server dropped: only connections idle in the pool for
+    CHECK_IDLE_SECONDS or more are checked (under load, a connection comes back and goes out
+    again within milliseconds). A consumer, which simply retries the entry after a failure,
+    can go without (`check_on_checkout=False`).
     """
     pool = ConnectionPool(
         database_url,
@@ -45,10 +50,26 @@ def create_pool(
         timeout=timeout,
         open=False,
         kwargs={"autocommit": True, **KEEPALIVES},
-        check=ConnectionPool.check_connection if check_on_checkout else None,
+        check=_check_if_idle if check_on_checkout else None,
+        reset=_returned,
     )
     pool.open(wait=False)
     return pool
+
+
+CHECK_IDLE_SECONDS = 1.0
+_returned_at: weakref.WeakKeyDictionary[psycopg.Connection, float] = weakref.WeakKeyDictionary()
+
+
+def _returned(conn: psycopg.Connection) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+def _check_if_idle(conn: psycopg.Connection) -> None:
+    """The pool's check (an empty query), for a connection idle long enough to have been
+    dropped by the server (a restart, an idle timeout) without anyone noticing."""
+    if time.monotonic() - _returned_at.get(conn, float("-inf")) >= CHECK_IDLE_SECONDS:
+        ConnectionPool.check_connection(conn)
 
 
 def connect(database_url: str, **kwargs: object) -> psycopg.Connection:
