@@ -92,6 +92,12 @@ def create_app(
 
     login.install(app, verifier)
 
+    @app.before_request
+    def keep_sampling() -> None:
+        # an operator looking at the console keeps its sampler at the live interval
+        if g.get("operator") is not None and request.endpoint not in login.PUBLIC_ENDPOINTS:
+            monitor.watched()
+
     @app.after_request
     def headers(response: Any) -> Any:
         response.headers.setdefault("Content-Security-Policy", CSP)

@@ -94,11 +94,23 @@ class Connections:
 
 
 class Monitor:
+    """Samples every `interval` while someone looks at the console (a page or fragment was
+    asked for within `watched_for`), else every `unwatched_interval`: an open overview stays
+    live, an unwatched console costs next to nothing. The first request after a quiet spell
+    wakes it at once."""
+
     def __init__(
-        self, connections: Connections, interval: float = 2.0, window_seconds: float = 600.0
+        self,
+        connections: Connections,
+        interval: float = 2.0,
+        window_seconds: float = 600.0,
+        unwatched_interval: float = 30.0,
+        watched_for: float = 60.0,
     ) -> None:
         self.connections = connections
         self.interval = interval
+        self.unwatched_interval = unwatched_interval
+        self.watched_for = watched_for
         self.samples: deque[dict[str, Any]] = deque(maxlen=int(window_seconds / interval) + 1)
         self.snapshot: dict[str, Any] | None = None
         self.error: str | None = None
@@ -107,6 +119,8 @@ class Monitor:
         self._last_at: float | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by stop() and by a request after a quiet spell
+        self._watched_at = float("-inf")  # time.monotonic() of the last request
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -115,12 +129,25 @@ class Monitor:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+
+    def watched(self) -> None:
+        """A page, fragment or plot was asked for: sample at `interval` for a while."""
+        quiet = not self._is_watched()
+        self._watched_at = time.monotonic()
+        if quiet:
+            self._wake.set()
+
+    def _is_watched(self) -> bool:
+        return time.monotonic() - self._watched_at < self.watched_for
 
     def _run(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
+            self._wake.clear()
             self.sample()
-            self._stop.wait(max(self.interval - (time.monotonic() - started), 0.2))
+            interval = self.interval if self._is_watched() else self.unwatched_interval
+            self._wake.wait(max(interval - (time.monotonic() - started), 0.2))
 
     def sample(self) -> None:
         """Take one snapshot (and one point of the plots); a failure is kept for the page."""

@@ -19,6 +19,7 @@ from devstack import issuer
 from sagactl.console import app as console_app
 from sagactl.console import auth, views
 from sagactl.console.login import local_path
+from sagactl.console.monitor import Monitor
 from sagactl.inspect.diagrams import order_sequence_diagram
 from tests import tokens
 
@@ -444,3 +445,48 @@ def test_without_a_key_to_verify_with_the_login_says_so(client, monkeypatch):
     assert response.status_code == 503
     assert "AUTH_PUBLIC_KEY_FILE" in response.get_data(as_text=True)
     assert client.get("/").status_code == 303
+
+
+# -- the sampler: live while watched, next to nothing when not ---------------------------------
+
+
+class CountingMonitor(Monitor):
+    def __init__(self) -> None:
+        super().__init__(None, interval=0.05, unwatched_interval=3600, watched_for=0.5)
+        self.samples_taken = 0
+
+    def sample(self) -> None:
+        self.samples_taken += 1
+
+
+def _wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within the deadline"
+        time.sleep(0.01)
+
+
+def test_an_unwatched_console_samples_rarely_and_a_request_wakes_it_at_once():
+    monitor = CountingMonitor()
+    monitor.start()
+    try:
+        _wait_for(lambda: monitor.samples_taken == 1)  # the first sample, at start
+        monitor.watched()  # a page: sampled again at once, then every interval
+        _wait_for(lambda: monitor.samples_taken >= 5)
+        # no request for watched_for: back to the unwatched interval (an hour here)
+        _wait_for(lambda: not monitor._is_watched())
+        settled = monitor.samples_taken
+        assert monitor._wake.wait(timeout=0.3) is False  # asleep: nothing wakes it
+        assert monitor.samples_taken <= settled + 1
+    finally:
+        monitor.stop()
+
+
+def test_only_an_operator_s_pages_keep_the_sampler_live(client):
+    monitor = client.application.extensions["saga_monitor"]
+    client.get("/")  # no login: the login page, and the sampler stays unwatched
+    client.get("/login")
+    assert not monitor._is_watched()
+    _log_in(client)
+    client.get("/fragments/overview")
+    assert monitor._is_watched()
