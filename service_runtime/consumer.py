@@ -201,6 +201,9 @@ class PartitionWorker:
         self.redrive_wanted = threading.Event()
         # the streams' tops when a read last took everything new ({}: not known to be caught up)
         self._caught_up_at: dict[str, str] = {}
+        # entries finished (committed, dead-lettered, gone) whose XACK is still to be sent: with
+        # the next wait's round trip, or at the end of a step that does not wait
+        self._owed_acks: dict[str, list[str]] = {}
         self._takeover_due = 0.0  # of the next look for entries pending with someone else
 
     @property
@@ -251,6 +254,17 @@ class PartitionWorker:
 
     def run(self, stop: threading.Event) -> None:
         """Until stopped or the partition is lost. Outages back off; nothing else stops it."""
+        try:
+            self._run(stop)
+        finally:
+            try:  # entries finished before the stop or the loss: acknowledged if Redis answers
+                self.flush_acks()
+            except redis.RedisError as err:
+                log.warning(
+                    "%s partition %s: acks not sent: %s", self.settings.group, self.partition, err
+                )
+
+    def _run(self, stop: threading.Event) -> None:
         delay = 0.1
         started = False
         while not stop.is_set():
@@ -339,6 +353,8 @@ class PartitionWorker:
         full = any(len(entries) >= s.batch_size for _, entries in pairs)
         if not full and not redriven and all(c == _NEW for c in self.cursors.values()):
             self._caught_up_at = last_ids
+        if not (self._caught_up_at and block_ms):
+            self.flush_acks()  # no wait comes next to carry them
         return len(items) + len(gone) + redriven
 
     def _nothing_new_within(self, block_ms: int) -> bool:
@@ -351,11 +367,14 @@ class PartitionWorker:
             and not self.redrive_wanted.is_set()
         )
         if not waiting:
+            self.flush_acks()
             return False
         s = self.settings
-        return not self.fence.wait(
-            s.group, self.partition, self.lease.epoch, self._caught_up_at, block_ms
+        newer = self.fence.wait(
+            s.group, self.partition, self.lease.epoch, self._caught_up_at, block_ms, self._owed_acks
         )
+        self._owed_acks = {}
+        return not newer
 
     # -- handling --------------------------------------------------------------------------------
 
@@ -626,14 +645,20 @@ class PartitionWorker:
         self._settled(outcome, item, started)
 
     def _ack(self, items: list[Item]) -> None:
-        by_stream: dict[str, list[str]] = {}
+        """Owe these entries an XACK (only ever called once they are finished)."""
         for item in items:
-            by_stream.setdefault(item.stream, []).append(item.entry_id)
-        # One slot (the partition's hash tag): one round trip, on a cluster too.
+            self._owed_acks.setdefault(item.stream, []).append(item.entry_id)
+
+    def flush_acks(self) -> None:
+        """Send the XACKs owed. One slot (the partition's hash tag): one round trip, on a
+        cluster too. A crash before this redelivers the entries: the inbox absorbs them."""
+        if not self._owed_acks:
+            return
         pipe = self.redis.pipeline(transaction=False)
-        for stream, ids in by_stream.items():
+        for stream, ids in self._owed_acks.items():
             pipe.xack(stream, self.settings.group, *ids)
         pipe.execute()
+        self._owed_acks = {}
 
     def _ack_gone(self, gone: list[tuple[str, str]]) -> None:
         """Pending entries whose data was trimmed away: nothing left to handle. Never silent."""

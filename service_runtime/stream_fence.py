@@ -91,15 +91,25 @@ class StreamFence:
         return pairs, dict(zip(streams, last or [], strict=False))
 
     def wait(
-        self, group: str, partition: int, epoch: int, since: Mapping[str, str], block_ms: int
+        self,
+        group: str,
+        partition: int,
+        epoch: int,
+        since: Mapping[str, str],
+        block_ms: int,
+        acks: Mapping[str, Sequence[str]] | None = None,
     ) -> bool:
-        """Wait up to block_ms for an entry newer than `since` (XREAD BLOCK, taking nothing);
-        whether one came. The fence is checked first, in the same round trip (one slot), so a
-        worker that lost the partition learns it while idle too: Fenced."""
+        """Send `acks` (XACK per stream), then wait up to block_ms for an entry newer than
+        `since` (XREAD BLOCK, taking nothing); whether one came. One round trip (one slot).
+        The fence is checked first, so a worker that lost the partition learns it while idle
+        too (Fenced); the acks still count: they are for entries this owner committed."""
         pipe = self.client.pipeline(transaction=False)
         pipe.get(owner_fence_key(group, partition))
+        for stream, ids in (acks or {}).items():
+            pipe.xack(stream, group, *ids)
         pipe.xread(dict(since), count=1, block=block_ms)
-        current, newer = pipe.execute()
+        replies = pipe.execute()
+        current, newer = replies[0], replies[-1]
         if current != str(epoch):
             raise Fenced(f"{FENCED} by epoch {current}")
         return bool(newer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -1020,8 +1021,10 @@ def test_a_caught_up_partition_blocks_instead_of_reading_again_and_misses_nothin
     first = envelope()
     publish(r, first)
     assert worker.step(block_ms=10) == 1  # not a full batch: caught up at the streams' tops
+    assert len(pending(r, stream_of(first))) == 1  # committed; its XACK rides with the wait
     reads = fence.reads
     assert worker.step(block_ms=10) == 0  # nothing newer: the XREAD BLOCK timed out
+    assert pending(r, stream_of(first)) == []
     assert worker.step(block_ms=10) == 0
     assert fence.reads == reads  # no fenced read while idle
 
@@ -1050,3 +1053,14 @@ def test_a_full_batch_reads_again_at_once_and_a_redrive_request_skips_the_wait(r
     worker.redrive_wanted.set()  # the heartbeat saw a request: read (and re-drive) now
     assert worker.step(block_ms=10) == 0
     assert fence.reads == reads + 2 and not worker.redrive_wanted.is_set()
+
+
+def test_a_stopped_worker_sends_the_acks_it_owes(r):
+    worker = take(r, FakeInboxPool(), {"OrderPlaced": Recorder()})
+    env = envelope()
+    publish(r, env)
+    stop = threading.Event()
+    worker.step(block_ms=10)  # handled; the XACK is owed to the next wait
+    stop.set()
+    worker.run(stop)  # stops at once, owing nothing afterwards
+    assert pending(r, stream_of(env)) == []
