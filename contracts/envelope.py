@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from contracts.ids import canonical_uuid
 
 ENVELOPE_FIELDS = (
     "event_id",
@@ -63,7 +64,7 @@ def encode_entry(envelope: Envelope) -> dict[str, str]:
 
 def _uuid(value: str, name: str) -> str:
     try:
-        return str(uuid.UUID(value))
+        return canonical_uuid(value)
     except (ValueError, AttributeError, TypeError) as err:
         raise ContractError(f"{name} is not a UUID: {value!r}") from err
 

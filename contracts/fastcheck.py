@@ -18,11 +18,12 @@ path of every event a consumer handles and every event a service emits.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from marshmallow import EXCLUDE, INCLUDE, RAISE, Schema, fields, validate
+
+from contracts.ids import is_uuid
 
 Check = Callable[[Any], bool]
 
@@ -99,16 +100,6 @@ def _compile_value(base: type, field: Any) -> Check:
         # strict or not, an int is read as itself (bool is refused by marshmallow 4: not ours)
         return lambda value: type(value) is int
     if base is fields.UUID:
-
-        def is_uuid(value: Any) -> bool:
-            if type(value) is not str:
-                return False
-            try:
-                uuid.UUID(value)
-            except ValueError:
-                return False
-            return True
-
         return is_uuid
     if base is fields.List:
         inner = _compile_field(field.inner)

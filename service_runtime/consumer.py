@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 import redis
@@ -204,6 +205,7 @@ class PartitionWorker:
         # entries finished (committed, dead-lettered, gone) whose XACK is still to be sent: with
         # the next wait's round trip, or at the end of a step that does not wait
         self._owed_acks: dict[str, list[str]] = {}
+        self._metrics: dict[tuple[str, str], tuple[Any, Any]] = {}  # (type, outcome) -> children
         self._takeover_due = 0.0  # of the next look for entries pending with someone else
 
     @property
@@ -682,8 +684,15 @@ class PartitionWorker:
 
     def _count(self, outcome: str, event_type: str, started: float) -> None:
         seconds = time.perf_counter() - started
-        CONSUMER_EVENTS.labels(self.settings.group, event_type, outcome).inc()
-        CONSUMER_LATENCY.labels(self.settings.group, event_type).observe(seconds)
+        metrics = self._metrics.get((event_type, outcome))
+        if metrics is None:  # labels() looks the child up under a lock: once per pair
+            group = self.settings.group
+            metrics = self._metrics[(event_type, outcome)] = (
+                CONSUMER_EVENTS.labels(group, event_type, outcome),
+                CONSUMER_LATENCY.labels(group, event_type),
+            )
+        metrics[0].inc()
+        metrics[1].observe(seconds)
         self._on_outcome(event_type, outcome, seconds)
 
 

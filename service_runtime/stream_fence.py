@@ -32,7 +32,8 @@ return 0
 # KEYS: fence, stream...; ARGV: epoch, group, consumer, count, id per stream.
 # Returns {reply of XREADGROUP or false, {last entry id of each stream}}: the tops of the
 # streams when this read ran, for an XREAD BLOCK that wakes on anything newer without a second
-# read (a read that was not full took everything up to them: no missed wake-up).
+# read (a read that was not full took everything up to them: no missed wake-up); none after a
+# full read, which is followed by another read anyway.
 _READ = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
     return redis.error_reply('FENCED by epoch ' .. tostring(redis.call('GET', KEYS[1])))
@@ -41,10 +42,19 @@ local args = {'XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4], 'STREAM
 for i = 2, #KEYS do args[#args + 1] = KEYS[i] end
 for i = 5, #ARGV do args[#args + 1] = ARGV[i] end
 local reply = redis.call(unpack(args))
+local full = false
+for _, item in ipairs(reply or {}) do  -- {stream, entries} (fakeredis: flat, no pairs)
+    if type(item) == 'table' then
+        local entries = type(item[1]) == 'string' and item[2] or item
+        if #entries >= tonumber(ARGV[4]) then full = true end
+    end
+end
 local last = {}
-for i = 2, #KEYS do
-    local top = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
-    last[#last + 1] = top[1] and top[1][1] or '0-0'
+if not full then
+    for i = 2, #KEYS do
+        local top = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+        last[#last + 1] = top[1] and top[1][1] or '0-0'
+    end
 end
 return {reply, last}
 """

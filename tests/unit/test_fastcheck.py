@@ -113,3 +113,17 @@ def test_unknown_fields_follow_the_schema():
     assert not check({"name": ""})
     assert not check({"name": "abcd"})
     assert not check({})
+
+
+def test_uuid_text_canonical_or_not_is_read_as_uuid_parsing_reads_it():
+    from contracts.ids import canonical_uuid, is_uuid
+
+    canonical = "6b1f1bd8-0a4e-4e55-a9c1-2c86d1ef1b0c"
+    for text in (canonical, canonical.upper(), "{" + canonical + "}", canonical.replace("-", "")):
+        assert is_uuid(text)
+        assert canonical_uuid(text) == canonical
+    for text in ("", "not-a-uuid", canonical[:-1], canonical + "0", canonical.replace("b", "g")):
+        assert not is_uuid(text)
+        with pytest.raises(ValueError):
+            canonical_uuid(text)
+    assert not is_uuid(None) and not is_uuid(7)
