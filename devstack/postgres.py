@@ -45,6 +45,11 @@ SETTINGS = {
     "tcp_keepalives_interval": "5",
     "tcp_keepalives_count": "3",
     "tcp_user_timeout": "25000",
+    # Consumers group a read's entries in one transaction; under contention on a few hot rows
+    # (the bench's 10 products and customers) two partitions' batches deadlock, and each
+    # deadlock costs this wait before PostgreSQL breaks it (default 1 s): at 150 orders/s the
+    # saga fell to 50 confirmed/s; with 100 ms it keeps up (docs/architecture.md, conflicts)
+    "deadlock_timeout": "100ms",
 }
 
 
