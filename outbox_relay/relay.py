@@ -179,6 +179,7 @@ class Relay:
         conn.execute("LISTEN outbox")
         self.recorded = positions.load(conn)
         redis_delay = 0.1
+        woken = True  # as if notified: look at once
         backlog_checked = status_reported = 0.0
         checked_at: float | None = None  # None: check before publishing (start, reconnect)
         reported = self.published
@@ -190,17 +191,21 @@ class Relay:
                 ):
                     self._check_redis(conn)
                     checked_at = time.monotonic()
-                sent = publish_batch(
-                    conn,
-                    self.redis,
-                    producer=self.settings.producer,
-                    partitions=self.settings.partitions,
-                    batch_size=self.settings.batch_size,
-                    fault=self.fault,
-                    recorded=self.recorded,
-                    durability=self.durability,
-                    wait_timeout_ms=self.settings.wait_timeout_ms,
-                )
+                # woken by a NOTIFY, or the poll found rows: claim (a transaction); an idle
+                # poll is one query instead
+                sent = 0
+                if woken or has_unpublished(conn):
+                    sent = publish_batch(
+                        conn,
+                        self.redis,
+                        producer=self.settings.producer,
+                        partitions=self.settings.partitions,
+                        batch_size=self.settings.batch_size,
+                        fault=self.fault,
+                        recorded=self.recorded,
+                        durability=self.durability,
+                        wait_timeout_ms=self.settings.wait_timeout_ms,
+                    )
             except NotDurable as err:
                 # Rolled back: the rows stay unpublished and go again (duplicates, no loss).
                 log.warning(
@@ -233,8 +238,9 @@ class Relay:
             elif time.monotonic() - backlog_checked >= 1.0:
                 RELAY_BACKLOG.labels(self.settings.producer).set(unpublished_count(conn))
                 backlog_checked = time.monotonic()
+            woken = True
             if sent < self.settings.batch_size:
-                self._wait_for_work(conn, stop)
+                woken = self._wait_for_work(conn, stop)
 
     def _report_status(self, **fields: object) -> None:
         """For `saga outbox`: who is active, since when, how much it published (best effort)."""
@@ -246,21 +252,30 @@ class Relay:
         except redis.RedisError as err:
             log.debug("relay status not written: %s", err)
 
-    def _wait_for_work(self, conn: psycopg.Connection, stop: threading.Event) -> None:
-        """Sleep until a producer's NOTIFY, or poll in case one was missed."""
+    def _wait_for_work(self, conn: psycopg.Connection, stop: threading.Event) -> bool:
+        """Sleep until a producer's NOTIFY (True), or poll_seconds passed (False: poll in
+        case one was missed)."""
         # Notifications that arrived during the last batch are buffered: drain them all, and
         # if there were any, new rows may have committed since our scan, so scan again now.
         if sum(1 for _ in conn.notifies(timeout=0)):
-            return
+            return True
         deadline = time.monotonic() + self.settings.poll_seconds
         # Wait in slices so a stop request is honoured promptly.
         while not stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
             if sum(1 for _ in conn.notifies(timeout=min(remaining, 0.25), stop_after=1)):
-                return
+                return True
+        return False
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def has_unpublished(conn: psycopg.Connection) -> bool:
+    """Whether any row waits (the partial index of unpublished rows: one probe)."""
+    return conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL)"
+    ).fetchone()[0]
 
 
 def unpublished_count(conn: psycopg.Connection) -> int:

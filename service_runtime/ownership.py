@@ -13,6 +13,7 @@ and its transaction rolls back. Redis reads are fenced too (stream_fence.py).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -38,16 +39,19 @@ def assignment(members: Sequence[str], partitions: int, me: str) -> set[int]:
     return {p for p in range(partitions) if p % count == index}
 
 
+# One statement: this consumer's beat, and the live members as they were just before it (the
+# statement does not see its own upsert: the caller adds itself).
 _HEARTBEAT = """
-INSERT INTO consumer_members (consumer_group, consumer, heartbeat_at)
-VALUES (%(group)s, %(me)s, clock_timestamp())
-ON CONFLICT (consumer_group, consumer) DO UPDATE SET heartbeat_at = clock_timestamp()
-"""
-_LIVE_MEMBERS = """
+WITH beat AS (
+    INSERT INTO consumer_members (consumer_group, consumer, heartbeat_at)
+    VALUES (%(group)s, %(me)s, clock_timestamp())
+    ON CONFLICT (consumer_group, consumer) DO UPDATE SET heartbeat_at = clock_timestamp()
+)
 SELECT consumer FROM consumer_members
 WHERE consumer_group = %(group)s
   AND heartbeat_at > clock_timestamp() - make_interval(secs => %(ttl)s)
 """
+FORGET_DEAD_EVERY_S = 60.0
 _FORGET_DEAD_MEMBERS = """
 DELETE FROM consumer_members
 WHERE consumer_group = %(group)s AND heartbeat_at < clock_timestamp() - interval '1 hour'
@@ -96,16 +100,18 @@ class PartitionLeases:
         self.group = group
         self.me = me
         self.ttl = lease_seconds
+        self._forget_dead_at = 0.0  # time.monotonic() of the next clean-up of dead members
 
     def _args(self, **extra: object) -> dict[str, object]:
         return {"group": self.group, "me": self.me, "ttl": self.ttl, **extra}
 
     def heartbeat(self, conn: psycopg.Connection) -> list[str]:
         """Say this consumer is alive; the live members, this one included."""
-        with conn.transaction():
-            conn.execute(_HEARTBEAT, self._args())
+        live = {row[0] for row in conn.execute(_HEARTBEAT, self._args())}
+        if time.monotonic() >= self._forget_dead_at:  # rows of members gone for an hour
             conn.execute(_FORGET_DEAD_MEMBERS, self._args())
-            return [row[0] for row in conn.execute(_LIVE_MEMBERS, self._args())]
+            self._forget_dead_at = time.monotonic() + FORGET_DEAD_EVERY_S
+        return sorted(live | {self.me})
 
     def renew(self, conn: psycopg.Connection, held: Iterable[Lease]) -> set[Lease]:
         """Extend the leases still ours; the ones returned are held for another lease period."""
