@@ -260,9 +260,9 @@ class Relay:
         if sum(1 for _ in conn.notifies(timeout=0)):
             return True
         deadline = time.monotonic() + self.settings.poll_seconds
-        # Wait in slices so a stop request is honoured promptly.
+        # Wait in slices of a second at most, so a stop request is honoured within one.
         while not stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
-            if sum(1 for _ in conn.notifies(timeout=min(remaining, 0.25), stop_after=1)):
+            if sum(1 for _ in conn.notifies(timeout=min(remaining, 1.0), stop_after=1)):
                 return True
         return False
 
