@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 import redis
@@ -179,10 +180,14 @@ def consume(service: str, name: str | None, instance: int | None) -> None:
         pool.close()
 
 
-def _refuse_to_start_unless(check: Callable[[], object]) -> None:
-    """Run a start-up check; a ConfigError ends the process (exit 1) with its message."""
+T = TypeVar("T")
+
+
+def _refuse_to_start_unless(check: Callable[[], T]) -> T:
+    """Run a start-up check (or read a setting); a ConfigError ends the process (exit 1) with
+    its message."""
     try:
-        check()
+        return check()
     except ConfigError as err:
         raise click.ClickException(str(err)) from err
 
@@ -209,7 +214,7 @@ def cron() -> None:
 
     setup_logging("saga", "cron")
     _refuse_to_start_unless(require_nested_windows)
-    _refuse_to_start_unless(payment_sweep_seconds)
+    sweep = _refuse_to_start_unless(payment_sweep_seconds)
     # An enqueue every few seconds would drown the log at INFO; failures still show.
     logging.getLogger("rq.cron").setLevel(logging.WARNING)
     # rq stores pickled bytes: it needs a client that does not decode responses. And a plain
@@ -217,7 +222,6 @@ def cron() -> None:
     scheduler = CronScheduler(
         connection=redis.Redis.from_url(rq_redis_url()), name=f"saga-cron:{socket.gethostname()}"
     )
-    sweep = payment_sweep_seconds()
     scheduler.register(sweep_payment_deadlines, RQ_QUEUE, interval=sweep, job_timeout=60)
     scheduler.register(run_retention, RQ_QUEUE, interval=3600, job_timeout=1800)
     # rq's scheduler loop raises when Redis goes away; rather than dying (and being restarted

@@ -8,12 +8,13 @@ Every amount goes through `amount_field`, bounded by contracts/limits.py.
 from __future__ import annotations
 
 import re
-import uuid
 from typing import Any
 
 from flask_smorest import abort
 from flask_smorest.pagination import PaginationParameters
 from marshmallow import ValidationError, fields, validate
+
+from contracts.ids import canonical_uuid
 
 KEY_REGEX = "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"  # as documented (JSON Schema, ECMA regex)
 # Python's "$" also matches before a final newline, "\Z" does not: "apple\n" is no key.
@@ -88,7 +89,7 @@ def check_path_key(name: str, value: str) -> str:
 
 def check_path_uuid(name: str, value: str) -> str:
     try:
-        return str(uuid.UUID(value))
+        return canonical_uuid(value)
     except ValueError:
         abort(
             422, message="Invalid path parameter.", errors={"path": {name: ["Not a valid UUID."]}}

@@ -12,6 +12,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from contracts import Envelope, validate_payload
+from contracts.ids import canonical_uuid
 from service_runtime import tracing
 from service_runtime.metrics import OUTBOX_WRITTEN
 
@@ -95,6 +96,6 @@ def count_emitted(service: str, event_types: list[str]) -> None:
 
 def _uuid_or_new(value: str) -> str:
     try:
-        return str(uuid.UUID(value))
+        return canonical_uuid(value)
     except ValueError:
         return str(uuid.uuid4())

@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from typing import Any
 
 import click
 from flask import Flask, abort, g, jsonify, render_template, request, send_file
 
+from contracts.ids import canonical_uuid
 from sagactl.console import assets, login, views
 from sagactl.console.monitor import Connections, Monitor, describe
 from sagactl.inspect.common import duration, short_time
@@ -166,7 +166,7 @@ def create_app(
 
     def order_context(order_id: str) -> dict[str, Any]:
         try:
-            order_id = str(uuid.UUID(order_id))
+            order_id = canonical_uuid(order_id)
         except ValueError:
             abort(404, f"{order_id!r} is not an order id")
         record = order_record(order_id)

@@ -154,9 +154,9 @@ class Monitor:
         try:
             client = self.connections.client()
             partitions = self.connections.partitions()
-            with reusing(self.connections.db):
+            with reusing(self.connections.db):  # its connections, kept open between samples
                 streams = streams_report(client, partitions)
-            outbox = outbox_reports(client, self.connections.db)
+                outbox = outbox_reports(client)
             now = time.time()
             rates = self._rates(client, streams, now)
         except Exception as err:  # shown on the page; the next round tries again

@@ -3,9 +3,9 @@ order's own rows (lines, history). An order's saga across the services is trace.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
+from contracts.ids import canonical_uuid
 from sagactl.inspect.common import iso, open_db
 
 STATUSES = ("pending", "confirmed", "rejected", "cancelled")
@@ -59,7 +59,7 @@ def recent_orders(
 def order_record(order_id: str) -> dict[str, Any] | None:
     """The order as the orders service stores it: its row, its lines and its history."""
     try:
-        order_id = str(uuid.UUID(order_id))
+        order_id = canonical_uuid(order_id)
     except ValueError:
         return None
     with open_db("orders") as conn:

@@ -8,8 +8,6 @@ time taken from it would lag behind the truth.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
 
@@ -77,14 +75,11 @@ def _hash_time(text: str | None) -> datetime | None:
         return None  # someone else's value in our hash: show nothing rather than fail
 
 
-def outbox_reports(
-    client: RedisClient, db: Callable[[str], AbstractContextManager[psycopg.Connection]] = open_db
-) -> dict[str, dict[str, Any]]:
-    """outbox_report of every service, by service (what `saga outbox` and the console show);
-    `db` gives a service's connection (the console keeps its own open)."""
+def outbox_reports(client: RedisClient) -> dict[str, dict[str, Any]]:
+    """outbox_report of every service, by service (what `saga outbox` and the console show)."""
     reports = {}
     for service in SERVICES:
-        with db(service) as conn:
+        with open_db(service) as conn:
             reports[service] = outbox_report(conn, client.hgetall(relay_status_key(service)))
     return reports
 

@@ -12,7 +12,6 @@ their retention window: an old order shows its current state but a shorter timel
 from __future__ import annotations
 
 import importlib
-import uuid
 from typing import Any
 
 import click
@@ -23,6 +22,7 @@ from contracts import (
     partition_of,
     partition_stream,
 )
+from contracts.ids import canonical_uuid
 from sagactl.inspect.common import (
     duration,
     friendly_errors,
@@ -245,7 +245,7 @@ def trace(order_id: str, as_json: bool, as_mermaid: bool) -> None:
     subscribing group; then the order's state in each service's database.
     """
     try:
-        order_id = str(uuid.UUID(order_id))
+        order_id = canonical_uuid(order_id)
     except ValueError as err:
         raise click.ClickException(f"{order_id!r} is not an order id (a UUID)") from err
     report = trace_order(order_id)
