@@ -36,26 +36,23 @@ def test_given_values_win_over_the_environment(monkeypatch):
     assert (settings.partitions, settings.batch_size) == (8, 9)
 
 
-def test_partition_count_defaults_and_bounds(monkeypatch):
-    monkeypatch.delenv("STREAM_PARTITIONS", raising=False)
-    assert stream_partitions() == DEFAULT_PARTITIONS
-    monkeypatch.setenv("STREAM_PARTITIONS", "16")
-    assert stream_partitions() == 16
-    for bad in ("0", "-1", "eight", "100000"):
-        monkeypatch.setenv("STREAM_PARTITIONS", bad)
-        with pytest.raises(ConfigError, match="STREAM_PARTITIONS"):
-            stream_partitions()
-
-
-def test_payment_sweep_interval_defaults_and_bounds(monkeypatch):
-    monkeypatch.delenv("PAYMENT_SWEEP_SECONDS", raising=False)
-    assert payment_sweep_seconds() == 5
-    monkeypatch.setenv("PAYMENT_SWEEP_SECONDS", "1")
-    assert payment_sweep_seconds() == 1
-    for bad in ("0", "1.5", "soon", "3601"):
-        monkeypatch.setenv("PAYMENT_SWEEP_SECONDS", bad)
-        with pytest.raises(ConfigError, match="PAYMENT_SWEEP_SECONDS"):
-            payment_sweep_seconds()
+@pytest.mark.parametrize(
+    "name, read, default, good, bads",
+    [
+        ("STREAM_PARTITIONS", stream_partitions, DEFAULT_PARTITIONS, 16,
+         ("0", "-1", "eight", "100000")),
+        ("PAYMENT_SWEEP_SECONDS", payment_sweep_seconds, 5, 1, ("0", "1.5", "soon", "3601")),
+    ],
+)  # fmt: skip
+def test_whole_number_settings_default_and_bounds(monkeypatch, name, read, default, good, bads):
+    monkeypatch.delenv(name, raising=False)
+    assert read() == default
+    monkeypatch.setenv(name, str(good))
+    assert read() == good
+    for bad in bads:
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ConfigError, match=name):
+            read()
 
 
 # -- rq's Redis beside a Redis Cluster (DESIGN.md §6a) --------------------------------------------
