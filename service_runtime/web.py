@@ -18,6 +18,7 @@ import swagger_ui_bundle
 from flask import Flask, Response, current_app, g, jsonify, request, send_from_directory
 from flask.views import MethodView
 from flask_smorest import Api, abort
+from flask_smorest.utils import resolve_schema_instance
 from marshmallow import Schema, fields
 from psycopg_pool import ConnectionPool
 from webargs import core
@@ -69,6 +70,11 @@ class Blueprint(flask_smorest.Blueprint):
     """flask-smorest's Blueprint reading bodies with `_JsonBodyParser`; every service uses it."""
 
     ARGUMENTS_PARSER = _JsonBodyParser()
+
+    def arguments(self, schema: type[Schema] | Schema, *args: Any, **kwargs: Any) -> Callable:
+        """flask-smorest's, with one schema instance for all requests: given a class, webargs
+        builds a new instance per request, deep-copying its fields (a tenth of a POST's CPU)."""
+        return super().arguments(resolve_schema_instance(schema), *args, **kwargs)
 
 
 def create_service_app(
