@@ -39,18 +39,7 @@ def place_order(
     order_id = str(uuid.uuid4())
     fingerprint = domain.request_fingerprint(customer_id, items)
     with unit_of_work(pool, service="orders") as uow:
-        if idempotency_key and not storage.claim_idempotency_key(
-            uow.conn, customer_id, idempotency_key, fingerprint, order_id
-        ):
-            known_hash, known_order = storage.idempotency_record(
-                uow.conn, customer_id, idempotency_key
-            )
-            if known_hash != fingerprint:
-                raise IdempotencyConflict(idempotency_key)
-            return Placed(known_order, replayed=True)
-        deadline = datetime.now(UTC) + timedelta(seconds=payment_timeout_s)
-        order = storage.insert_order(uow.conn, order_id, customer_id, items, deadline)
-        uow.emit(
+        event = uow.outbox_row(
             "OrderPlaced",
             aggregate_type="order",
             aggregate_id=order_id,
@@ -60,6 +49,25 @@ def place_order(
                 "items": [{"sku": i["sku"], "quantity": i["quantity"]} for i in items],
             },
         )
+        deadline = datetime.now(UTC) + timedelta(seconds=payment_timeout_s)
+        # one statement: the key's claim (if any), the order, its lines, history and event
+        order = storage.insert_order(
+            uow.conn,
+            order_id,
+            customer_id,
+            items,
+            deadline,
+            event,
+            idempotency=(idempotency_key, fingerprint) if idempotency_key else None,
+        )
+        if order is None:  # the key was claimed before: a replay, or another body
+            known_hash, known_order = storage.idempotency_record(
+                uow.conn, customer_id, idempotency_key
+            )
+            if known_hash != fingerprint:
+                raise IdempotencyConflict(idempotency_key)
+            return Placed(known_order, replayed=True)
+        uow.written(event)
     return Placed(order_id, replayed=False, order=order)
 
 
@@ -79,10 +87,11 @@ def cancel_order(pool: ConnectionPool, order_id: str) -> bool | None:
 
 def cancel(uow: UnitOfWork, order_id: str, reason: str) -> None:
     """Record the decision; release and refund follow as other services react to the event."""
-    storage.set_status(uow.conn, order_id, domain.CANCELLED, reason)
-    uow.emit(
+    event = uow.outbox_row(
         "OrderCancelled",
         aggregate_type="order",
         aggregate_id=order_id,
         payload={"order_id": order_id, "reason": reason},
     )
+    storage.set_status(uow.conn, order_id, domain.CANCELLED, reason, event=event)
+    uow.written(event)
