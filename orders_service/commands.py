@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from psycopg_pool import ConnectionPool
 
 from orders_service import domain, storage
-from service_runtime.unit_of_work import UnitOfWork, unit_of_work
+from service_runtime.unit_of_work import UnitOfWork, count_emitted, unit_of_work
 
 
 class IdempotencyConflict(Exception):
@@ -38,8 +38,11 @@ def place_order(
 ) -> Placed:
     order_id = str(uuid.uuid4())
     fingerprint = domain.request_fingerprint(customer_id, items)
-    with unit_of_work(pool, service="orders") as uow:
-        event = uow.outbox_row(
+    # One statement writes it all (storage.insert_order): on the pool's connection, which is
+    # in autocommit, that statement is a transaction of its own, with no BEGIN and COMMIT
+    # round trips (psycopg_pool would commit an open transaction on leaving the block).
+    with pool.connection() as conn:
+        event = UnitOfWork(conn).outbox_row(
             "OrderPlaced",
             aggregate_type="order",
             aggregate_id=order_id,
@@ -50,9 +53,9 @@ def place_order(
             },
         )
         deadline = datetime.now(UTC) + timedelta(seconds=payment_timeout_s)
-        # one statement: the key's claim (if any), the order, its lines, history and event
+        # the key's claim (if any), the order, its lines, history and event
         order = storage.insert_order(
-            uow.conn,
+            conn,
             order_id,
             customer_id,
             items,
@@ -60,14 +63,12 @@ def place_order(
             event,
             idempotency=(idempotency_key, fingerprint) if idempotency_key else None,
         )
-        if order is None:  # the key was claimed before: a replay, or another body
-            known_hash, known_order = storage.idempotency_record(
-                uow.conn, customer_id, idempotency_key
-            )
+        if order is None:  # the key was claimed before (and committed): a replay, or another body
+            known_hash, known_order = storage.idempotency_record(conn, customer_id, idempotency_key)
             if known_hash != fingerprint:
                 raise IdempotencyConflict(idempotency_key)
             return Placed(known_order, replayed=True)
-        uow.written(event)
+    count_emitted("orders", [event.event_type])
     return Placed(order_id, replayed=False, order=order)
 
 

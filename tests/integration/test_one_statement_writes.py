@@ -10,6 +10,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -23,6 +24,7 @@ from inventory_service.reactions import HANDLERS as INVENTORY_HANDLERS
 from orders_service import commands
 from orders_service import storage as orders_storage
 from orders_service.reactions import HANDLERS as ORDERS_HANDLERS
+from service_runtime import unit_of_work as unit_of_work_module
 from service_runtime.db import connect, create_pool
 from service_runtime.unit_of_work import unit_of_work
 from tests.helpers import wait_until
@@ -97,6 +99,32 @@ def test_place_order_writes_order_lines_history_and_event_in_one_go(pools, dbs):
         .fetchone()
     )
     assert correlation == (placed.order_id, None)
+
+
+def test_place_order_is_all_or_nothing(pools, dbs, monkeypatch):
+    """Without BEGIN/COMMIT around it, the one statement is the transaction: when its last
+    part fails (here the outbox row, whose event id is taken), nothing of it is left."""
+    taken = str(uuid.uuid4())
+    dbs["orders"].execute(
+        """INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, event_version,
+                               payload, correlation_id)
+           VALUES (%s, 'order', 'x', 'OrderPlaced', 1, '{}', %s)""",
+        (taken, taken),
+    )
+    monkeypatch.setattr(unit_of_work_module, "uuid", SimpleNamespace(uuid4=lambda: taken))
+    items = [{"sku": "a", "quantity": 1}]
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        commands.place_order(pools["orders"], "alice", items, 60, idempotency_key="k0")
+    counts = (
+        dbs["orders"]
+        .execute(
+            """SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM order_lines),
+                  (SELECT count(*) FROM order_history), (SELECT count(*) FROM outbox),
+                  (SELECT count(*) FROM idempotency_keys)"""
+        )
+        .fetchone()
+    )
+    assert counts == (0, 0, 0, 1, 0)
 
 
 def test_idempotency_key_replay_and_conflict_write_nothing_more(pools, dbs):
