@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
+
 from billing_service import storage
 from billing_service.domain import decline_reason
 from contracts import Envelope
 from service_runtime.locks import lock_order
-from service_runtime.unit_of_work import UnitOfWork
+from service_runtime.unit_of_work import OutboxRow, UnitOfWork
 
 
 def on_stock_reserved(uow: UnitOfWork, event: Envelope) -> None:
@@ -15,20 +17,22 @@ def on_stock_reserved(uow: UnitOfWork, event: Envelope) -> None:
     customer_id = event.payload["customer_id"]
     amount = event.payload["total_cents"]
     lock_order(uow.conn, order_id)  # capture vs. cancellation
-    if storage.get_payment(uow.conn, order_id) or storage.is_cancelled(uow.conn, order_id):
+    decided, balance = storage.lock_balance_unless_decided(uow.conn, order_id, customer_id)
+    if decided:
         return  # decided already, or cancelled first: never charge
-    reason = decline_reason(storage.lock_balance(uow.conn, customer_id), amount)
+    reason = decline_reason(balance, amount)
     if reason:
-        storage.record_decline(uow.conn, order_id, customer_id, amount, reason)
-        _emit(
+        declined = _event(
             uow,
             "PaymentDeclined",
             order_id,
             {"order_id": order_id, "customer_id": customer_id, "reason": reason},
         )
+        storage.record_decline(uow.conn, order_id, customer_id, amount, reason, declined)
+        uow.written(declined)
         return
-    payment_id = storage.capture(uow.conn, order_id, customer_id, amount)
-    _emit(
+    payment_id = str(uuid.uuid4())
+    captured = _event(
         uow,
         "PaymentCaptured",
         order_id,
@@ -39,17 +43,17 @@ def on_stock_reserved(uow: UnitOfWork, event: Envelope) -> None:
             "amount_cents": amount,
         },
     )
+    storage.capture(uow.conn, order_id, payment_id, customer_id, amount, captured)
+    uow.written(captured)
 
 
 def on_order_cancelled(uow: UnitOfWork, event: Envelope) -> None:
     """Refund a capture; with nothing captured yet, remember so a late StockReserved is ignored."""
     order_id = event.payload["order_id"]
     lock_order(uow.conn, order_id)  # capture vs. cancellation
-    storage.remember_cancellation(uow.conn, order_id, event.payload["reason"])
-    payment = storage.get_payment(uow.conn, order_id)
+    payment = storage.remember_cancellation(uow.conn, order_id, event.payload["reason"])
     if payment and payment["status"] == "captured":
-        storage.refund(uow.conn, payment)
-        _emit(
+        refunded = _event(
             uow,
             "PaymentRefunded",
             order_id,
@@ -59,10 +63,14 @@ def on_order_cancelled(uow: UnitOfWork, event: Envelope) -> None:
                 "amount_cents": payment["amount_cents"],
             },
         )
+        storage.refund(uow.conn, payment, refunded)
+        uow.written(refunded)
 
 
-def _emit(uow: UnitOfWork, event_type: str, order_id: str, payload: dict) -> None:
-    uow.emit(event_type, aggregate_type="payment", aggregate_id=order_id, payload=payload)
+def _event(uow: UnitOfWork, event_type: str, order_id: str, payload: dict) -> OutboxRow:
+    return uow.outbox_row(
+        event_type, aggregate_type="payment", aggregate_id=order_id, payload=payload
+    )
 
 
 HANDLERS = {

@@ -8,6 +8,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from contracts.limits import MAX_BALANCE_CENTS, LimitExceeded
+from service_runtime.unit_of_work import OutboxRow
 
 _ACCOUNT_COLUMNS = "customer_id, balance_cents, created_at, updated_at"
 _PAYMENT_COLUMNS = (
@@ -108,54 +109,129 @@ def get_payment(conn: psycopg.Connection, order_id: str) -> dict | None:
     )
 
 
-def is_cancelled(conn: psycopg.Connection, order_id: str) -> bool:
-    row = conn.execute("SELECT 1 FROM cancelled_orders WHERE order_id = %s", (order_id,))
-    return row.fetchone() is not None
+def lock_balance_unless_decided(
+    conn: psycopg.Connection, order_id: str, customer_id: str
+) -> tuple[bool, int | None]:
+    """(decided, balance): decided when the order has a payment already or is known cancelled;
+    else the customer's balance (None: no such account), its row locked. One statement: the
+    row is only locked when undecided. Callers hold the order's lock (service_runtime.locks),
+    taken by an earlier statement, so this statement's snapshot has whatever a cancellation
+    of the order committed."""
+    return conn.execute(
+        """WITH decided AS (
+                SELECT EXISTS (SELECT FROM payments WHERE order_id = %(order_id)s)
+                    OR EXISTS (SELECT FROM cancelled_orders WHERE order_id = %(order_id)s) AS yes
+            ),
+            balance AS (
+                SELECT balance_cents FROM accounts
+                WHERE customer_id = %(customer_id)s AND NOT (SELECT yes FROM decided)
+                FOR UPDATE
+            )
+           SELECT yes, (SELECT balance_cents FROM balance) FROM decided""",
+        {"order_id": order_id, "customer_id": customer_id},
+    ).fetchone()
 
 
-def remember_cancellation(conn: psycopg.Connection, order_id: str, reason: str) -> None:
-    conn.execute(
-        "INSERT INTO cancelled_orders (order_id, reason) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-        (order_id, reason),
+def remember_cancellation(conn: psycopg.Connection, order_id: str, reason: str) -> dict | None:
+    """Record that the order is cancelled (once); returns its payment, if any, in the same
+    statement."""
+    return (
+        conn.cursor(row_factory=dict_row)
+        .execute(
+            f"""WITH cancelled AS (
+                    INSERT INTO cancelled_orders (order_id, reason)
+                    VALUES (%(order_id)s, %(reason)s) ON CONFLICT DO NOTHING
+                )
+                SELECT {_PAYMENT_COLUMNS} FROM payments WHERE order_id = %(order_id)s""",
+            {"order_id": order_id, "reason": reason},
+        )
+        .fetchone()
     )
 
 
-def capture(conn: psycopg.Connection, order_id: str, customer_id: str, amount: int) -> str:
-    payment_id = str(uuid.uuid4())
+def capture(
+    conn: psycopg.Connection,
+    order_id: str,
+    payment_id: str,
+    customer_id: str,
+    amount: int,
+    event: OutboxRow,
+) -> None:
+    """Charge the account (its row locked by the caller), record the payment and write `event`
+    (PaymentCaptured), in one statement."""
     conn.execute(
-        "UPDATE accounts SET balance_cents = balance_cents - %s, updated_at = now() "
-        "WHERE customer_id = %s",
-        (amount, customer_id),
+        f"""WITH charged AS (
+                UPDATE accounts SET balance_cents = balance_cents - %(amount)s, updated_at = now()
+                WHERE customer_id = %(customer_id)s
+            ),
+            payment AS (
+                INSERT INTO payments (order_id, payment_id, customer_id, amount_cents, status)
+                VALUES (%(order_id)s, %(payment_id)s, %(customer_id)s, %(amount)s, 'captured')
+            ),
+            event AS ({event.insert_sql()})
+            SELECT""",
+        {
+            "order_id": order_id,
+            "payment_id": payment_id,
+            "customer_id": customer_id,
+            "amount": amount,
+            **event.params,
+        },
     )
-    conn.execute(
-        """INSERT INTO payments (order_id, payment_id, customer_id, amount_cents, status)
-           VALUES (%s, %s, %s, %s, 'captured')""",
-        (order_id, payment_id, customer_id, amount),
-    )
-    return payment_id
 
 
 def record_decline(
-    conn: psycopg.Connection, order_id: str, customer_id: str, amount: int, reason: str
+    conn: psycopg.Connection,
+    order_id: str,
+    customer_id: str,
+    amount: int,
+    reason: str,
+    event: OutboxRow,
 ) -> None:
+    """The declined payment and `event` (PaymentDeclined), in one statement."""
     conn.execute(
-        """INSERT INTO payments (order_id, customer_id, amount_cents, status, reason)
-           VALUES (%s, %s, %s, 'declined', %s)""",
-        (order_id, customer_id, amount, reason),
+        f"""WITH payment AS (
+                INSERT INTO payments (order_id, customer_id, amount_cents, status, reason)
+                VALUES (%(order_id)s, %(customer_id)s, %(amount)s, 'declined', %(reason)s)
+            ),
+            event AS ({event.insert_sql()})
+            SELECT""",
+        {
+            "order_id": order_id,
+            "customer_id": customer_id,
+            "amount": amount,
+            "reason": reason,
+            **event.params,
+        },
     )
 
 
-def refund(conn: psycopg.Connection, payment: dict) -> None:
+def refund(conn: psycopg.Connection, payment: dict, event: OutboxRow) -> None:
+    """Mark the payment refunded, give the money back, record the refund and write `event`
+    (PaymentRefunded), in one statement. Locks as before: the payment row, then the account's
+    (its UPDATE waits for `refunded`)."""
     conn.execute(
-        "UPDATE payments SET status = 'refunded', refunded_at = now() WHERE order_id = %s",
-        (payment["order_id"],),
-    )
-    conn.execute(
-        "UPDATE accounts SET balance_cents = balance_cents + %s, updated_at = now() "
-        "WHERE customer_id = %s",
-        (payment["amount_cents"], payment["customer_id"]),
-    )
-    conn.execute(
-        "INSERT INTO refunds (refund_id, payment_id, amount_cents) VALUES (%s, %s, %s)",
-        (str(uuid.uuid4()), payment["payment_id"], payment["amount_cents"]),
+        f"""WITH refunded AS (
+                UPDATE payments SET status = 'refunded', refunded_at = now()
+                WHERE order_id = %(order_id)s RETURNING 1
+            ),
+            given_back AS (
+                UPDATE accounts
+                SET balance_cents = balance_cents + %(amount)s, updated_at = now()
+                WHERE customer_id = %(customer_id)s AND EXISTS (SELECT FROM refunded)
+            ),
+            recorded AS (
+                INSERT INTO refunds (refund_id, payment_id, amount_cents)
+                VALUES (%(refund_id)s, %(payment_id)s, %(amount)s)
+            ),
+            event AS ({event.insert_sql()})
+            SELECT""",
+        {
+            "order_id": payment["order_id"],
+            "customer_id": payment["customer_id"],
+            "payment_id": payment["payment_id"],
+            "amount": payment["amount_cents"],
+            "refund_id": str(uuid.uuid4()),
+            **event.params,
+        },
     )

@@ -6,7 +6,7 @@ from contracts import Envelope
 from inventory_service import storage
 from inventory_service.domain import merge_items, plan_reservation
 from service_runtime.locks import lock_order
-from service_runtime.unit_of_work import UnitOfWork
+from service_runtime.unit_of_work import OutboxRow, UnitOfWork
 
 
 def on_order_placed(uow: UnitOfWork, event: Envelope) -> None:
@@ -14,15 +14,13 @@ def on_order_placed(uow: UnitOfWork, event: Envelope) -> None:
     order_id = event.payload["order_id"]
     customer_id = event.payload["customer_id"]
     lock_order(uow.conn, order_id)  # vs. a release of the same order, also before any row exists
-    if storage.find_reservation(uow.conn, order_id):
-        return  # decided already (or cancelled before we got here)
     wanted = merge_items(event.payload["items"])
-    plan = plan_reservation(wanted, storage.lock_stock(uow.conn, wanted))
+    stock = storage.lock_stock_unless_decided(uow.conn, order_id, wanted)
+    if stock is None:
+        return  # decided already (or cancelled before we got here)
+    plan = plan_reservation(wanted, stock)
     if plan.ok:
-        storage.insert_reservation(
-            uow.conn, order_id, customer_id, "held", None, plan.total_cents, plan.lines
-        )
-        _emit(
+        reserved = _event(
             uow,
             "StockReserved",
             order_id,
@@ -33,9 +31,12 @@ def on_order_placed(uow: UnitOfWork, event: Envelope) -> None:
                 "total_cents": plan.total_cents,
             },
         )
+        storage.insert_reservation(
+            uow.conn, order_id, customer_id, "held", None, plan.total_cents, plan.lines, reserved
+        )
+        uow.written(reserved)
     else:
-        storage.insert_reservation(uow.conn, order_id, customer_id, "failed", plan.reason, 0, [])
-        _emit(
+        failed = _event(
             uow,
             "StockReservationFailed",
             order_id,
@@ -45,31 +46,31 @@ def on_order_placed(uow: UnitOfWork, event: Envelope) -> None:
                 "shortages": plan.shortages,
             },
         )
+        storage.insert_reservation(
+            uow.conn, order_id, customer_id, "failed", plan.reason, 0, [], failed
+        )
+        uow.written(failed)
 
 
 def release(uow: UnitOfWork, event: Envelope) -> None:
-    """Give back whatever this order still holds (PaymentDeclined, OrderCancelled)."""
+    """Give back whatever this order still holds (PaymentDeclined, OrderCancelled). When the
+    cancellation overtook the order, remember it so OrderPlaced reserves nothing."""
     order_id = event.payload["order_id"]
     lock_order(uow.conn, order_id)  # vs. the reservation of the same order
-    if storage.find_reservation(uow.conn, order_id) is None:
-        # The cancellation overtook the order: remember it so OrderPlaced reserves nothing.
-        storage.insert_reservation(uow.conn, order_id, None, "released", event.event_type, 0, [])
-        return
-    lines = storage.release_reservation(uow.conn, order_id)
+    lines = storage.release(uow.conn, order_id, event.event_type)
     if lines:
-        _emit(
-            uow,
+        uow.emit(
             "StockReleased",
-            order_id,
-            {
-                "order_id": order_id,
-                "lines": [{"sku": ln["sku"], "quantity": ln["quantity"]} for ln in lines],
-            },
+            aggregate_type="reservation",
+            aggregate_id=order_id,
+            payload={"order_id": order_id, "lines": lines},
         )
 
 
-def _emit(uow: UnitOfWork, event_type: str, order_id: str, payload: dict) -> None:
-    uow.emit(event_type, aggregate_type="reservation", aggregate_id=order_id, payload=payload)
+def _event(uow: UnitOfWork, event_type: str, order_id: str, payload: dict) -> OutboxRow:
+    return uow.outbox_row(
+        event_type, aggregate_type="reservation", aggregate_id=order_id, payload=payload
+    )
 
 
 HANDLERS = {

@@ -9,6 +9,7 @@ from psycopg.rows import dict_row
 
 from contracts.limits import MAX_STOCK, LimitExceeded
 from inventory_service.domain import StockLevel
+from service_runtime.unit_of_work import OutboxRow
 
 _PRODUCT_COLUMNS = "sku, name, price_cents, available, created_at, updated_at"
 
@@ -102,24 +103,29 @@ def list_products(conn: psycopg.Connection, limit: int, offset: int) -> tuple[li
     return rows, total
 
 
-def lock_stock(conn: psycopg.Connection, skus: Iterable[str]) -> dict[str, StockLevel]:
-    """Lock the rows in sku order so concurrent reservations queue instead of deadlocking."""
+def lock_stock_unless_decided(
+    conn: psycopg.Connection, order_id: str, skus: Iterable[str]
+) -> dict[str, StockLevel] | None:
+    """None when the order has a reservation row already (decided before, or cancelled before
+    it got here); else the stock of `skus`, locked in sku order so concurrent reservations
+    queue instead of deadlocking. One statement: the rows are only locked when there is no
+    reservation. Callers hold the order's lock (service_runtime.locks), taken by an earlier
+    statement, so this statement's snapshot has whatever a release of the order committed."""
     rows = conn.execute(
-        """SELECT sku, available, price_cents FROM products WHERE sku = ANY(%s)
-           ORDER BY sku FOR UPDATE""",
-        (sorted(skus),),
+        """WITH decided AS (SELECT 1 FROM reservations WHERE order_id = %(order_id)s),
+                stock AS (
+                    SELECT sku, available, price_cents FROM products
+                    WHERE sku = ANY(%(skus)s) AND NOT EXISTS (SELECT FROM decided)
+                    ORDER BY sku FOR UPDATE
+                )
+           SELECT true, NULL, NULL, NULL FROM decided
+           UNION ALL
+           SELECT false, sku, available, price_cents FROM stock""",
+        {"order_id": order_id, "skus": sorted(skus)},
     ).fetchall()
-    return {sku: StockLevel(sku, available, price) for sku, available, price in rows}
-
-
-def find_reservation(conn: psycopg.Connection, order_id: str) -> dict | None:
-    """The order's reservation row. Callers hold the order's lock (service_runtime.locks), which
-    also covers the moment before the row exists, when FOR UPDATE would lock nothing."""
-    return (
-        conn.cursor(row_factory=dict_row)
-        .execute("SELECT * FROM reservations WHERE order_id = %s", (order_id,))
-        .fetchone()
-    )
+    if rows and rows[0][0]:
+        return None
+    return {sku: StockLevel(sku, available, price) for _, sku, available, price in rows}
 
 
 def insert_reservation(
@@ -130,31 +136,91 @@ def insert_reservation(
     reason: str | None,
     total_cents: int,
     lines: list[dict],
+    event: OutboxRow,
 ) -> bool:
-    """False when the order already has a reservation row (decided before)."""
-    inserted = conn.execute(
-        """INSERT INTO reservations (order_id, customer_id, status, reason, total_cents,
-                                     released_at)
-           VALUES (%s, %s, %s, %s, %s, CASE WHEN %s = 'released' THEN now() END)
-           ON CONFLICT (order_id) DO NOTHING RETURNING 1""",
-        (order_id, customer_id, status, reason, total_cents, status),
+    """The order's reservation row, its lines, the stock they take (rows the caller locked) and
+    `event`, in one statement. False when the order already had a reservation row (decided
+    before): then only the event is written."""
+    return conn.execute(
+        f"""WITH r AS (
+                INSERT INTO reservations (order_id, customer_id, status, reason, total_cents,
+                                          released_at)
+                VALUES (%(order_id)s, %(customer_id)s, %(status)s, %(reason)s, %(total)s,
+                        CASE WHEN %(status)s::text = 'released' THEN now() END)
+                ON CONFLICT (order_id) DO NOTHING RETURNING order_id
+            ),
+            taken AS (
+                UPDATE products p SET available = p.available - l.quantity, updated_at = now()
+                FROM r, unnest(%(skus)s::text[], %(quantities)s::bigint[]) AS l (sku, quantity)
+                WHERE p.sku = l.sku
+            ),
+            lines AS (
+                INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents)
+                SELECT r.order_id, l.sku, l.quantity, l.price
+                FROM r, unnest(%(skus)s::text[], %(quantities)s::bigint[], %(prices)s::bigint[])
+                        AS l (sku, quantity, price)
+            ),
+            event AS ({event.insert_sql()})
+            SELECT EXISTS (SELECT FROM r)""",
+        {
+            "order_id": order_id,
+            "customer_id": customer_id,
+            "status": status,
+            "reason": reason,
+            "total": total_cents,
+            "skus": [line["sku"] for line in lines],
+            "quantities": [line["quantity"] for line in lines],
+            "prices": [line["unit_price_cents"] for line in lines],
+            **event.params,
+        },
+    ).fetchone()[0]
+
+
+def release(conn: psycopg.Connection, order_id: str, reason: str) -> list[dict] | None:
+    """Return a held reservation's stock, in one statement: the lines released (empty if
+    nothing was held). With no reservation row at all (the cancellation overtook the order),
+    a 'released' one without lines is written instead, so a later OrderPlaced reserves
+    nothing: None. Callers hold the order's lock (service_runtime.locks).
+
+    Locks as before: the reservation row (the UPDATE), then the products in sku order
+    (`locked`, which the stock UPDATE joins, so no product is updated before it is locked)."""
+    row = conn.execute(
+        """WITH found AS (SELECT 1 FROM reservations WHERE order_id = %(order_id)s),
+                marker AS (
+                    INSERT INTO reservations (order_id, customer_id, status, reason,
+                                              total_cents, released_at)
+                    SELECT %(order_id)s::uuid, NULL, 'released', %(reason)s::text, 0, now()
+                    WHERE NOT EXISTS (SELECT FROM found)
+                    ON CONFLICT (order_id) DO NOTHING
+                ),
+                released AS (
+                    UPDATE reservations SET status = 'released', released_at = now()
+                    WHERE order_id = %(order_id)s AND status = 'held' RETURNING order_id
+                ),
+                lines AS (
+                    SELECT l.sku, l.quantity FROM reservation_lines l JOIN released USING (order_id)
+                ),
+                locked AS (
+                    SELECT sku FROM products WHERE sku IN (SELECT sku FROM lines)
+                    ORDER BY sku FOR UPDATE
+                ),
+                given_back AS (
+                    UPDATE products p SET available = p.available + lines.quantity,
+                                          updated_at = now()
+                    FROM lines JOIN locked USING (sku) WHERE p.sku = lines.sku
+                )
+           SELECT EXISTS (SELECT FROM found),
+                  coalesce(array_agg(sku ORDER BY sku), '{}'),
+                  coalesce(array_agg(quantity ORDER BY sku), '{}')
+           FROM lines""",
+        {"order_id": order_id, "reason": reason},
     ).fetchone()
-    if not inserted:
-        return False
-    for line in lines:
-        conn.execute(
-            """UPDATE products SET available = available - %s, updated_at = now()
-               WHERE sku = %s""",
-            (line["quantity"], line["sku"]),
-        )
-    if lines:
-        with conn.cursor() as cur:
-            cur.executemany(
-                """INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents)
-                   VALUES (%s, %s, %s, %s)""",
-                [(order_id, ln["sku"], ln["quantity"], ln["unit_price_cents"]) for ln in lines],
-            )
-    return True
+    found, skus, quantities = row
+    if not found:
+        return None
+    return [
+        {"sku": sku, "quantity": quantity} for sku, quantity in zip(skus, quantities, strict=True)
+    ]
 
 
 def reservation_lines(conn: psycopg.Connection, order_id: str) -> list[dict]:
@@ -167,24 +233,6 @@ def reservation_lines(conn: psycopg.Connection, order_id: str) -> list[dict]:
         )
         .fetchall()
     )
-
-
-def release_reservation(conn: psycopg.Connection, order_id: str) -> list[dict]:
-    """Return a held reservation's stock; the lines released (empty if nothing was held)."""
-    held = conn.execute(
-        """UPDATE reservations SET status = 'released', released_at = now()
-           WHERE order_id = %s AND status = 'held' RETURNING 1""",
-        (order_id,),
-    ).fetchone()
-    if not held:
-        return []
-    lines = reservation_lines(conn, order_id)
-    for line in sorted(lines, key=lambda ln: ln["sku"]):
-        conn.execute(
-            "UPDATE products SET available = available + %s, updated_at = now() WHERE sku = %s",
-            (line["quantity"], line["sku"]),
-        )
-    return lines
 
 
 def get_reservation(conn: psycopg.Connection, order_id: str) -> dict | None:

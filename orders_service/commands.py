@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from psycopg_pool import ConnectionPool
 
 from orders_service import domain, storage
-from service_runtime.unit_of_work import UnitOfWork, unit_of_work
+from service_runtime.unit_of_work import UnitOfWork, count_emitted, unit_of_work
 
 
 class IdempotencyConflict(Exception):
@@ -38,19 +38,11 @@ def place_order(
 ) -> Placed:
     order_id = str(uuid.uuid4())
     fingerprint = domain.request_fingerprint(customer_id, items)
-    with unit_of_work(pool, service="orders") as uow:
-        if idempotency_key and not storage.claim_idempotency_key(
-            uow.conn, customer_id, idempotency_key, fingerprint, order_id
-        ):
-            known_hash, known_order = storage.idempotency_record(
-                uow.conn, customer_id, idempotency_key
-            )
-            if known_hash != fingerprint:
-                raise IdempotencyConflict(idempotency_key)
-            return Placed(known_order, replayed=True)
-        deadline = datetime.now(UTC) + timedelta(seconds=payment_timeout_s)
-        order = storage.insert_order(uow.conn, order_id, customer_id, items, deadline)
-        uow.emit(
+    # One statement writes it all (storage.insert_order): on the pool's connection, which is
+    # in autocommit, that statement is a transaction of its own, with no BEGIN and COMMIT
+    # round trips (psycopg_pool would commit an open transaction on leaving the block).
+    with pool.connection() as conn:
+        event = UnitOfWork(conn).outbox_row(
             "OrderPlaced",
             aggregate_type="order",
             aggregate_id=order_id,
@@ -60,6 +52,23 @@ def place_order(
                 "items": [{"sku": i["sku"], "quantity": i["quantity"]} for i in items],
             },
         )
+        deadline = datetime.now(UTC) + timedelta(seconds=payment_timeout_s)
+        # the key's claim (if any), the order, its lines, history and event
+        order = storage.insert_order(
+            conn,
+            order_id,
+            customer_id,
+            items,
+            deadline,
+            event,
+            idempotency=(idempotency_key, fingerprint) if idempotency_key else None,
+        )
+        if order is None:  # the key was claimed before (and committed): a replay, or another body
+            known_hash, known_order = storage.idempotency_record(conn, customer_id, idempotency_key)
+            if known_hash != fingerprint:
+                raise IdempotencyConflict(idempotency_key)
+            return Placed(known_order, replayed=True)
+    count_emitted("orders", [event.event_type])
     return Placed(order_id, replayed=False, order=order)
 
 
@@ -79,10 +88,11 @@ def cancel_order(pool: ConnectionPool, order_id: str) -> bool | None:
 
 def cancel(uow: UnitOfWork, order_id: str, reason: str) -> None:
     """Record the decision; release and refund follow as other services react to the event."""
-    storage.set_status(uow.conn, order_id, domain.CANCELLED, reason)
-    uow.emit(
+    event = uow.outbox_row(
         "OrderCancelled",
         aggregate_type="order",
         aggregate_id=order_id,
         payload={"order_id": order_id, "reason": reason},
     )
+    storage.set_status(uow.conn, order_id, domain.CANCELLED, reason, event=event)
+    uow.written(event)

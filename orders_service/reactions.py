@@ -11,21 +11,25 @@ from service_runtime.unit_of_work import UnitOfWork
 log = logging.getLogger(__name__)
 
 
-def _locked_order(uow: UnitOfWork, event: Envelope) -> dict | None:
-    order = storage.lock_order_row(uow.conn, event.payload["order_id"])
+def _locked_order(
+    uow: UnitOfWork, event: Envelope, total_if_unset: int | None = None
+) -> dict | None:
+    """The order, locked, with the event in its history (one statement)."""
+    order = storage.lock_order_row(
+        uow.conn,
+        event.payload["order_id"],
+        event=event.event_type,
+        reason=event.payload.get("reason"),
+        total_if_unset=total_if_unset,
+    )
     if order is None:
         log.warning("%s for unknown order %s", event.event_type, event.payload["order_id"])
-        return None
-    storage.add_history(
-        uow.conn, order["order_id"], event=event.event_type, reason=event.payload.get("reason")
-    )
     return order
 
 
 def on_stock_reserved(uow: UnitOfWork, event: Envelope) -> None:
-    order = _locked_order(uow, event)
-    if order and order["total_cents"] is None:
-        storage.set_total(uow.conn, order["order_id"], event.payload["total_cents"])
+    """The reserved total, unless the order has one already."""
+    _locked_order(uow, event, total_if_unset=event.payload["total_cents"])
 
 
 def on_payment_captured(uow: UnitOfWork, event: Envelope) -> None:
@@ -35,14 +39,14 @@ def on_payment_captured(uow: UnitOfWork, event: Envelope) -> None:
         return
     order_id = str(order["order_id"])
     total = event.payload["amount_cents"]
-    storage.set_total(uow.conn, order_id, total)
-    storage.set_status(uow.conn, order_id, domain.CONFIRMED)
-    uow.emit(
+    confirmed = uow.outbox_row(
         "OrderConfirmed",
         aggregate_type="order",
         aggregate_id=order_id,
         payload={"order_id": order_id, "total_cents": total},
     )
+    storage.set_status(uow.conn, order_id, domain.CONFIRMED, total_cents=total, event=confirmed)
+    uow.written(confirmed)
 
 
 def on_step_failed(uow: UnitOfWork, event: Envelope) -> None:
@@ -52,13 +56,14 @@ def on_step_failed(uow: UnitOfWork, event: Envelope) -> None:
         return
     order_id = str(order["order_id"])
     reason = event.payload["reason"]
-    storage.set_status(uow.conn, order_id, domain.REJECTED, reason)
-    uow.emit(
+    rejected = uow.outbox_row(
         "OrderRejected",
         aggregate_type="order",
         aggregate_id=order_id,
         payload={"order_id": order_id, "reason": reason},
     )
+    storage.set_status(uow.conn, order_id, domain.REJECTED, reason, event=rejected)
+    uow.written(rejected)
 
 
 def on_compensation(uow: UnitOfWork, event: Envelope) -> None:

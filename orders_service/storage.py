@@ -7,6 +7,8 @@ from datetime import datetime
 import psycopg
 from psycopg.rows import dict_row
 
+from service_runtime.unit_of_work import OutboxRow
+
 _ORDER_COLUMNS = (
     "order_id, customer_id, status, reason, total_cents, payment_deadline, created_at, updated_at"
 )
@@ -18,65 +20,142 @@ def insert_order(
     customer_id: str,
     items: list[dict],
     payment_deadline: datetime,
-) -> dict:
-    """Insert a pending order; returns it as `get_order` would, without reading it back."""
-    order = (
+    event: OutboxRow,
+    idempotency: tuple[str, str] | None = None,
+) -> dict | None:
+    """Insert a pending order, its lines, its first history row and `event` (OrderPlaced) in one
+    statement; returns the order as `get_order` would, without reading it back.
+
+    With `idempotency` (key, request hash), the customer's key is claimed first, in the same
+    statement (ON CONFLICT DO NOTHING: it waits for a concurrent holder to commit), and nothing is
+    written when another request holds it: None (read `idempotency_record`). Keys are per
+    customer: another customer's same key is another key."""
+    claim = ""
+    source = ""
+    params = {
+        "order_id": order_id,
+        "customer_id": customer_id,
+        "deadline": payment_deadline,
+        "skus": [item["sku"] for item in items],
+        "quantities": [item["quantity"] for item in items],
+        **event.params,
+    }
+    if idempotency is not None:
+        claim = """claim AS (
+            INSERT INTO idempotency_keys (customer_id, key, request_hash, order_id)
+            VALUES (%(customer_id)s, %(key)s, %(request_hash)s, %(order_id)s)
+            ON CONFLICT (customer_id, key) DO NOTHING RETURNING 1
+        ),"""
+        source = "FROM claim"
+        params["key"], params["request_hash"] = idempotency
+    row = (
         conn.cursor(row_factory=dict_row)
         .execute(
-            f"""INSERT INTO orders (order_id, customer_id, status, payment_deadline)
-                VALUES (%s, %s, 'pending', %s) RETURNING {_ORDER_COLUMNS}""",
-            (order_id, customer_id, payment_deadline),
+            f"""WITH {claim}
+                o AS (
+                    INSERT INTO orders (order_id, customer_id, status, payment_deadline)
+                    SELECT %(order_id)s::uuid, %(customer_id)s::text, 'pending',
+                           %(deadline)s::timestamptz {source}
+                    RETURNING {_ORDER_COLUMNS}
+                ),
+                lines AS (
+                    INSERT INTO order_lines (order_id, line_no, sku, quantity)
+                    SELECT o.order_id, l.line_no, l.sku, l.quantity
+                    FROM o, unnest(%(skus)s::text[], %(quantities)s::bigint[])
+                            WITH ORDINALITY AS l (sku, quantity, line_no)
+                ),
+                history AS (
+                    INSERT INTO order_history (order_id, status)
+                    SELECT order_id, 'pending' FROM o RETURNING at
+                ),
+                event AS ({event.insert_sql("o")})
+                SELECT o.*, history.at FROM o, history""",
+            params,
         )
         .fetchone()
     )
-    with conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO order_lines (order_id, line_no, sku, quantity) VALUES (%s, %s, %s, %s)",
-            [(order_id, n, item["sku"], item["quantity"]) for n, item in enumerate(items, 1)],
-        )
-    at = add_history(conn, order_id, status="pending")
-    order["items"] = [{"sku": i["sku"], "quantity": i["quantity"]} for i in items]
-    order["history"] = [{"status": "pending", "event": None, "reason": None, "at": at}]
-    return order
+    if row is None:
+        return None
+    at = row.pop("at")
+    row["items"] = [{"sku": i["sku"], "quantity": i["quantity"]} for i in items]
+    row["history"] = [{"status": "pending", "event": None, "reason": None, "at": at}]
+    return row
 
 
-def add_history(
+def lock_order_row(
     conn: psycopg.Connection,
     order_id: str,
     *,
-    status: str | None = None,
     event: str | None = None,
     reason: str | None = None,
-) -> datetime:
-    return conn.execute(
-        """INSERT INTO order_history (order_id, status, event, reason) VALUES (%s, %s, %s, %s)
-           RETURNING at""",
-        (order_id, status, event, reason),
-    ).fetchone()[0]
+    total_if_unset: int | None = None,
+) -> dict | None:
+    """The order, locked (FOR UPDATE) until the end of the transaction; None if no such order.
 
-
-def lock_order_row(conn: psycopg.Connection, order_id: str) -> dict | None:
+    With `event`, the same statement adds it to the order's history (when the order exists);
+    with `total_if_unset` too, it sets the order's total if it has none yet. Both only ever
+    touch the row after it is locked (they read the locked row `o`), and the order returned is
+    as it was when locked."""
+    if event is None:
+        return (
+            conn.cursor(row_factory=dict_row)
+            .execute(
+                f"SELECT {_ORDER_COLUMNS} FROM orders WHERE order_id = %s FOR UPDATE", (order_id,)
+            )
+            .fetchone()
+        )
+    set_total = ""
+    if total_if_unset is not None:
+        set_total = """, total AS (
+            UPDATE orders SET total_cents = %(total)s, updated_at = now() FROM o
+            WHERE orders.order_id = o.order_id AND o.total_cents IS NULL
+        )"""
     return (
         conn.cursor(row_factory=dict_row)
-        .execute(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE order_id = %s FOR UPDATE", (order_id,))
+        .execute(
+            f"""WITH o AS (
+                    SELECT {_ORDER_COLUMNS} FROM orders WHERE order_id = %(order_id)s FOR UPDATE
+                ),
+                history AS (
+                    INSERT INTO order_history (order_id, event, reason)
+                    SELECT order_id, %(event)s, %(reason)s FROM o
+                ){set_total}
+                SELECT * FROM o""",
+            {"order_id": order_id, "event": event, "reason": reason, "total": total_if_unset},
+        )
         .fetchone()
     )
 
 
 def set_status(
-    conn: psycopg.Connection, order_id: str, status: str, reason: str | None = None
+    conn: psycopg.Connection,
+    order_id: str,
+    status: str,
+    reason: str | None = None,
+    *,
+    total_cents: int | None = None,
+    event: OutboxRow | None = None,
 ) -> None:
+    """Move a locked order to `status` and add it to the history, with `total_cents` (when
+    given) and `event` written by the same statement."""
+    params = {"order_id": order_id, "status": status, "reason": reason, "total": total_cents}
+    set_total = "" if total_cents is None else "total_cents = %(total)s,"
+    write_event = ""
+    if event is not None:
+        write_event = f", event AS ({event.insert_sql()})"
+        params.update(event.params)
     conn.execute(
-        "UPDATE orders SET status = %s, reason = %s, updated_at = now() WHERE order_id = %s",
-        (status, reason, order_id),
-    )
-    add_history(conn, order_id, status=status, reason=reason)
-
-
-def set_total(conn: psycopg.Connection, order_id: str, total_cents: int) -> None:
-    conn.execute(
-        "UPDATE orders SET total_cents = %s, updated_at = now() WHERE order_id = %s",
-        (total_cents, order_id),
+        f"""WITH changed AS (
+                UPDATE orders SET {set_total} status = %(status)s, reason = %(reason)s,
+                                  updated_at = now()
+                WHERE order_id = %(order_id)s RETURNING order_id
+            ),
+            history AS (
+                INSERT INTO order_history (order_id, status, reason)
+                SELECT order_id, %(status)s, %(reason)s FROM changed
+            ){write_event}
+            SELECT""",
+        params,
     )
 
 
@@ -126,21 +205,6 @@ def _lines(conn: psycopg.Connection, order_ids: list) -> dict[str, list[dict]]:
     for order_id, sku, quantity in rows:
         found[str(order_id)].append({"sku": sku, "quantity": quantity})
     return found
-
-
-def claim_idempotency_key(
-    conn: psycopg.Connection, customer_id: str, key: str, request_hash: str, order_id: str
-) -> bool:
-    """True if this request owns the customer's key; waits for a concurrent holder to commit
-    first. Keys are per customer: another customer's same key is another key."""
-    return (
-        conn.execute(
-            """INSERT INTO idempotency_keys (customer_id, key, request_hash, order_id)
-           VALUES (%s, %s, %s, %s) ON CONFLICT (customer_id, key) DO NOTHING RETURNING 1""",
-            (customer_id, key, request_hash, order_id),
-        ).fetchone()
-        is not None
-    )
 
 
 def idempotency_record(conn: psycopg.Connection, customer_id: str, key: str) -> tuple[str, str]:

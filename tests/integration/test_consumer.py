@@ -736,8 +736,10 @@ def test_order_placed_and_cancelled_handled_at_once_never_leave_stock_held(
 
 def _handle_at_once(db, pool, monkeypatch, events: tuple[Envelope, Envelope]) -> None:
     """Handle both events in two inventory transactions at the same time; each, having found
-    no reservation, waits until the other has found none too or is waiting for a lock."""
-    real_find = inventory_storage.find_reservation
+    no reservation (OrderPlaced: the stock locked; a release: its marker written), waits until
+    the other has found none too or is waiting for a lock."""
+    real_lock_stock = inventory_storage.lock_stock_unless_decided
+    real_release = inventory_storage.release
     pids: dict[str, int] = {}
     found_none: set[str] = set()
 
@@ -752,15 +754,24 @@ def _handle_at_once(db, pool, monkeypatch, events: tuple[Envelope, Envelope]) ->
         ).fetchone()
         return waiting is not None
 
-    def find_then_wait(conn: psycopg.Connection, order: str) -> dict | None:
-        row = real_find(conn, order)
+    def then_wait(found_nothing: bool) -> None:
         me = threading.current_thread().name
-        if row is None:
+        if found_nothing:
             found_none.add(me)
             wait_until(lambda: other_is_past_the_check_or_waiting(me), timeout=20)
-        return row
 
-    monkeypatch.setattr(inventory_storage, "find_reservation", find_then_wait)
+    def lock_stock_then_wait(conn: psycopg.Connection, order: str, skus) -> dict | None:
+        stock = real_lock_stock(conn, order, skus)
+        then_wait(stock is not None)
+        return stock
+
+    def release_then_wait(conn: psycopg.Connection, order: str, reason: str) -> list | None:
+        lines = real_release(conn, order, reason)
+        then_wait(lines is None)
+        return lines
+
+    monkeypatch.setattr(inventory_storage, "lock_stock_unless_decided", lock_stock_then_wait)
+    monkeypatch.setattr(inventory_storage, "release", release_then_wait)
     start = threading.Barrier(2, timeout=20)
     errors: list[BaseException] = []
 
@@ -781,6 +792,7 @@ def _handle_at_once(db, pool, monkeypatch, events: tuple[Envelope, Envelope]) ->
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    monkeypatch.setattr(inventory_storage, "find_reservation", real_find)
+    monkeypatch.setattr(inventory_storage, "lock_stock_unless_decided", real_lock_stock)
+    monkeypatch.setattr(inventory_storage, "release", real_release)
     assert not any(thread.is_alive() for thread in threads)
     assert errors == []
