@@ -113,6 +113,51 @@ def test_each_row_goes_to_its_orders_partition_in_id_order(db, redis_client, emi
         assert [f["event_id"] for _id, f in redis_client.xrange(stream)] == expected
 
 
+def test_the_entry_built_by_the_claim_is_the_rows_fields_as_python_writes_them(
+    db, redis_client, emit
+):
+    """The claim query builds each entry's fields (JSON) in SQL: occurred_at is created_at as
+    Python's isoformat() writes it in the session's time zone (no fraction when it is zero),
+    text passes through unchanged (quotes, backslashes, control and non-ASCII characters), a
+    stored traceparent goes along with tracing off."""
+    first, second, third = emit(), emit(), emit()
+    cause = str(uuid.uuid4())
+    odd = 'quote " backslash \\ tab \t nl \n bell \u0007 ünïcødé 東京 🚀'  # a customer id
+    db.execute(
+        "UPDATE outbox SET created_at = %s, causation_id = %s, traceparent = %s,"
+        " payload = jsonb_set(payload, '{customer_id}', to_jsonb(%s::text)) WHERE event_id = %s",
+        (
+            "2026-01-02 03:04:05+00",
+            cause,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            odd,
+            first,
+        ),
+    )
+    db.execute(
+        "UPDATE outbox SET created_at = %s WHERE event_id = %s",
+        ("2026-07-08 09:10:11.000123+00", second),
+    )
+    db.execute("SET TIME ZONE 'Asia/Kathmandu'")  # +05:45: the session's zone, as psycopg's
+    created = dict(db.execute("SELECT event_id::text, created_at FROM outbox").fetchall())
+
+    assert publish(db, redis_client) == 3
+
+    by_event = {fields["event_id"]: fields for _id, fields in redis_client.xrange(STREAM)}
+    assert by_event[first]["occurred_at"] == "2026-01-02T08:49:05+05:45"
+    assert by_event[second]["occurred_at"] == "2026-07-08T14:55:11.000123+05:45"
+    for event_id, fields in by_event.items():
+        assert fields["occurred_at"] == created[event_id].isoformat()
+        decode_entry(fields)
+    assert json.loads(by_event[first]["payload"])["customer_id"] == odd
+    assert by_event[first]["causation_id"] == cause
+    assert by_event[first]["traceparent"] == (
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    )
+    assert set(by_event[first]) == {*ENVELOPE_FIELDS, "traceparent"}
+    assert set(by_event[third]) == set(ENVELOPE_FIELDS)
+
+
 def test_nothing_to_publish_touches_nothing(db, redis_client):
     assert publish(db, redis_client) == 0
     assert not redis_client.exists(STREAM)
