@@ -40,7 +40,7 @@ from service_runtime.config import (
 )
 from service_runtime.consumer import ConsumerSettings
 from service_runtime.consumer_group import StreamConsumer
-from service_runtime.db import connect, create_pool
+from service_runtime.db import DB_OUTAGE_ERRORS, connect, create_pool
 from service_runtime.failures import is_outage
 from service_runtime.faults import crash_at_configured_point
 from service_runtime.logs import setup_logging
@@ -49,6 +49,8 @@ from service_runtime.metrics import serve_multiprocess as serve_multiprocess_met
 from service_runtime.partitions import check_partition_count
 from service_runtime.retention import require_nested_windows
 from service_runtime.tracing import configure_tracing
+
+log = logging.getLogger(__name__)
 
 RQ_QUEUE = "saga"
 
@@ -193,14 +195,22 @@ def _refuse_to_start_unless(check: Callable[[], T]) -> T:
 
 
 def _checked_partitions(service: str) -> int:
-    """STREAM_PARTITIONS, refused (exit with the reason) if the deployment has another."""
+    """STREAM_PARTITIONS, refused (exit with the reason) if the deployment has another. A
+    database that cannot be reached yet is waited for, as the running process would: a relay or
+    consumer (re)started during an outage must not exit and be restarted over and over."""
     partitions = stream_partitions()
-    try:
-        with connect(database_url(service)) as conn:
-            check_partition_count(conn, partitions, service)
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from err
-    return partitions
+    delay = 0.2
+    while True:
+        try:
+            with connect(database_url(service)) as conn:
+                check_partition_count(conn, partitions, service)
+            return partitions
+        except ConfigError as err:
+            raise click.ClickException(str(err)) from err
+        except DB_OUTAGE_ERRORS as err:
+            log.warning("%s: waiting for the database to check STREAM_PARTITIONS: %s", service, err)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 @click.command()

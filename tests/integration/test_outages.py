@@ -8,7 +8,10 @@ Retry-After and writes nothing; relays and consumers reconnect when it returns.
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from collections import Counter
@@ -217,3 +220,47 @@ def test_redis_error_replies_are_outages_the_relay_and_consumer_survive(
     finally:
         for pool in pools:
             pool.close()
+
+
+def test_a_relay_and_a_consumer_started_while_postgres_is_down_wait_for_it(
+    own_postgres, own_redis, tmp_path
+):
+    """Their start-up check of STREAM_PARTITIONS needs the database: during an outage they
+    wait for it (and say so) instead of exiting to be restarted over and over."""
+    server, urls = own_postgres
+    server.stop()
+    env = {
+        **os.environ,
+        "SAGA_RUN_DIR": str(tmp_path),  # not the dev stack's settings
+        "INVENTORY_DATABASE_URL": urls["inventory"],
+        "REDIS_URL": own_redis.url,
+        "METRICS_PORT_BASE": "0",
+    }
+    saga = str(Path(sys.executable).parent / "saga")
+    logs = {role: tmp_path / f"{role}.log" for role in ("relay", "consume")}
+    processes = {
+        role: subprocess.Popen(
+            [saga, role, "inventory"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        for role, log in ((role, logs[role].open("wb")) for role in logs)
+    }
+    try:
+        for log in logs.values():
+            wait_until(
+                lambda log=log: "waiting for the database" in log.read_text(),
+                timeout=30,
+                message=lambda log=log: log.read_text(),
+            )
+        # still waiting, none exited (a second attempt failed too, a while later)
+        wait_until(lambda: all(log.read_text().count("waiting for") >= 2 for log in logs.values()))
+        assert all(process.poll() is None for process in processes.values())
+
+        server.start()
+        wait_until(lambda: "relay inventory: active" in logs["relay"].read_text(), timeout=30)
+        wait_until(lambda: "owns partition" in logs["consume"].read_text(), timeout=30)
+        assert all(process.poll() is None for process in processes.values())
+    finally:
+        for process in processes.values():
+            process.terminate()
+        for process in processes.values():
+            process.wait(timeout=30)
