@@ -50,24 +50,30 @@ def order_placed_payload(order_id: str | None = None, customer_id: str = "alice"
     }
 
 
-def order_placed_envelope(
-    order_id: str | None = None, sku: str = "SKU-1", quantity: int = 1
-) -> Envelope:
-    """A valid OrderPlaced v1 Envelope as orders publishes it (a fresh order id unless given)."""
-    payload = order_placed_payload(order_id)
-    payload["items"] = [{"sku": sku, "quantity": quantity}]
+def envelope(event_type: str, payload: dict[str, Any], producer: str) -> Envelope:
+    """A v1 Envelope of `event_type` about the payload's order, as its producer publishes it
+    (the order id is the aggregate and the correlation id)."""
     return Envelope(
         event_id=str(uuid.uuid4()),
-        event_type="OrderPlaced",
+        event_type=event_type,
         event_version=1,
         aggregate_type="order",
         aggregate_id=payload["order_id"],
         correlation_id=payload["order_id"],
         causation_id=None,
         occurred_at=datetime.now(UTC).isoformat(),
-        producer="orders",
+        producer=producer,
         payload=payload,
     )
+
+
+def order_placed_envelope(
+    order_id: str | None = None, sku: str = "SKU-1", quantity: int = 1
+) -> Envelope:
+    """A valid OrderPlaced v1 Envelope as orders publishes it (a fresh order id unless given)."""
+    payload = order_placed_payload(order_id)
+    payload["items"] = [{"sku": sku, "quantity": quantity}]
+    return envelope("OrderPlaced", payload, "orders")
 
 
 def stream_total(client: Any, base: str, partitions: int = 8) -> int:

@@ -9,7 +9,6 @@ import dataclasses
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,7 +26,7 @@ from orders_service.reactions import HANDLERS as ORDERS_HANDLERS
 from service_runtime import unit_of_work as unit_of_work_module
 from service_runtime.db import connect, create_pool
 from service_runtime.unit_of_work import unit_of_work
-from tests.helpers import wait_until
+from tests.helpers import envelope, wait_until
 
 
 @pytest.fixture
@@ -48,19 +47,13 @@ def dbs(clean_state) -> Iterator[dict[str, psycopg.Connection]]:
         conn.close()
 
 
-def _event(event_type: str, payload: dict, producer: str) -> Envelope:
-    return Envelope(
-        event_id=str(uuid.uuid4()),
-        event_type=event_type,
-        event_version=1,
-        aggregate_type="order",
-        aggregate_id=payload["order_id"],
-        correlation_id=payload["order_id"],
-        causation_id=None,
-        occurred_at=datetime.now(UTC).isoformat(),
-        producer=producer,
-        payload=payload,
-    )
+def _orders_rows(db: psycopg.Connection) -> tuple[int, ...]:
+    """Rows in orders, order_lines, order_history, outbox and idempotency_keys."""
+    return db.execute(
+        """SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM order_lines),
+                  (SELECT count(*) FROM order_history), (SELECT count(*) FROM outbox),
+                  (SELECT count(*) FROM idempotency_keys)"""
+    ).fetchone()
 
 
 def _handle(pool, handlers: dict, event: Envelope) -> list[str]:
@@ -115,15 +108,7 @@ def test_place_order_is_all_or_nothing(pools, dbs, monkeypatch):
     items = [{"sku": "a", "quantity": 1}]
     with pytest.raises(psycopg.errors.UniqueViolation):
         commands.place_order(pools["orders"], "alice", items, 60, idempotency_key="k0")
-    counts = (
-        dbs["orders"]
-        .execute(
-            """SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM order_lines),
-                  (SELECT count(*) FROM order_history), (SELECT count(*) FROM outbox),
-                  (SELECT count(*) FROM idempotency_keys)"""
-        )
-        .fetchone()
-    )
+    counts = _orders_rows(dbs["orders"])
     assert counts == (0, 0, 0, 1, 0)
 
 
@@ -138,15 +123,7 @@ def test_idempotency_key_replay_and_conflict_write_nothing_more(pools, dbs):
         )
     other = commands.place_order(pools["orders"], "bob", items, 60, idempotency_key="k1")
     assert not other.replayed and other.order_id != first.order_id
-    counts = (
-        dbs["orders"]
-        .execute(
-            """SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM order_lines),
-                  (SELECT count(*) FROM order_history), (SELECT count(*) FROM outbox),
-                  (SELECT count(*) FROM idempotency_keys)"""
-        )
-        .fetchone()
-    )
+    counts = _orders_rows(dbs["orders"])
     assert counts == (2, 2, 2, 2, 2)
 
 
@@ -213,12 +190,13 @@ def test_orders_reactions_history_total_and_status(pools, dbs):
     reserved = {"order_id": order_id, "customer_id": "alice", "lines": [], "total_cents": 300}
     reserved["lines"] = [{"sku": "a", "quantity": 1, "unit_price_cents": 300}]
     assert (
-        _handle(pools["orders"], ORDERS_HANDLERS, _event("StockReserved", reserved, "inventory"))
+        _handle(pools["orders"], ORDERS_HANDLERS, envelope("StockReserved", reserved, "inventory"))
         == []
     )
     # a second StockReserved (another total) leaves the first total: only an unset one is set
     reserved_again = dict(reserved, total_cents=999)
-    _handle(pools["orders"], ORDERS_HANDLERS, _event("StockReserved", reserved_again, "inventory"))
+    again = envelope("StockReserved", reserved_again, "inventory")
+    _handle(pools["orders"], ORDERS_HANDLERS, again)
     assert dbs["orders"].execute(
         "SELECT total_cents FROM orders WHERE order_id = %s", (order_id,)
     ).fetchone() == (300,)
@@ -229,7 +207,7 @@ def test_orders_reactions_history_total_and_status(pools, dbs):
         "amount_cents": 300,
     }
     emitted = _handle(
-        pools["orders"], ORDERS_HANDLERS, _event("PaymentCaptured", captured, "billing")
+        pools["orders"], ORDERS_HANDLERS, envelope("PaymentCaptured", captured, "billing")
     )
     assert emitted == ["OrderConfirmed"]
     with pools["orders"].connection() as conn:
@@ -251,11 +229,11 @@ def test_orders_reactions_history_total_and_status(pools, dbs):
     refunded = {"order_id": order_id, "payment_id": captured["payment_id"], "amount_cents": 300}
     declined = {"order_id": order_id, "customer_id": "alice", "reason": "insufficient_funds"}
     assert (
-        _handle(pools["orders"], ORDERS_HANDLERS, _event("PaymentRefunded", refunded, "billing"))
+        _handle(pools["orders"], ORDERS_HANDLERS, envelope("PaymentRefunded", refunded, "billing"))
         == []
     )
     assert (
-        _handle(pools["orders"], ORDERS_HANDLERS, _event("PaymentDeclined", declined, "billing"))
+        _handle(pools["orders"], ORDERS_HANDLERS, envelope("PaymentDeclined", declined, "billing"))
         == []
     )
     with pools["orders"].connection() as conn:
@@ -267,12 +245,12 @@ def test_orders_reactions_history_total_and_status(pools, dbs):
     ]
 
 
-def test_rejection_and_cancellation_write_status_history_and_event(pools, dbs):
+def test_rejection_and_cancellation_write_status_history_andenvelope(pools, dbs):
     rejected = commands.place_order(pools["orders"], "alice", [{"sku": "a", "quantity": 1}], 60)
     failed = {"order_id": rejected.order_id, "reason": "unknown_sku", "shortages": []}
     failed["shortages"] = [{"sku": "a", "requested": 1, "available": 0}]
     emitted = _handle(
-        pools["orders"], ORDERS_HANDLERS, _event("StockReservationFailed", failed, "inventory")
+        pools["orders"], ORDERS_HANDLERS, envelope("StockReservationFailed", failed, "inventory")
     )
     assert emitted == ["OrderRejected"]
     cancelled = commands.place_order(pools["orders"], "alice", [{"sku": "a", "quantity": 1}], 60)
@@ -307,7 +285,7 @@ def test_an_event_for_an_unknown_order_writes_nothing(pools, dbs):
         "total_cents": 1,
     }
     assert (
-        _handle(pools["orders"], ORDERS_HANDLERS, _event("StockReserved", reserved, "inventory"))
+        _handle(pools["orders"], ORDERS_HANDLERS, envelope("StockReserved", reserved, "inventory"))
         == []
     )
     assert dbs["orders"].execute("SELECT count(*) FROM order_history").fetchone() == (0,)
@@ -324,7 +302,7 @@ def _stock(pools, **available: int) -> None:
 
 def _placed(order_id: str, items: list[dict]) -> Envelope:
     payload = {"order_id": order_id, "customer_id": "alice", "items": items}
-    return _event("OrderPlaced", payload, "orders")
+    return envelope("OrderPlaced", payload, "orders")
 
 
 def _available(db: psycopg.Connection) -> dict[str, int]:
@@ -350,7 +328,7 @@ def test_reservation_release_and_a_second_release(pools, dbs):
     # the same OrderPlaced again: decided, nothing locked or written
     assert _handle(pools["inventory"], INVENTORY_HANDLERS, _placed(order_id, items)) == []
 
-    cancelled = _event(
+    cancelled = envelope(
         "OrderCancelled", {"order_id": order_id, "reason": "customer_request"}, "orders"
     )
     assert _handle(pools["inventory"], INVENTORY_HANDLERS, cancelled) == ["StockReleased"]
@@ -359,7 +337,7 @@ def test_reservation_release_and_a_second_release(pools, dbs):
         "StockReleased",
         {"order_id": order_id, "lines": [{"sku": "a", "quantity": 1}, {"sku": "b", "quantity": 3}]},
     )
-    declined = _event(
+    declined = envelope(
         "PaymentDeclined",
         {"order_id": order_id, "customer_id": "alice", "reason": "insufficient_funds"},
         "billing",
@@ -374,7 +352,7 @@ def test_reservation_release_and_a_second_release(pools, dbs):
 def test_a_cancellation_that_overtakes_the_order_reserves_nothing(pools, dbs):
     _stock(pools, a=10)
     order_id = str(uuid.uuid4())
-    cancelled = _event(
+    cancelled = envelope(
         "OrderCancelled", {"order_id": order_id, "reason": "customer_request"}, "orders"
     )
     assert _handle(pools["inventory"], INVENTORY_HANDLERS, cancelled) == []
@@ -430,7 +408,7 @@ def test_a_failed_reservation_takes_no_stock(pools, dbs, items, reason, shortage
     assert payload["reason"] == reason
     assert [(s["sku"], s["requested"], s["available"]) for s in payload["shortages"]] == shortages
     # a release of a failed reservation gives nothing back and says nothing
-    cancelled = _event(
+    cancelled = envelope(
         "OrderCancelled", {"order_id": order_id, "reason": "customer_request"}, "orders"
     )
     assert _handle(pools["inventory"], INVENTORY_HANDLERS, cancelled) == []
@@ -447,7 +425,7 @@ def _reserved(order_id: str, customer: str, total: int) -> Envelope:
         "lines": [{"sku": "a", "quantity": 1, "unit_price_cents": total}],
         "total_cents": total,
     }
-    return _event("StockReserved", payload, "inventory")
+    return envelope("StockReserved", payload, "inventory")
 
 
 def _balance(db: psycopg.Connection, customer: str) -> int:
@@ -480,7 +458,7 @@ def test_capture_refund_and_a_duplicate(pools, dbs):
     assert _handle(pools["billing"], BILLING_HANDLERS, _reserved(order_id, "alice", 300)) == []
     assert _balance(dbs["billing"], "alice") == 700
 
-    cancelled = _event(
+    cancelled = envelope(
         "OrderCancelled", {"order_id": order_id, "reason": "customer_request"}, "orders"
     )
     assert _handle(pools["billing"], BILLING_HANDLERS, cancelled) == ["PaymentRefunded"]
@@ -500,7 +478,7 @@ def test_a_cancellation_first_means_never_charged(pools, dbs):
     with unit_of_work(pools["billing"]) as uow:
         billing_storage.set_account(uow.conn, "alice", 1000)
     order_id = str(uuid.uuid4())
-    cancelled = _event(
+    cancelled = envelope(
         "OrderCancelled", {"order_id": order_id, "reason": "payment_timeout"}, "orders"
     )
     assert _handle(pools["billing"], BILLING_HANDLERS, cancelled) == []
