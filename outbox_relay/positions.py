@@ -30,12 +30,20 @@ log = logging.getLogger(__name__)
 NO_STREAM = "0-0"
 
 _LOAD = "SELECT stream, last_entry_id FROM published_positions"
-_RECORD = """
+
+
+def upsert_positions(source: str) -> str:
+    """The upsert of published_positions from `source`, a query of (stream, last entry id)
+    rows: alone (`record`) or in the relay's mark statement (publisher.py)."""
+    return f"""
 INSERT INTO published_positions (stream, last_entry_id)
-SELECT * FROM unnest(%s::text[], %s::text[])
+{source}
 ON CONFLICT (stream) DO UPDATE
 SET last_entry_id = EXCLUDED.last_entry_id, updated_at = clock_timestamp()
 """
+
+
+_RECORD = upsert_positions("SELECT * FROM unnest(%s::text[], %s::text[])")
 # Rows of one stream whose entry id is in (redis_last, recorded]: Redis no longer has them.
 _UNMARK = """
 UPDATE outbox SET published_at = NULL, published_stream = NULL, published_entry_id = NULL

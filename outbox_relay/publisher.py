@@ -56,7 +56,10 @@ FOR UPDATE SKIP LOCKED
 # comma): psycopg dumps one string much faster than a 500-element array. The same statement
 # records each stream's highest entry id (published_positions, as positions.record): one
 # statement, one round trip, instead of two.
-_MARK_PUBLISHED = """
+_RECORD_POSITIONS = positions.upsert_positions(
+    "SELECT * FROM unnest(string_to_array(%s, ','), string_to_array(%s, ','))"
+)
+_MARK_PUBLISHED = f"""
 WITH marked AS (
     UPDATE outbox o
     SET published_at = clock_timestamp(), published_stream = v.stream,
@@ -65,13 +68,7 @@ WITH marked AS (
                 string_to_array(%s, ',')) AS v(id, stream, entry)
     WHERE o.id = v.id
     RETURNING 1
-), recorded AS (
-    INSERT INTO published_positions (stream, last_entry_id)
-    SELECT * FROM unnest(string_to_array(%s, ','), string_to_array(%s, ','))
-    ON CONFLICT (stream) DO UPDATE
-    SET last_entry_id = EXCLUDED.last_entry_id, updated_at = clock_timestamp()
-    RETURNING 1
-)
+), recorded AS ({_RECORD_POSITIONS} RETURNING 1)
 SELECT (SELECT count(*) FROM marked), (SELECT count(*) FROM recorded)
 """
 

@@ -116,10 +116,10 @@ def test_each_row_goes_to_its_orders_partition_in_id_order(db, redis_client, emi
 def test_the_entry_built_by_the_claim_is_the_rows_fields_as_python_writes_them(
     db, redis_client, emit
 ):
-    """The claim query builds each entry's fields (JSON) in SQL: occurred_at is created_at as
-    Python's isoformat() writes it in the session's time zone (no fraction when it is zero),
-    text passes through unchanged (quotes, backslashes, control and non-ASCII characters), a
-    stored traceparent goes along with tracing off."""
+    """The claim query returns each entry's fields as the text it carries: occurred_at is
+    created_at as Python's isoformat() writes it in the session's time zone (no fraction when
+    it is zero), text passes through unchanged (quotes, backslashes, control and non-ASCII
+    characters), a stored traceparent goes along with tracing off."""
     first, second, third = emit(), emit(), emit()
     cause = str(uuid.uuid4())
     odd = 'quote " backslash \\ tab \t nl \n bell \u0007 ünïcødé 東京 🚀'  # a customer id
