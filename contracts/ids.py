@@ -24,10 +24,8 @@ def is_uuid(value: object) -> bool:
     """Whether `value` is text that uuid.UUID accepts."""
     if type(value) is not str:
         return False
-    if _CANONICAL.fullmatch(value):
-        return True
     try:
-        uuid.UUID(value)
+        canonical_uuid(value)
     except ValueError:
         return False
     return True

@@ -654,12 +654,7 @@ class PartitionWorker:
     def flush_acks(self) -> None:
         """Send the XACKs owed. One slot (the partition's hash tag): one round trip, on a
         cluster too. A crash before this redelivers the entries: the inbox absorbs them."""
-        if not self._owed_acks:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for stream, ids in self._owed_acks.items():
-            pipe.xack(stream, self.settings.group, *ids)
-        pipe.execute()
+        self.fence.ack(self.settings.group, self._owed_acks)
         self._owed_acks = {}
 
     def _ack_gone(self, gone: list[tuple[str, str]]) -> None:

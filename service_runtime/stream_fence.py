@@ -11,6 +11,7 @@ new owner's takeover of the pending entries is complete and one order's events s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import redis
 
@@ -115,14 +116,25 @@ class StreamFence:
         too (Fenced); the acks still count: they are for entries this owner committed."""
         pipe = self.client.pipeline(transaction=False)
         pipe.get(owner_fence_key(group, partition))
-        for stream, ids in (acks or {}).items():
-            pipe.xack(stream, group, *ids)
+        _queue_acks(pipe, group, acks or {})
         pipe.xread(dict(since), count=1, block=block_ms)
         replies = pipe.execute()
         current, newer = replies[0], replies[-1]
         if current != str(epoch):
             raise Fenced(f"{FENCED} by epoch {current}")
         return bool(newer)
+
+    def ack(self, group: str, acks: Mapping[str, Sequence[str]]) -> None:
+        """XACK per stream, in one round trip (a partition's streams share one slot)."""
+        if acks:
+            pipe = self.client.pipeline(transaction=False)
+            _queue_acks(pipe, group, acks)
+            pipe.execute()
+
+
+def _queue_acks(pipe: Any, group: str, acks: Mapping[str, Sequence[str]]) -> None:
+    for stream, ids in acks.items():
+        pipe.xack(stream, group, *ids)
 
 
 def _stream_pairs(reply: object) -> list[tuple[str, list[Entry]]]:
