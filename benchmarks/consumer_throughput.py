@@ -1,14 +1,16 @@
 """One consumer, with the real inbox, over partition streams that are already full.
 
 The consumer owns every partition of its group (leases and Redis fences, as StreamConsumer
-takes them) and steps their PartitionWorkers in turn on one thread: the throughput of one
-consumer process's plumbing, without its worker threads contending for the GIL. The handler
-does nothing, so what is measured is what every reaction pays for: the fenced read, decode
-and validate, one transaction holding the lease fence and the inbox rows, XACK.
+takes them) and runs a PartitionWorker per partition, each on its own thread, as a consumer
+process does (`PartitionWorker.run`: one partition's wait on Redis or PostgreSQL is another's
+time to decode). The handler does nothing, so what is measured is what every reaction pays
+for: the fenced read, decode and validate, one transaction holding the lease fence and the
+inbox rows, XACK.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import redis
@@ -17,6 +19,7 @@ from psycopg_pool import ConnectionPool
 from benchmarks.sample import chunks, reset, stream_fields
 from contracts import DEFAULT_PARTITIONS, ORDERS_EVENTS, Envelope, partition_of, partition_stream
 from service_runtime.consumer import ConsumerSettings, OutcomeHook, PartitionWorker
+from service_runtime.consumer_group import pool_size
 from service_runtime.db import connect, create_pool
 from service_runtime.ownership import PartitionLeases
 from service_runtime.redis_client import connect as redis_connect
@@ -52,13 +55,20 @@ def measure(
         pipe.execute()
 
     handled = 0
+    counting = threading.Lock()  # the workers' threads all count here
+    all_handled = threading.Event()
 
     def on_outcome(_event_type: str, outcome: str, _seconds: float) -> None:
         nonlocal handled
         if outcome == "processed":
-            handled += 1
+            with counting:
+                handled += 1
+                if handled >= entries:
+                    all_handled.set()
 
-    pool = create_pool(db_url, name="bench-consumer", max_size=2, check_on_checkout=False)
+    pool = create_pool(
+        db_url, name="bench-consumer", max_size=pool_size(partitions), check_on_checkout=False
+    )
     pool.wait(timeout=30)
     settings = ConsumerSettings(
         group=GROUP, consumer=f"{GROUP}-bench", partitions=partitions, batch_size=batch_size
@@ -66,12 +76,21 @@ def measure(
     try:
         # outside the clock: once per ownership change
         workers = _own_every_partition(client, pool, settings, on_outcome)
+        stop = threading.Event()
+        threads = [
+            threading.Thread(target=worker.run, args=(stop,), name=f"bench-p{worker.partition}")
+            for worker in workers
+        ]
         started, cpu_started = time.perf_counter(), time.process_time()
-        deadline = time.monotonic() + max(120.0, entries / 200)
-        while handled < entries:
-            if not sum(worker.step() for worker in workers) and time.monotonic() > deadline:
-                raise RuntimeError(f"consumer handled {handled} of {entries} entries in time")
+        for thread in threads:
+            thread.start()
+        finished = all_handled.wait(timeout=max(120.0, entries / 200))
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        stop.set()
+        for thread in threads:  # a caught-up worker's wait ends within block_ms
+            thread.join()
+        if not finished:
+            raise RuntimeError(f"consumer handled {handled} of {entries} entries in time")
         pending = sum(
             client.xpending(stream, GROUP)["pending"]
             for worker in workers

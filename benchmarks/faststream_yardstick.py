@@ -38,11 +38,12 @@ from service_runtime.redis_client import connect as redis_connect
 GROUP = "inventory"  # the group our consumer's measurement reads as
 STREAM = partition_stream(ORDERS_EVENTS, 0)  # a StreamSub reads one stream: all go to p0
 SKIPPED = "skipped: pip install -e .[bench]"
-# A batch's inbox rows in one statement, as our consumer writes them (without its lease fence:
-# FastStream has no partition ownership to check)
+# A batch's inbox rows in one statement, as our consumer writes them (columns as comma-separated
+# texts; without its lease fence: FastStream has no partition ownership to check)
 _INSERT_INBOX = """
 INSERT INTO inbox (consumer_group, event_id, event_type, stream, entry_id)
-SELECT %s, * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[])
+SELECT %s, * FROM unnest(string_to_array(%s, ',')::uuid[], string_to_array(%s, ','),
+                         string_to_array(%s, ','), string_to_array(%s, ','))
 ON CONFLICT DO NOTHING
 """
 
@@ -150,10 +151,10 @@ async def _consume(
                 _INSERT_INBOX,
                 (
                     GROUP,
-                    [e.event_id for e in envelopes],
-                    [e.event_type for e in envelopes],
-                    [STREAM] * len(envelopes),
-                    [entry_id.decode() for entry_id in msg.raw_message["message_ids"]],
+                    ",".join([e.event_id for e in envelopes]),
+                    ",".join([e.event_type for e in envelopes]),
+                    ",".join([STREAM] * len(envelopes)),
+                    ",".join([entry_id.decode() for entry_id in msg.raw_message["message_ids"]]),
                 ),
             )
             for envelope in envelopes:

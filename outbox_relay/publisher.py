@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from bisect import bisect_left
 from collections.abc import Callable
-from typing import Any
 
 import psycopg
 import redis
@@ -31,6 +29,7 @@ from service_runtime.metrics import (
     RELAY_LATENCY,
     RELAY_NOT_DURABLE,
     RELAY_PUBLISHED,
+    observe_many,
 )
 
 # Every unpublished row is a candidate, whatever its id: a row whose transaction commits
@@ -260,23 +259,3 @@ def _observe(producer: str, created: list[float]) -> None:
     observe_many(RELAY_LATENCY.labels(producer), [time.time() - epoch for epoch in created])
     RELAY_PUBLISHED.labels(producer).inc(len(created))
     RELAY_BATCH_SIZE.labels(producer).observe(len(created))
-
-
-def observe_many(histogram: Any, values: list[float]) -> None:
-    """`histogram.observe(v)` for every v, with one increment per bucket and one of the sum
-    instead of two per value (prometheus_client's Histogram child keeps its buckets' upper
-    bounds and values in these attributes; any other object gets one observe per value)."""
-    bounds = getattr(histogram, "_upper_bounds", None)
-    buckets = getattr(histogram, "_buckets", None)
-    total = getattr(histogram, "_sum", None)
-    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
-        for value in values:
-            histogram.observe(value)
-        return
-    counts = [0] * len(bounds)
-    for value in values:
-        counts[bisect_left(bounds, value)] += 1  # the first bound >= value, as observe()
-    for bucket, count in zip(buckets, counts, strict=True):
-        if count:
-            bucket.inc(count)
-    total.inc(sum(values))

@@ -39,7 +39,7 @@ from service_runtime.config import (
     stream_partitions,
 )
 from service_runtime.consumer import ConsumerSettings
-from service_runtime.consumer_group import StreamConsumer
+from service_runtime.consumer_group import StreamConsumer, pool_size
 from service_runtime.db import DB_OUTAGE_ERRORS, connect, create_pool
 from service_runtime.failures import is_outage
 from service_runtime.faults import crash_at_configured_point
@@ -162,11 +162,10 @@ def consume(service: str, name: str | None, instance: int | None) -> None:
         partitions=_checked_partitions(service),
     )
     serve_metrics(_metrics_port(consumer_metrics_offset(service, instance or 1)))
-    # Workers hold a connection only for a transaction; beyond a few they would just queue.
     pool = create_pool(
         database_url(service),
         name=f"{service}-consumer",
-        max_size=min(settings.partitions, 4) + 1,
+        max_size=pool_size(settings.partitions),
         check_on_checkout=False,
     )
     consumer = StreamConsumer(

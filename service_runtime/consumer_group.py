@@ -35,6 +35,12 @@ from service_runtime.stream_fence import StreamFence
 log = logging.getLogger(__name__)
 
 
+def pool_size(partitions: int) -> int:
+    """Connections for a consumer process's pool. Workers hold one only for a transaction;
+    beyond a few they would just queue."""
+    return min(partitions, 4) + 1
+
+
 @dataclass
 class _Running:
     worker: PartitionWorker

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from bisect import bisect_left
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -152,3 +154,23 @@ def serve_multiprocess(port: int | None, directory: str) -> None:
 def mark_worker_dead(pid: int) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _multiprocess.mark_process_dead(pid)
+
+
+def observe_many(histogram: Any, values: list[float]) -> None:
+    """`histogram.observe(v)` for every v, with one increment per bucket and one of the sum
+    instead of two per value (prometheus_client's Histogram child keeps its buckets' upper
+    bounds and values in these attributes; any other object gets one observe per value)."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1  # the first bound >= value, as observe()
+    for bucket, count in zip(buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
+    total.inc(sum(values))

@@ -30,18 +30,29 @@ end
 return 0
 """
 
-# KEYS: fence, stream...; ARGV: epoch, group, consumer, count, id per stream.
+# KEYS: fence, stream...; ARGV: epoch, group, consumer, count, id per stream, then per stream
+# the number of entries to acknowledge and their ids (entries this owner finished: sent before
+# the fence check, as a wait sends them, and so carried by the read instead of a round trip).
 # Returns {reply of XREADGROUP or false, {last entry id of each stream}}: the tops of the
 # streams when this read ran, for an XREAD BLOCK that wakes on anything newer without a second
 # read (a read that was not full took everything up to them: no missed wake-up); none after a
 # full read, which is followed by another read anyway.
 _READ = """
+local streams = #KEYS - 1
+local at = 5 + streams
+for i = 2, #KEYS do
+    local n = tonumber(ARGV[at])
+    for first = at + 1, at + n, 1000 do  -- unpack() is bounded by Lua's C stack
+        redis.call('XACK', KEYS[i], ARGV[2], unpack(ARGV, first, math.min(first + 999, at + n)))
+    end
+    at = at + 1 + n
+end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
     return redis.error_reply('FENCED by epoch ' .. tostring(redis.call('GET', KEYS[1])))
 end
 local args = {'XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4], 'STREAMS'}
 for i = 2, #KEYS do args[#args + 1] = KEYS[i] end
-for i = 5, #ARGV do args[#args + 1] = ARGV[i] end
+for i = 5, 4 + streams do args[#args + 1] = ARGV[i] end
 local reply = redis.call(unpack(args))
 local full = false
 for _, item in ipairs(reply or {}) do  -- {stream, entries} (fakeredis: flat, no pairs)
@@ -85,14 +96,21 @@ class StreamFence:
         epoch: int,
         cursors: Mapping[str, str],
         count: int,
+        acks: Mapping[str, Sequence[str]] | None = None,
     ) -> tuple[list[tuple[str, list[Entry]]], dict[str, str]]:
-        """XREADGROUP over the partition's streams at the given cursors ('>' or an id).
-        Returns (entries per stream, {stream: its last entry id when this read ran})."""
+        """Send `acks` (XACK per stream, whatever the fence says: they are for entries this
+        owner finished), then XREADGROUP over the partition's streams at the given cursors
+        ('>' or an id). Returns (entries per stream, {stream: its last entry id when this read
+        ran}). One round trip."""
         streams = list(cursors)
+        acked: list[str] = []  # per stream read: how many, then the ids
+        for stream in streams:
+            ids = (acks or {}).get(stream, ())
+            acked += (str(len(ids)), *ids)
         try:
             reply, last = self._read(
                 keys=[owner_fence_key(group, partition), *streams],
-                args=[epoch, group, consumer, count, *cursors.values()],
+                args=[epoch, group, consumer, count, *cursors.values(), *acked],
             )
         except redis.ResponseError as err:
             if str(err).startswith(FENCED):

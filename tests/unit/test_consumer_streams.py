@@ -87,7 +87,7 @@ class _Conn:
             if self._pool.leases.get(partition) != epoch:
                 return _Cursor((0, []))
             new = []
-            for event_id in event_ids:
+            for event_id in event_ids.split(","):  # the batch's ids as one comma-separated text
                 if (group, event_id) not in self._inbox:
                     self._inbox.add((group, event_id))
                     new.append(event_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Histogram
 
-from outbox_relay.publisher import observe_many
+from service_runtime.metrics import observe_many
 
 BUCKETS = (0.001, 0.005, 0.01, 0.1, 1.0)
 VALUES = [0.0, 0.0005, 0.001, 0.0010001, 0.004, 0.005, 0.05, 0.1, 0.5, 1.0, 2.5, 100.0, -1.0]
