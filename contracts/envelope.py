@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from contracts.errors import ContractError
+from contracts.events import validate_payload
 from contracts.ids import canonical_uuid
 
 ENVELOPE_FIELDS = (
@@ -24,10 +26,6 @@ ENVELOPE_FIELDS = (
 # Optional fields: absent from entries published without them (older relays, tracing off).
 # traceparent: the W3C trace context of the work that published the event (DESIGN.md §5).
 OPTIONAL_ENVELOPE_FIELDS = ("traceparent",)
-
-
-class ContractError(ValueError):
-    """An event that does not match its contract (unknown type/version, bad envelope or payload)."""
 
 
 @dataclass(frozen=True)
@@ -71,8 +69,6 @@ def _uuid(value: str, name: str) -> str:
 
 def decode_entry(fields: dict[str, str]) -> Envelope:
     """Parse and validate stream fields into an Envelope (payload checked against its schema)."""
-    from contracts.events import validate_payload  # local: events imports this module
-
     missing = [name for name in ENVELOPE_FIELDS if name not in fields]
     if missing:
         raise ContractError(f"missing envelope fields: {', '.join(missing)}")

@@ -7,7 +7,7 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
-from contracts.envelope import ContractError
+from contracts.errors import ContractError
 from contracts.fastcheck import Check, Unsupported, compile_schema
 from contracts.limits import (
     MAX_LINE_QUANTITY,

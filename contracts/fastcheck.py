@@ -86,9 +86,18 @@ def _compile_field(field: fields.Field) -> Check:
     validators = [_compile_validator(v) for v in field.validators]
     if not validators:
         return value_check
+    if len(validators) == 1:  # the usual case: no loop to set up per value
+        (valid,) = validators
+        return lambda value: value_check(value) and valid(value)
 
     def check(value: Any) -> bool:
-        return value_check(value) and all(valid(value) for valid in validators)
+        if not value_check(value):
+            return False
+        # a loop, not all(<generator>): the generator costs more than the checks
+        for valid in validators:  # noqa: SIM110
+            if not valid(value):
+                return False
+        return True
 
     return check
 
@@ -105,7 +114,12 @@ def _compile_value(base: type, field: Any) -> Check:
         inner = _compile_field(field.inner)
 
         def is_list(value: Any) -> bool:
-            return type(value) is list and all(inner(item) for item in value)
+            if type(value) is not list:
+                return False
+            for item in value:  # noqa: SIM110 (as above)
+                if not inner(item):
+                    return False
+            return True
 
         return is_list
     if base is fields.Nested:

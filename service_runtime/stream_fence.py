@@ -169,6 +169,11 @@ def _stream_pairs(reply: object) -> list[tuple[str, list[Entry]]]:
 def _fields(raw: Sequence[str] | Mapping[str, str] | None) -> dict[str, str] | None:
     if not raw:
         return None
+    if type(raw) is list:  # Redis's reply: [field, value, ...] (checked first: the hot path)
+        if len(raw) % 2:
+            raise ValueError(f"an entry with an odd number of field items: {raw!r}")
+        pairs = iter(raw)
+        return dict(zip(pairs, pairs))  # noqa: B905 (even length checked above)
     if isinstance(raw, Mapping):
         return dict(raw)
     return dict(zip(raw[::2], raw[1::2], strict=True))
