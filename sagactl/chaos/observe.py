@@ -32,8 +32,9 @@ from service_runtime.ownership import owners
 
 def backlog(db_urls: Mapping[str, str], client: redis.Redis, partitions: int) -> dict[str, int]:
     """Everything still in motion; empty means quiet. Pending orders, unpublished outbox rows,
-    and per group and partition stream (re-drive streams included) the entries not yet
-    delivered or not yet acknowledged."""
+    partitions without a live owner (a killed consumer's, until its lease runs out and they
+    are taken again), and per group and partition stream (re-drive streams included) the
+    entries not yet delivered or not yet acknowledged."""
     found: dict[str, int] = {}
     with psycopg.connect(db_urls["orders"], connect_timeout=3) as conn:
         found["pending orders"] = conn.execute(
@@ -44,6 +45,10 @@ def backlog(db_urls: Mapping[str, str], client: redis.Redis, partitions: int) ->
             found[f"{service} outbox unpublished"] = conn.execute(
                 "SELECT count(*) FROM outbox WHERE published_at IS NULL"
             ).fetchone()[0]
+            if service in SUBSCRIPTIONS:
+                found[f"{service} partitions without a live owner"] = unowned_partitions(
+                    conn, service, partitions
+                )
     for group in SUBSCRIPTIONS:
         for stream in (s for p in range(partitions) for s in group_streams(group, p)):
             if not client.exists(stream):
@@ -379,8 +384,13 @@ def wait_for_owners(db_urls: Mapping[str, str], partitions: int, timeout: float)
 
 def _all_owned(db_url: str, group: str, partitions: int) -> bool:
     with psycopg.connect(db_url, connect_timeout=3) as conn:
-        live = {row["partition"] for row in owners(conn, group) if row["live"]}
-    return live >= set(range(partitions))
+        return not unowned_partitions(conn, group, partitions)
+
+
+def unowned_partitions(conn: psycopg.Connection, group: str, partitions: int) -> int:
+    """How many of the group's partitions have no live owner right now."""
+    live = {row["partition"] for row in owners(conn, group) if row["live"]}
+    return len(set(range(partitions)) - live)
 
 
 def order_records(db_urls: Mapping[str, str], acknowledged: list[str]) -> dict[str, int]:
