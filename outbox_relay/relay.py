@@ -185,11 +185,6 @@ class Relay:
 
     def _publish_while_active(self, conn: psycopg.Connection, stop: threading.Event) -> None:
         conn.execute("LISTEN outbox")
-        # A mark's COMMIT need not wait for its WAL flush (3 ms of a 500-row batch here, on the
-        # drain's critical path): a PostgreSQL crash that loses the last marks leaves those rows
-        # unpublished, so they go again (a duplicate, never a loss), and published_positions
-        # goes back with them (Redis only ahead). The rows themselves are the services' commits.
-        conn.execute("SET synchronous_commit = off")
         self.recorded = positions.load(conn)
         redis_delay = 0.1
         woken = True  # as if notified: look at once
