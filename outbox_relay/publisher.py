@@ -178,8 +178,9 @@ def drain(
 ) -> tuple[int, bool]:
     """Publish a backlog with batches overlapped: while Redis adds batch N (sent by
     `executor`'s thread), PostgreSQL claims batch N+1 and, once N's reply came back, marks N
-    while Redis adds N+1. Returns (rows published, whether a full batch was still found when
-    `seconds` ran out). Nothing is in flight when it returns or raises.
+    while Redis adds N+1. Returns (rows published, whether to come back at once: `seconds`
+    ran out on a full batch, or a stream was repaired). Nothing is in flight when it returns
+    or raises.
 
     Everything PostgreSQL does is on `conn`, the session holding the relay's advisory lock:
     no other session can publish or mark for it. Each transaction claims the next batch and
