@@ -75,12 +75,14 @@ def fill_outbox(conn: psycopg.Connection, rows: int) -> None:
 def reset(db_urls: Sequence[str], redis_url: str) -> None:
     """Empty the outbox and inbox of each database and the Redis database: every measurement
     starts from nothing left over by the one before. Partition leases and consumer members go
-    too, with the Redis fences they pair with: the next consumers start from epoch 1."""
+    too, with the Redis fences they pair with: the next consumers start from epoch 1; and the
+    published positions, with the streams they record (else the next relay takes the flush
+    for a loss of Redis data)."""
     for url in db_urls:
         with connect(url) as conn:
             conn.execute(
-                "TRUNCATE outbox, inbox, partition_leases, consumer_members, delivery_failures"
-                " RESTART IDENTITY"
+                "TRUNCATE outbox, inbox, partition_leases, consumer_members, delivery_failures,"
+                " published_positions RESTART IDENTITY"
             )
     with redis.Redis.from_url(redis_url) as client:
         client.flushdb()
