@@ -1064,3 +1064,40 @@ def test_a_stopped_worker_sends_the_acks_it_owes(r):
     stop.set()
     worker.run(stop)  # stops at once, owing nothing afterwards
     assert pending(r, stream_of(env)) == []
+
+
+# -- acknowledgements riding along ------------------------------------------------------------
+
+
+def test_a_full_reads_acks_ride_in_the_next_fenced_read(r) -> None:
+    """A full read means more is waiting: its entries' XACKs go inside the next read's script
+    instead of a round trip of their own; the step that drains the partition sends the rest."""
+    pool = FakeInboxPool()
+    worker = take(r, pool, {"OrderPlaced": Recorder()}, batch_size=2)
+    envs = [envelope() for _ in range(3)]
+    ids = [publish(r, env) for env in envs]
+    stream = stream_of(envs[0])
+
+    assert worker.step() == 2  # full: committed, XACK owed
+    assert len(pool.inbox) == 2
+    assert pending_ids(r, stream) == ids[:2]
+    assert worker.step() == 1  # the read acknowledged the first two, then took the third
+    assert pending_ids(r, stream) == []  # drained: this step sent its own XACK
+
+
+def test_acks_carried_by_a_read_count_even_when_the_read_is_fenced(r) -> None:
+    """The script acknowledges before it checks the fence: the entries were finished by the
+    owner that sends the XACKs, whoever owns the partition now."""
+    env = envelope()
+    entry_id = publish(r, env)
+    stream = stream_of(env)
+    fence = StreamFence(r)
+    r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    assert fence.claim(GROUP, 0, 1)
+    pairs, _ = fence.read(GROUP, "c1", 0, 1, {stream: ">"}, 10)
+    assert [entry for _stream, entries in pairs for entry, _fields in entries] == [entry_id]
+
+    assert fence.claim(GROUP, 0, 2)  # a new owner
+    with pytest.raises(Fenced):
+        fence.read(GROUP, "c1", 0, 1, {stream: ">"}, 10, {stream: [entry_id]})
+    assert pending_ids(r, stream) == []
