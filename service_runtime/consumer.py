@@ -250,8 +250,11 @@ class PartitionWorker:
                     )
                     claimed += len(ids)
         self._takeover_due = time.monotonic() + self.settings.takeover_check_ms / 1000
+        # Read again rather than wait from the tops last seen: a Redis that came back with an
+        # older data set can hold entries below those tops that the group has not delivered
+        # (its last-delivered-id went back with it), and a wait from the tops never sees them.
+        self._caught_up_at = {}
         if claimed:
-            self._caught_up_at = {}
             self.cursors = dict.fromkeys(self.streams, _PENDING)  # read them, in id order
             log.info(
                 "%s partition %s: took over %d pending entries", group, self.partition, claimed
