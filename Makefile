@@ -56,7 +56,8 @@ test: $(STAMP) $(ASSETS_STAMP) $(NODE_STAMP) browser
 # The stream, saga and operator CLI suites again, on a real 3-master Redis Cluster the tests
 # start themselves
 CLUSTER_SUITES := tests/integration/test_saga.py tests/integration/test_consumer.py \
-	tests/integration/test_relay.py tests/integration/test_crashes.py \
+	tests/integration/test_relay.py tests/integration/test_relay_drain.py \
+	tests/integration/test_crashes.py \
 	tests/integration/test_cli.py tests/integration/test_audit.py
 
 test-cluster: $(STAMP)

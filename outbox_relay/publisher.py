@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future, wait
+from dataclasses import dataclass
 
 import psycopg
 import redis
@@ -100,6 +102,23 @@ return ids
 
 FaultPoint = Callable[[str], None]
 
+# The claim of a drain's next batch while the previous one is in Redis, unmarked: the same
+# rows except those in flight (ids above the highest of them, or not among them: a row that
+# commits late below it is still found).
+_CLAIM_NEXT_BATCH = _CLAIM_BATCH.replace(
+    "WHERE published_at IS NULL",
+    "WHERE published_at IS NULL\n  AND (id > %s OR id <> ALL(string_to_array(%s, ',')::bigint[]))",
+)
+
+
+@dataclass
+class _Batch:
+    """Claimed rows and the entries built from them, by stream."""
+
+    rows: list[tuple]
+    by_stream: dict[str, list[tuple[int, list[str]]]]  # (row id, fields and values)
+    spans: dict[str, list]  # PRODUCER spans per stream, with tracing on
+
 
 def publish_batch(
     conn: psycopg.Connection,
@@ -130,78 +149,209 @@ def publish_batch(
         rows = conn.execute(_CLAIM_BATCH, (batch_size,)).fetchall()
         if not rows:
             return 0
-        base = STREAM_OF_PRODUCER[producer]
-        names = [partition_stream(base, p) for p in range(partitions)]
-        by_stream: dict[str, list[tuple[int, list[str]]]] = {}  # (row id, fields and values)
-        spans: dict[str, list] = {}  # PRODUCER spans per stream, with tracing on
-        tracing_on = tracing.ENABLED
-        for (
-            row_id,
-            agg_id,
-            traceparent,
-            _created,
-            event_id,
-            event_type,
-            version,
-            agg_type,
-            correlation,
-            causation,
-            occurred_at,
-            payload,
-        ) in rows:
-            stream = names[partition_of(agg_id, partitions)]
-            fields = [
-                "event_id", event_id,
-                "event_type", event_type,
-                "event_version", version,
-                "aggregate_type", agg_type,
-                "aggregate_id", agg_id,
-                "correlation_id", correlation,
-                "causation_id", causation,
-                "occurred_at", occurred_at,
-                "producer", producer,
-                "payload", payload,
-            ]  # fmt: skip
-            if tracing_on or traceparent:
-                trace_fields = tracing.publish_context(
-                    spans.setdefault(stream, []), stream, traceparent, event_type, agg_id
-                )
-                for name, value in trace_fields.items():
-                    fields += (name, value)
-            by_stream.setdefault(stream, []).append((row_id, fields))
-        replies = _send(redis_client, by_stream, recorded, durability, wait_timeout_ms, producer)
+        batch = _build(rows, producer, partitions)
+        replies = _send(
+            redis_client, batch.by_stream, recorded, durability, wait_timeout_ms, producer
+        )
         fault("after_xadd")
-        ids: list[int] = []
-        streams: list[str] = []
-        entries: list[str] = []
-        highest: dict[str, str] = {}
-        lost: dict[str, str] = {}
-        for stream, reply in replies.items():
-            tracing.end_publish_spans(spans.get(stream, []), reply[1:] if reply[0] else [])
-            if reply[0] == 0:
-                lost[stream] = reply[1]
-                continue
-            for (row_id, _fields), entry_id in zip(by_stream[stream], reply[1:], strict=True):
-                ids.append(row_id)
-                streams.append(stream)
-                entries.append(entry_id)
-            highest[stream] = reply[-1]
-        if ids:
-            marks = (
-                ",".join(map(str, ids)),
-                ",".join(streams),
-                ",".join(entries),
-                ",".join(highest),
-                ",".join(highest.values()),
-            )
-            conn.execute(_MARK_PUBLISHED, marks)
-        positions.repair(conn, redis_client, producer, lost, recorded)
+        published, highest, _ = _mark(conn, redis_client, producer, batch, replies, recorded)
     recorded.update(highest)  # committed
+    _observe(producer, [row[3] for row in published])
+    return len(published)
+
+
+def drain(
+    conn: psycopg.Connection,
+    redis_client: redis.Redis,
+    executor: Executor,
+    *,
+    producer: str,
+    partitions: int,
+    batch_size: int,
+    fault: FaultPoint = no_faults,
+    recorded: dict[str, str],
+    durability: Durability = ACK,
+    wait_timeout_ms: int = 1000,
+    seconds: float = 1.0,
+    on_commit: Callable[[int], None] = lambda _n: None,
+) -> tuple[int, bool]:
+    """Publish a backlog with batches overlapped: while Redis adds batch N (sent by
+    `executor`'s thread), PostgreSQL claims batch N+1 and, once N's reply came back, marks N
+    while Redis adds N+1. Returns (rows published, whether to come back at once: `seconds`
+    ran out on a full batch, or a stream was repaired). Nothing is in flight when it returns
+    or raises.
+
+    Everything PostgreSQL does is on `conn`, the session holding the relay's advisory lock:
+    no other session can publish or mark for it. Each transaction claims the next batch and
+    marks the previous one; a batch's XADDs are sent only after the previous batch's reply
+    came back complete, so each stream gets its first copies in outbox id order. A batch is
+    marked only after its reply (and the durability wait) came back, in a transaction that
+    rolls back on any failure: its rows, and the next batch's, go again (duplicates, never a
+    loss). A reply that finds a stream behind (positions.py) stops the overlap: the next
+    batch is not sent, the repair commits with the mark, and the rows it un-marked go first.
+
+    The claim's row locks end with the transaction that took them, while the batch is still
+    in flight; they never outlive the session, so the advisory lock is what excludes another
+    relay, as it always was. `recorded` is updated as marks commit; the checked XADD compares
+    with what Redis accepted, committed or not (`sent`).
+    """
+    deadline = time.monotonic() + seconds
+    sent = dict(recorded)  # each stream's highest entry id Redis accepted from this relay
+    total = 0
+    inflight: tuple[list[tuple], Future] | None = None  # claimed rows, (batch, replies)
+    claim = True
+    full = False
+    while True:
+        pending: tuple[list[tuple], Future] | None = None
+        try:
+            with conn.transaction():
+                rows: list[tuple] = []
+                if claim:
+                    if inflight is None:
+                        rows = conn.execute(_CLAIM_BATCH, (batch_size,)).fetchall()
+                    else:
+                        ids = [row[0] for row in inflight[0]]
+                        params = (max(ids), ",".join(map(str, ids)), batch_size)
+                        rows = conn.execute(_CLAIM_NEXT_BATCH, params).fetchall()
+                clean = True
+                if inflight is not None:
+                    batch, replies = inflight[1].result()
+                    fault("after_xadd")
+                    clean = all(reply[0] for reply in replies.values())
+                    if clean:
+                        sent.update({stream: reply[-1] for stream, reply in replies.items()})
+                if rows and clean:
+                    # the thread builds the entries and sends them while PostgreSQL marks
+                    send = (rows, producer, partitions, redis_client, dict(sent), durability,
+                            wait_timeout_ms)  # fmt: skip
+                    pending = (rows, executor.submit(_build_and_send, *send))
+                if inflight is not None:
+                    inflight = None  # its reply is in: nothing of it is in flight now
+                    published, highest, lost = _mark(
+                        conn, redis_client, producer, batch, replies, recorded
+                    )
+                else:
+                    published, highest, lost = [], {}, {}
+        except BaseException:
+            for flight in (inflight, pending):
+                if flight is not None:
+                    wait([flight[1]])  # the thread is done with Redis before we go on
+            raise
+        recorded.update(highest)  # committed
+        if published:
+            _observe(producer, [row[3] for row in published])
+            total += len(published)
+            on_commit(len(published))
+        if claim:
+            full = len(rows) == batch_size  # the last claim found a full batch: likely more
+        inflight = pending
+        if inflight is None:
+            # a stream was repaired (its rows go next), or the time ran out with a backlog:
+            # the caller comes back at once
+            return total, bool(lost) or full
+        claim = full and time.monotonic() < deadline
+
+
+def _build_and_send(
+    rows: list[tuple],
+    producer: str,
+    partitions: int,
+    client: redis.Redis,
+    recorded: dict[str, str],
+    durability: Durability,
+    wait_timeout_ms: int,
+) -> tuple[_Batch, dict[str, list]]:
+    """drain()'s thread: one batch's entries and their pipeline."""
+    batch = _build(rows, producer, partitions)
+    replies = _send(client, batch.by_stream, recorded, durability, wait_timeout_ms, producer)
+    return batch, replies
+
+
+def _build(rows: list[tuple], producer: str, partitions: int) -> _Batch:
+    """Each row's stream entry, grouped by partition stream (in id order within each)."""
+    base = STREAM_OF_PRODUCER[producer]
+    names = [partition_stream(base, p) for p in range(partitions)]
+    by_stream: dict[str, list[tuple[int, list[str]]]] = {}
+    spans: dict[str, list] = {}
+    tracing_on = tracing.ENABLED
+    for (
+        row_id,
+        agg_id,
+        traceparent,
+        _created,
+        event_id,
+        event_type,
+        version,
+        agg_type,
+        correlation,
+        causation,
+        occurred_at,
+        payload,
+    ) in rows:
+        stream = names[partition_of(agg_id, partitions)]
+        fields = [
+            "event_id", event_id,
+            "event_type", event_type,
+            "event_version", version,
+            "aggregate_type", agg_type,
+            "aggregate_id", agg_id,
+            "correlation_id", correlation,
+            "causation_id", causation,
+            "occurred_at", occurred_at,
+            "producer", producer,
+            "payload", payload,
+        ]  # fmt: skip
+        if tracing_on or traceparent:
+            trace_fields = tracing.publish_context(
+                spans.setdefault(stream, []), stream, traceparent, event_type, agg_id
+            )
+            for name, value in trace_fields.items():
+                fields += (name, value)
+        by_stream.setdefault(stream, []).append((row_id, fields))
+    return _Batch(rows, by_stream, spans)
+
+
+def _mark(
+    conn: psycopg.Connection,
+    redis_client: redis.Redis,
+    producer: str,
+    batch: _Batch,
+    replies: dict[str, list],
+    recorded: dict[str, str],
+) -> tuple[list[tuple], dict[str, str], dict[str, str]]:
+    """In the caller's transaction: mark the rows Redis took published and record each
+    stream's highest entry id; repair the streams found behind. Returns (the rows marked,
+    stream -> highest entry id, stream -> Redis's last id where it was behind)."""
+    ids: list[int] = []
+    streams: list[str] = []
+    entries: list[str] = []
+    highest: dict[str, str] = {}
+    lost: dict[str, str] = {}
+    for stream, reply in replies.items():
+        tracing.end_publish_spans(batch.spans.get(stream, []), reply[1:] if reply[0] else [])
+        if reply[0] == 0:
+            lost[stream] = reply[1]
+            continue
+        for (row_id, _fields), entry_id in zip(batch.by_stream[stream], reply[1:], strict=True):
+            ids.append(row_id)
+            streams.append(stream)
+            entries.append(entry_id)
+        highest[stream] = reply[-1]
+    if ids:
+        marks = (
+            ",".join(map(str, ids)),
+            ",".join(streams),
+            ",".join(entries),
+            ",".join(highest),
+            ",".join(highest.values()),
+        )
+        conn.execute(_MARK_PUBLISHED, marks)
+    positions.repair(conn, redis_client, producer, lost, recorded)
+    rows = batch.rows
     if lost:
         published = set(ids)
         rows = [row for row in rows if row[0] in published]
-    _observe(producer, [row[3] for row in rows])
-    return len(ids)
+    return rows, highest, lost
 
 
 def _send(
