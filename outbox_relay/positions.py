@@ -124,11 +124,16 @@ def repair(
     client: redis.Redis,
     producer: str,
     lost: Mapping[str, str],
-    recorded: dict[str, str],
+    recorded: Mapping[str, str],
 ) -> int:
     """Inside the caller's transaction: un-mark the rows Redis no longer has, set the recorded
     position of each stream back to Redis's, recreate vanished groups. Returns the row count;
-    logs one error line and counts the loss in metrics."""
+    logs one error line and counts the loss in metrics.
+
+    `recorded` (the relay's copy) is only read: the caller applies `lost` to it once the
+    transaction has committed. Lowered before, a transaction that then rolled back (a group
+    recreated on a Redis still read-only while it syncs from its new primary) left the copy
+    at Redis's position and the rows marked: no later check saw the loss."""
     if not lost:
         return 0
     counts: dict[str, int] = {}
@@ -139,7 +144,6 @@ def repair(
     for stream, count in counts.items():
         conn.execute(_COUNT_LOSS, (count, stream))
     was = {stream: recorded.get(stream) for stream in lost}
-    recorded.update(lost)
     recreate_groups(client, lost)
     total = sum(counts.values())
     log.error(
@@ -176,11 +180,14 @@ def recreate_groups(client: redis.Redis, streams: Iterable[str]) -> None:
 def check_and_repair(
     conn: psycopg.Connection, client: redis.Redis, producer: str, recorded: dict[str, str]
 ) -> int:
-    """Compare every recorded stream with Redis and repair those behind (one transaction)."""
+    """Compare every recorded stream with Redis and repair those behind (one transaction);
+    `recorded` follows once it committed."""
     if not recorded:
         return 0
     lost = behind(recorded, redis_last_ids(client, recorded))
     if not lost:
         return 0
     with conn.transaction():
-        return repair(conn, client, producer, lost, recorded)
+        count = repair(conn, client, producer, lost, recorded)
+    recorded.update(lost)
+    return count

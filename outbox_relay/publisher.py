@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 
@@ -154,8 +154,8 @@ def publish_batch(
             redis_client, batch.by_stream, recorded, durability, wait_timeout_ms, producer
         )
         fault("after_xadd")
-        published, highest, _ = _mark(conn, redis_client, producer, batch, replies, recorded)
-    recorded.update(highest)  # committed
+        published, positions_now, _ = _mark(conn, redis_client, producer, batch, replies, recorded)
+    recorded.update(positions_now)  # committed
     _observe(producer, [row[3] for row in published])
     return len(published)
 
@@ -227,17 +227,17 @@ def drain(
                     pending = (rows, executor.submit(_build_and_send, *send))
                 if inflight is not None:
                     inflight = None  # its reply is in: nothing of it is in flight now
-                    published, highest, lost = _mark(
+                    published, positions_now, lost = _mark(
                         conn, redis_client, producer, batch, replies, recorded
                     )
                 else:
-                    published, highest, lost = [], {}, {}
+                    published, positions_now, lost = [], {}, {}
         except BaseException:
             for flight in (inflight, pending):
                 if flight is not None:
                     wait([flight[1]])  # the thread is done with Redis before we go on
             raise
-        recorded.update(highest)  # committed
+        recorded.update(positions_now)  # committed
         if published:
             _observe(producer, [row[3] for row in published])
             total += len(published)
@@ -317,11 +317,12 @@ def _mark(
     producer: str,
     batch: _Batch,
     replies: dict[str, list],
-    recorded: dict[str, str],
+    recorded: Mapping[str, str],
 ) -> tuple[list[tuple], dict[str, str], dict[str, str]]:
     """In the caller's transaction: mark the rows Redis took published and record each
     stream's highest entry id; repair the streams found behind. Returns (the rows marked,
-    stream -> highest entry id, stream -> Redis's last id where it was behind)."""
+    stream -> the position now recorded (for `recorded`, once committed), stream -> Redis's
+    last id where it was behind)."""
     ids: list[int] = []
     streams: list[str] = []
     entries: list[str] = []
@@ -351,7 +352,7 @@ def _mark(
     if lost:
         published = set(ids)
         rows = [row for row in rows if row[0] in published]
-    return rows, highest, lost
+    return rows, highest | lost, lost
 
 
 def _send(

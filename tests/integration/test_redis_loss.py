@@ -9,12 +9,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import redis
 
 from contracts import SUBSCRIPTIONS, partition_of, partition_stream
 from outbox_relay import positions
 from outbox_relay.durability import Durability, DurabilityError, NotDurable
 from outbox_relay.publisher import publish_batch
 from outbox_relay.relay import Relay
+from service_runtime.redis_client import connect as redis_connect
 from service_runtime.redis_client import flush
 from tests.conftest import cluster_tests_enabled
 from tests.helpers import replica_cannot_follow, wait_until
@@ -187,6 +189,39 @@ def test_a_batch_after_a_loss_sends_the_lost_rows_first(db, redis_client, emit):
     assert publish(db, redis_client, recorded) == 0  # detected: nothing added, rows un-marked
     assert publish(db, redis_client, recorded) == 3
     assert in_redis(redis_client, stream_of(ORDER)) == [*old, new]
+
+
+@single_redis_only
+def test_a_repair_that_rolled_back_is_found_again(db, redis_client, emit, replica):
+    """A failover to a lagging replica, seen while the new primary still refuses writes (it
+    syncs): the repair cannot recreate the groups and rolls back. The relay's copy of the
+    positions must not move either, or no later check sees the loss (found by chaos)."""
+    from devstack.osutil import free_port
+
+    stream = stream_of(ORDER)
+    kept = [emit(ORDER) for _ in range(2)]
+    recorded: dict[str, str] = {}
+    publish(db, redis_client, recorded)
+    behind = redis_connect(replica.url)
+    wait_until(lambda: in_redis(behind, stream) == kept, message="the replica did not sync")
+    # it stops following (a primary that is gone): it keeps what it has, read-only
+    behind.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+    lost = [emit(ORDER) for _ in range(2)]
+    publish(db, redis_client, recorded)
+    was = dict(recorded)
+
+    with pytest.raises(redis.ReadOnlyError):
+        positions.check_and_repair(db, behind, PRODUCER, recorded)
+    new = emit(ORDER)
+    with pytest.raises(redis.ReadOnlyError):  # a batch's own check finds it too
+        publish(db, behind, recorded)
+    assert recorded == was
+    assert [published for _e, published, _s, _i in rows(db)] == [True] * 4 + [False]
+
+    replica.promote()
+    assert positions.check_and_repair(db, behind, PRODUCER, recorded) == 2
+    assert publish(db, behind, recorded) == 3
+    assert in_redis(behind, stream) == [*kept, *lost, new]
 
 
 def test_the_relay_repairs_a_flushall_by_itself(db_url, db, redis_client, emit, background):
