@@ -692,6 +692,41 @@ def test_run_consumes_until_stopped(db, redis_client, make_worker, background) -
     assert runner.error is None
 
 
+def test_a_caught_up_worker_reads_again_what_a_lagging_redis_must_deliver_again(
+    db, redis_client, make_worker, background
+) -> None:
+    """A failover to a replica that lagged: the group's last-delivered-id goes back below
+    entries of the stream, with nothing newer coming. A caught-up worker, waiting from the
+    stream tops it last saw, would never see them; it reads again at its next takeover check."""
+    worker = make_worker({"OrderPlaced": record}, takeover_check_ms=200)
+    runner = background.start("worker", worker.run)
+    events = [envelope() for _ in range(3)]
+    ids = [publish(redis_client, env) for env in events]
+    wait_until(lambda: applied(db) == 3 and pending(redis_client) == [])
+    stream = stream_of(events[0])
+    duplicates = sample("saga_consumer_events_total", group=GROUP, event_type="OrderPlaced",
+                        outcome="duplicate")  # fmt: skip
+
+    # what the replica had: the group's last-delivered-id at the first entry
+    redis_client.xgroup_setid(stream, GROUP, ids[0])
+
+    def delivered_again() -> bool:
+        [group] = [g for g in redis_client.xinfo_groups(stream) if g["name"] == GROUP]
+        return group["last-delivered-id"] == ids[-1] and pending(redis_client) == []
+
+    wait_until(delivered_again, timeout=10, message="the undelivered entries were not read")
+    assert applied(db) == 3  # the inbox absorbed them
+    assert (
+        sample(
+            "saga_consumer_events_total", group=GROUP, event_type="OrderPlaced", outcome="duplicate"
+        )
+        == duplicates + 2
+    )
+    runner.stop.set()
+    wait_until(runner.finished.is_set)
+    assert runner.error is None
+
+
 # -- inventory's per-order lock (issue 8, defect 1) -----------------------------------------
 
 
