@@ -1,4 +1,6 @@
-"""One relay step: publish a batch of unpublished outbox rows, then mark them published.
+"""Publish unpublished outbox rows, then mark them published: one batch (`publish_batch`), or
+a backlog with batches overlapped (`drain`: Redis adds one batch while PostgreSQL marks the
+one before; docs/architecture.md, "Relay batches").
 
 Each row goes to its order's partition stream (contracts.partition_of on the aggregate id,
 which is the order id for every event), so one order's events keep their outbox order.

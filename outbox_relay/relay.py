@@ -1,4 +1,6 @@
 """The relay loop: hold the outbox's advisory lock, publish batches, sleep until NOTIFY or poll.
+After a full batch it drains the backlog with batches overlapped (publisher.drain), on a
+second thread for Redis, a second at a time.
 
 Only the holder of the lock publishes; a standby keeps trying to take it and becomes active
 the moment the active relay's session ends (crash, kill, lost connection).
