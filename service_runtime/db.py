@@ -31,6 +31,7 @@ def create_pool(
     *,
     name: str,
     max_size: int = 8,
+    min_size: int = 1,
     timeout: float = 5.0,
     check_on_checkout: bool = True,
 ) -> ConnectionPool:
@@ -44,7 +45,7 @@ def create_pool(
     """
     pool = ConnectionPool(
         database_url,
-        min_size=1,
+        min_size=min_size,
         max_size=max_size,
         name=name,
         timeout=timeout,
