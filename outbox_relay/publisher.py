@@ -151,9 +151,8 @@ def publish_batch(
         rows = conn.execute(_CLAIM_BATCH, (batch_size,)).fetchall()
         if not rows:
             return 0
-        batch = _build(rows, producer, partitions)
-        replies = _send(
-            redis_client, batch.by_stream, recorded, durability, wait_timeout_ms, producer
+        batch, replies = _build_and_send(
+            rows, producer, partitions, redis_client, recorded, durability, wait_timeout_ms
         )
         fault("after_xadd")
         published, positions_now, _ = _mark(conn, redis_client, producer, batch, replies, recorded)
@@ -263,7 +262,7 @@ def _build_and_send(
     durability: Durability,
     wait_timeout_ms: int,
 ) -> tuple[_Batch, dict[str, list]]:
-    """drain()'s thread: one batch's entries and their pipeline."""
+    """One batch's entries and their pipeline (on drain()'s thread, when it overlaps)."""
     batch = _build(rows, producer, partitions)
     replies = _send(client, batch.by_stream, recorded, durability, wait_timeout_ms, producer)
     return batch, replies
