@@ -53,9 +53,9 @@ def acl_rules() -> dict[str, str]:
     Redis 6.2 grants commands per user and keys per user, not commands per key (the `%R~`/`%W~`
     key permissions and `(...)` selectors are Redis 7), so each service has two users:
     - its relay: XADD (and reads) on its own `<svc>.events.*` streams and its status hash only;
-    - its consumer: the group commands and the fence scripts on its subscriptions, its re-drive
-      and dead-letter streams and its fence keys. Redis 6.2 checks the commands and the keys a
-      script calls against the calling user too, so the fence scripts' XREADGROUP/SET need the
+    - its consumer: the group commands and the fence's claim script on its subscriptions, its
+      re-drive and dead-letter streams and its fence keys. Redis 6.2 checks the commands and
+      the keys a script calls against the calling user too, so the claim script's SET needs the
       same grants. No XADD: dead letters are in the service's database, so a consumer cannot
       write any stream. The consumers' `_check_producer` still dead-letters an event type on a
       stream its owner does not publish.

@@ -329,7 +329,7 @@ class PartitionWorker:
         self._caught_up_at = {}
         s = self.settings
         reading_pending = any(cursor != _NEW for cursor in self.cursors.values())
-        pairs, last_ids = self.fence.read(
+        read = self.fence.read(
             s.group,
             s.consumer,
             self.partition,
@@ -339,6 +339,16 @@ class PartitionWorker:
             self._owed_acks,
         )
         self._owed_acks = {}
+        pairs = read.entries
+        if read.others_pending:
+            # Entries of this partition are pending with someone else, maybe older than what
+            # this read took: claim them and read ours again from the start, in id order.
+            log.warning(
+                "%s partition %s: entries pending with another consumer", s.group, self.partition
+            )
+            claimed = self.take_over_pending()
+            self.cursors = dict.fromkeys(self.streams, _PENDING)
+            return claimed + sum(len(entries) for _, entries in pairs)
         items: list[Item] = []
         gone: list[tuple[str, str]] = []
         for stream, entries in pairs:
@@ -367,10 +377,10 @@ class PartitionWorker:
             self.redrive_wanted.clear()
             redriven = self.redrive_requested()
         # Caught up: a read that was not full took every new entry up to the streams' tops
-        # (last_ids), so the next step waits for anything newer rather than reading again.
+        # (read.tops), so the next step waits for anything newer rather than reading again.
         full = any(len(entries) >= s.batch_size for _, entries in pairs)
         if not full and not redriven and all(c == _NEW for c in self.cursors.values()):
-            self._caught_up_at = last_ids
+            self._caught_up_at = read.tops
         # The acks owed go with the next round trip when one follows at once: the read after a
         # full one (a backlog), the wait of a caught-up worker.
         if not ((full and not self.retry) or (self._caught_up_at and block_ms)):

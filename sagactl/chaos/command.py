@@ -44,7 +44,13 @@ from sagactl.supervisor import (
     with_consumer_replicas,
     with_standby_relays,
 )
-from service_runtime.config import MAX_CONSUMERS_PER_SERVICE, PROJECT_ROOT, SERVICES, run_dir
+from service_runtime.config import (
+    MAX_CONSUMERS_PER_SERVICE,
+    PROJECT_ROOT,
+    SERVICES,
+    from_env,
+    run_dir,
+)
 
 # Short timeouts so that a soak of a few minutes exercises the slow paths too: stuck orders
 # time out, abandoned entries are claimed, failed ones retried.
@@ -271,6 +277,7 @@ class Soak:
             self.settings["fault_kinds"],
             self.settings["fault_interval_s"],
             random.Random(self.rng.random()),
+            pause_seconds=_pause_seconds(),
             before_kill=lambda name: counters.scrape(name) if is_consumer_process(name) else None,
         )
         stats = load.LoadStats()
@@ -538,3 +545,13 @@ def _ready(url: str) -> bool:
         return load.http_call("GET", f"{url}/ready", timeout=2)[0] == 200
     except load.NETWORK_ERRORS:
         return False
+
+
+def _pause_seconds() -> tuple[float, float]:
+    """A consumer-pause lasts past the paused consumer's lease and one heartbeat (the consumers'
+    own settings, CONSUMER_LEASE_MS and CONSUMER_HEARTBEAT_MS), so others take its partitions."""
+    from service_runtime.consumer import ConsumerSettings
+
+    settings = from_env(ConsumerSettings, "CONSUMER_", group="-", consumer="-")
+    bound = (settings.lease_ms + settings.heartbeat_ms) / 1000
+    return bound + 0.5, bound + 3.0

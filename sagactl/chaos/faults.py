@@ -1,5 +1,5 @@
-"""The fault injector: at random intervals, SIGKILL a process or crash a server, then let the
-supervisor (or this thread, for the servers) bring it back."""
+"""The fault injector: at random intervals, SIGKILL or pause a process or crash a server, then
+let the supervisor (or this thread, for the servers) bring it back."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ KINDS = {
     "relay-active": 2,
     "relay-standby": 1,
     "consumer": 3,
+    "consumer-pause": 2,
     "rq-worker": 1,
     "cron": 1,
     "redis-kill": 1,
@@ -60,6 +61,9 @@ class FaultInjector(threading.Thread):
         mean_interval: float,
         rng: random.Random,
         outage_seconds: tuple[float, float] = (0.5, 3.0),
+        # a consumer-pause: longer than a lease and a heartbeat (6 s with the defaults), so
+        # that the paused consumer's partitions move to the others meanwhile
+        pause_seconds: tuple[float, float] = (6.5, 9.0),
         before_kill: Callable[[str], None] = lambda _name: None,
     ) -> None:
         super().__init__(name="fault-injector", daemon=True)
@@ -69,6 +73,7 @@ class FaultInjector(threading.Thread):
         self.mean_interval = mean_interval
         self.rng = rng
         self.outage_seconds = outage_seconds
+        self.pause_seconds = pause_seconds
         self.before_kill = before_kill  # last look at a process (its counters) before it dies
         self.log = FaultLog()
         self._halt = threading.Event()
@@ -79,6 +84,7 @@ class FaultInjector(threading.Thread):
             "relay-active": lambda: self._relay(active=True),
             "relay-standby": lambda: self._relay(active=False),
             "consumer": self._consumer,
+            "consumer-pause": self._consumer_pause,
             "rq-worker": lambda: self._kill("worker"),
             "cron": lambda: self._kill("cron"),
             "redis-kill": lambda: self._outage(self.servers.kill_redis, self.servers.start_redis),
@@ -165,13 +171,34 @@ class FaultInjector(threading.Thread):
 
     def _consumer(self) -> str | None:
         """One running consumer process of a service; its partitions move to the others."""
+        name = self._running_consumer()
+        return self._kill(name) if name else None
+
+    def _consumer_pause(self) -> str | None:
+        """SIGSTOP one consumer process past its leases, then SIGCONT: its workers go on from
+        where they stopped (a wait, a read, a transaction) as after a frozen VM or a long GC
+        pause, while others own its partitions (the fence stops them)."""
+        name = self._running_consumer()
+        pid = self.supervisor.pid(name) if name else None
+        if pid is None:
+            return None
+        seconds = self.rng.uniform(*self.pause_seconds)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        return f"{name} pid {pid} paused {seconds:.1f} s"
+
+    def _running_consumer(self) -> str | None:
         service = self._service()
         names = [
             name
             for name in self.supervisor.names
             if is_consumer_process(name, service) and self.supervisor.pid(name) is not None
         ]
-        return self._kill(self.rng.choice(names)) if names else None
+        return self.rng.choice(names) if names else None
 
     def _redis_data_loss(self) -> str:
         self.servers.lose_redis_data()

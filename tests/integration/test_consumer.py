@@ -468,6 +468,30 @@ def test_a_paused_owner_whose_lease_was_taken_cannot_commit_or_read_and_the_new_
     assert failures(db) == {}
 
 
+def test_entries_a_paused_owner_read_after_the_takeover_are_applied_in_order_by_the_new_owner(
+    db, redis_client, pool, make_worker
+) -> None:
+    """The old owner's read runs after the new owner has taken the partition over (it was
+    paused just before sending it): the read takes entries into its pending list and tells it
+    that it is fenced, so it handles none. The new owner claims them at its next read and
+    applies every event once, in stream order."""
+    old = make_worker({"OrderPlaced": record}, consumer="old", lease_seconds=0.5)
+    assert old.step() == 0  # caught up: its next read takes new entries
+    new = take_over(redis_client, pool, pool, {"OrderPlaced": record}, 0)
+    assert new.step() == 0
+    events = [envelope() for _ in range(4)]
+    ids = [publish(redis_client, env) for env in events[:2]]
+    with pytest.raises(Fenced):
+        old.step()  # the stale read
+    assert pending_ids(redis_client) == ids
+    assert {info["consumer"] for info in pending(redis_client)} == {"old"}
+    ids += [publish(redis_client, env) for env in events[2:]]
+    drain([new])
+    assert applied_order(db) == [env.event_id for env in events]
+    assert len(inbox_rows(db)) == 4
+    assert pending(redis_client) == []
+
+
 def test_attempts_are_counted_across_owners_and_the_new_owner_dead_letters_at_the_maximum(
     db, redis_client, pool, make_worker
 ) -> None:

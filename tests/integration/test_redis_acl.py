@@ -1,7 +1,7 @@
 """The embedded Redis's users (issue 13, DESIGN.md §9): no default user, each relay writes only
 its own streams, each consumer reads and acknowledges only its subscriptions and its own keys
-(fence scripts included: Redis 6.2 checks the commands and keys a script calls), rq only rq's
-keys, and the admin everything."""
+(the fence's claim script included: Redis 6.2 checks the commands and keys a script calls), rq
+only rq's keys, and the admin everything."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_a_relay_writes_only_its_own_streams(server):
             forbidden()
 
 
-def test_a_consumer_reads_its_subscriptions_through_the_fence_scripts(server):
+def test_a_consumer_reads_its_subscriptions_through_the_fenced_read(server):
     admin = _client(server, ADMIN_USER)
     admin.xadd("orders.events.{p2}", {"event_type": "OrderPlaced"})
     consumer = _client(server, consumer_user("inventory"))
@@ -94,8 +94,8 @@ def test_a_consumer_reads_its_subscriptions_through_the_fence_scripts(server):
     cursors = {
         s: ">" for s in ("orders.events.{p2}", "billing.events.{p2}", "inventory.redrive.{p2}")
     }
-    pairs, _last = fence.read("inventory", "inventory-1", 2, 1, cursors, 10)
-    [(stream, [(entry_id, _fields)])] = pairs
+    read = fence.read("inventory", "inventory-1", 2, 1, cursors, 10)
+    [(stream, [(entry_id, _fields)])] = read.entries
     assert stream == "orders.events.{p2}"
     consumer.xack(stream, "inventory", entry_id)
     assert admin.xpending(stream, "inventory")["pending"] == 0

@@ -39,6 +39,7 @@ from service_runtime.consumer import ConsumerSettings, Item, PartitionWorker
 from service_runtime.failures import FailureKind, classify
 from service_runtime.ownership import Lease, LostOwnership, assignment
 from service_runtime.stream_fence import Fenced, StreamFence
+from tests.partition_steps import drain
 
 GROUP = "inventory"
 ORDERS = "orders.events"
@@ -928,8 +929,8 @@ def test_a_worker_whose_lease_was_taken_can_neither_commit_nor_read(r) -> None:
     entry_id = publish(r, env)
     stream = stream_of(env)
     # "old" read the entry, then paused before its transaction
-    pairs, _ = old.fence.read(GROUP, "old", 0, 1, dict.fromkeys(old.streams, ">"), 10)
-    [(read_stream, [(read_id, fields)])] = pairs
+    read = old.fence.read(GROUP, "old", 0, 1, dict.fromkeys(old.streams, ">"), 10)
+    [(read_stream, [(read_id, fields)])] = read.entries
     assert (read_stream, read_id) == (stream, entry_id)
 
     pool.leases[0] = 2  # the database lease went to a new owner (epoch 2)
@@ -981,22 +982,68 @@ def test_an_entry_taken_over_whose_new_attempt_fails_stays_pending_never_silentl
     assert pending(r, stream) == []
 
 
-def test_entries_pending_with_a_previous_owner_again_are_claimed_by_the_periodic_takeover(r):
+def test_entries_pending_with_a_previous_owner_again_are_claimed_by_the_owners_next_read(r):
     """Redis came back with an older data set (a failover to a lagging replica): an entry is
     pending with the previous owner again, and redis-py reconnected without an error. The
-    owner's periodic takeover (CONSUMER_TAKEOVER_CHECK_MS) claims and handles it."""
+    owner's next read sees it in its reply, claims it, and handles it."""
     pool = FakeInboxPool()
     handler = Recorder()
     worker = take(r, pool, {"OrderPlaced": handler}, consumer="new", epoch=2)
     env = envelope()
     entry_id = publish(r, env)
     r.xreadgroup(GROUP, "old", {stream_of(env): ">"})  # as the restored data set has it
-    assert worker.step() == 0  # not ours: nothing read
-    assert pending(r, stream_of(env))[0]["consumer"] == "old"
-    assert worker.take_over_pending() == 1
-    assert worker.step() == 1
+    assert worker.step() == 1  # nothing new for the group, but the entry is claimed
+    assert [info["consumer"] for info in pending(r, stream_of(env))] == ["new"]
+    assert handler.seen == []
+    assert worker.step() == 1  # read from our pending entries, from the start
     assert handler.seen == [env.event_id] and pending(r, stream_of(env)) == []
     assert entry_id
+
+
+def test_what_a_stale_reader_took_after_the_takeover_is_handled_in_id_order(r) -> None:
+    """The old owner's read can run after the new owner's takeover (it had paused just before
+    sending it): it takes entries into its own pending list, learns from the same reply that it
+    is fenced, and handles none. The new owner handles them before anything newer, once each."""
+    pool = FakeInboxPool()
+    handler = Recorder()
+    old = take(r, pool, {"OrderPlaced": handler}, consumer="old", epoch=1)
+    assert old.step() == 0  # caught up: its next read takes new entries ('>')
+    events = [envelope() for _ in range(6)]  # one partition: one stream, in this order
+    ids = [publish(r, env) for env in events[:3]]
+    new = take(r, pool, {"OrderPlaced": handler}, consumer="new", epoch=2)
+    with pytest.raises(Fenced):
+        old.step()  # the stale read: it took the three entries, and handled none
+    assert {info["consumer"] for info in pending(r, stream_of(events[0]))} == {"old"}
+    assert handler.seen == []
+    ids += [publish(r, env) for env in events[3:]]
+    drain([new])
+    assert handler.seen == [env.event_id for env in events]  # the order's events, in order
+    assert pending(r, stream_of(events[0])) == [] and len(ids) == 6
+
+
+def test_the_owners_read_that_took_newer_entries_than_a_stale_readers_handles_none_of_them(
+    r,
+) -> None:
+    """The stale read runs between the owner's takeover and its next read, and newer entries
+    arrive meanwhile: the owner's read takes them, sees the stale reader's pending entries in
+    the same reply, and handles nothing before it has claimed them."""
+    pool = FakeInboxPool()
+    handler = Recorder()
+    old = take(r, pool, {"OrderPlaced": handler}, consumer="old", epoch=1)
+    assert old.step() == 0
+    new = take(r, pool, {"OrderPlaced": handler}, consumer="new", epoch=2)
+    assert new.step() == 0  # caught up
+    first, second = envelope(), envelope()
+    publish(r, first)
+    with pytest.raises(Fenced):
+        old.step()
+    publish(r, second)
+    # read "second", saw "first" pending with "old" and claimed it: handled neither yet
+    assert new.step() == 2
+    assert handler.seen == []
+    assert {info["consumer"] for info in pending(r, stream_of(first))} == {"new"}
+    drain([new])
+    assert handler.seen == [first.event_id, second.event_id]
 
 
 # -- caught up: an idle partition waits with XREAD BLOCK, it does not read again ----------------
@@ -1086,16 +1133,16 @@ def test_a_full_reads_acks_ride_in_the_next_fenced_read(r) -> None:
 
 
 def test_acks_carried_by_a_read_count_even_when_the_read_is_fenced(r) -> None:
-    """The script acknowledges before it checks the fence: the entries were finished by the
-    owner that sends the XACKs, whoever owns the partition now."""
+    """The read acknowledges whatever the fence says: the entries were finished by the owner
+    that sends the XACKs, whoever owns the partition now."""
     env = envelope()
     entry_id = publish(r, env)
     stream = stream_of(env)
     fence = StreamFence(r)
     r.xgroup_create(stream, GROUP, id="0", mkstream=True)
     assert fence.claim(GROUP, 0, 1)
-    pairs, _ = fence.read(GROUP, "c1", 0, 1, {stream: ">"}, 10)
-    assert [entry for _stream, entries in pairs for entry, _fields in entries] == [entry_id]
+    read = fence.read(GROUP, "c1", 0, 1, {stream: ">"}, 10)
+    assert [entry for _stream, entries in read.entries for entry, _fields in entries] == [entry_id]
 
     assert fence.claim(GROUP, 0, 2)  # a new owner
     with pytest.raises(Fenced):
