@@ -163,6 +163,40 @@ def read(
     return client.execute_command("XREAD", *pieces, target_nodes=_node_of(client, streams))
 
 
+def queue_read_group(
+    pipe: Any,
+    client: RedisClient,
+    group: str,
+    consumer: str,
+    streams: Mapping[str, str],
+    *,
+    count: int | None = None,
+) -> None:
+    """Queue on `pipe` (a pipeline of `client`) the XREADGROUP that `read_group` sends: on a
+    cluster routed by the slot computed here, so the pipeline sends no COMMAND GETKEYS."""
+    if not isinstance(client, redis.RedisCluster):
+        pipe.xreadgroup(group, consumer, dict(streams), count=count)
+        return
+    pieces: list[Any] = ["GROUP", group, consumer, *_read_options(streams, count, None)]
+    pipe.execute_command("XREADGROUP", *pieces, target_nodes=_node_of(client, streams))
+
+
+def queue_read(
+    pipe: Any,
+    client: RedisClient,
+    streams: Mapping[str, str],
+    *,
+    count: int | None = None,
+    block: int | None = None,
+) -> None:
+    """Queue on `pipe` the XREAD that `read` sends, routed the same way."""
+    if not isinstance(client, redis.RedisCluster):
+        pipe.xread(dict(streams), count=count, block=block)
+        return
+    pieces = _read_options(streams, count, block)
+    pipe.execute_command("XREAD", *pieces, target_nodes=_node_of(client, streams))
+
+
 def _read_options(streams: Mapping[str, str], count: int | None, block: int | None) -> list[Any]:
     pieces: list[Any] = []
     if count is not None:

@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from contracts import owner_fence_key
+from service_runtime.redis_client import queue_read, queue_read_group
 
 Entry = tuple[str, dict[str, str] | None]  # (entry id, fields), fields None when trimmed
 
@@ -92,7 +93,7 @@ class StreamFence:
         _queue_acks(pipe, group, acks or {})
         for stream in streams:
             pipe.xrevrange(stream, count=1)
-        pipe.xreadgroup(group, consumer, dict(cursors), count=count)
+        queue_read_group(pipe, self.client, group, consumer, cursors, count=count)
         pipe.get(owner_fence_key(group, partition))
         for stream in streams:
             pipe.xpending(stream, group)
@@ -129,7 +130,7 @@ class StreamFence:
         pipe = self.client.pipeline(transaction=False)
         pipe.get(owner_fence_key(group, partition))
         _queue_acks(pipe, group, acks or {})
-        pipe.xread(dict(since), count=1, block=block_ms)
+        queue_read(pipe, self.client, since, count=1, block=block_ms)
         replies = pipe.execute()
         current, newer = replies[0], replies[-1]
         if current != str(epoch):

@@ -22,6 +22,8 @@ from service_runtime.redis_client import (
     connect,
     flush,
     is_cluster,
+    queue_read,
+    queue_read_group,
     read,
     read_group,
     scan_keys,
@@ -96,6 +98,45 @@ def test_one_xreadgroup_reads_every_stream_of_a_partition(redis_backend: RedisCl
 
     got = {stream: [entry_id for entry_id, _ in entries] for stream, entries in reply}
     assert got == {stream: ids[stream][:2] for stream in PARTITION_STREAMS}  # COUNT per stream
+
+
+def _command_calls(client: RedisClient) -> int:
+    """COMMAND calls (GETKEYS among them) served so far, summed over the nodes of a cluster."""
+    if is_cluster(client):
+        per_node = client.info("commandstats", target_nodes=redis.RedisCluster.PRIMARIES)
+        stats = list(per_node.values())
+    else:
+        stats = [client.info("commandstats")]
+    return sum(
+        value["calls"]
+        for node in stats
+        for key, value in node.items()
+        if key == "cmdstat_command" or key.startswith("cmdstat_command|")
+    )
+
+
+def test_a_pipelined_read_and_wait_of_a_partition_ask_no_server_for_their_keys(
+    redis_backend: RedisClient,
+):
+    """The consumer's fenced read and wait are pipelines with an XREADGROUP or an XREAD: on a
+    cluster, redis-py would send COMMAND GETKEYS for each (their keys are "movable"), one more
+    round trip per read; queue_read_group and queue_read route them by the slot instead."""
+    _group_on(redis_backend, PARTITION_STREAMS)
+    ids = _fill(redis_backend, PARTITION_STREAMS, per_stream=2)
+    before = _command_calls(redis_backend)
+    pipe = redis_backend.pipeline(transaction=False)
+    queue_read_group(
+        pipe, redis_backend, GROUP, "c1", dict.fromkeys(PARTITION_STREAMS, ">"), count=1
+    )
+    queue_read(pipe, redis_backend, dict.fromkeys(PARTITION_STREAMS, "0"), count=1, block=10)
+    taken, newer = pipe.execute()
+    assert {stream: [e for e, _ in entries] for stream, entries in taken} == {
+        stream: ids[stream][:1] for stream in PARTITION_STREAMS
+    }
+    assert {stream: [e for e, _ in entries] for stream, entries in newer} == {
+        stream: ids[stream][:1] for stream in PARTITION_STREAMS
+    }
+    assert _command_calls(redis_backend) == before
 
 
 def test_xreadgroup_across_hash_tags_is_refused_only_by_the_cluster(redis_backend: RedisClient):
