@@ -112,8 +112,9 @@ def group_report(
         lag, capped = count_after(client, stream, info["last-delivered-id"])
         lag_source = "counted"
     oldest_id = oldest_idle = None
-    if info["pending"]:
-        oldest_id = client.xpending(stream, group)["min"]
+    # the entries XINFO counted may be acknowledged before XPENDING runs (a live consumer):
+    # then there is no oldest one, and XPENDING's range needs an id
+    if info["pending"] and (oldest_id := client.xpending(stream, group)["min"]):
         oldest = client.xpending_range(stream, group, min=oldest_id, max=oldest_id, count=1)
         oldest_idle = oldest[0]["time_since_delivered"] if oldest else None
     return {
