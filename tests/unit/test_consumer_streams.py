@@ -3,7 +3,7 @@
 The stand-in (FakeInboxPool) keeps what the worker's transactions touch: the lease fence
 (partition -> current epoch), the inbox and delivery_failures, staged per transaction and kept
 only on commit. It can simulate an outage (every checkout raises) and a failing COMMIT.
-fakeredis runs the fence's Lua scripts (lupa); it never blocks, so only `step()` is called
+fakeredis runs the fence's claim script (lupa); it never blocks, so only `step()` is called
 here, never the blocking loop. The real transactions are covered by tests/integration.
 """
 
@@ -1117,8 +1117,9 @@ def test_a_stopped_worker_sends_the_acks_it_owes(r):
 
 
 def test_a_full_reads_acks_ride_in_the_next_fenced_read(r) -> None:
-    """A full read means more is waiting: its entries' XACKs go inside the next read's script
-    instead of a round trip of their own; the step that drains the partition sends the rest."""
+    """A full read means more is waiting: its entries' XACKs go at the head of the next read's
+    pipeline instead of a round trip of their own; the step that drains the partition sends the
+    rest."""
     pool = FakeInboxPool()
     worker = take(r, pool, {"OrderPlaced": Recorder()}, batch_size=2)
     envs = [envelope() for _ in range(3)]
