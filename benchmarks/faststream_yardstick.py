@@ -11,8 +11,9 @@ added before it), acknowledged by hand after the commit (`AckPolicy.MANUAL`, `ms
 XACK per batch). The work per entry is our consumer's: decode and validate with the contracts
 (decode_entry, with the fastcheck path), the producer check, the batch's inbox rows in one
 INSERT ... unnest (our statement) in one transaction on a psycopg AsyncConnectionPool, a no-op
-handler. It skips what only ours does: the fenced read (tops, fence and XPENDING in the read's
-pipeline), the lease fence in each transaction, metrics per event.
+handler. It skips what only ours does: the fenced read (fence, XPENDING and the group's
+positions in a script after each XREADGROUP), the lease fence in each transaction, metrics per
+event.
 """
 
 from __future__ import annotations

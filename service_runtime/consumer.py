@@ -206,7 +206,7 @@ class PartitionWorker:
         self._not_ours = EVENT_TYPES - set(handlers)
         # set by the consumer's heartbeat when this partition has re-drive requests
         self.redrive_wanted = threading.Event()
-        # the streams' tops when a read last took everything new ({}: not known to be caught up)
+        # the group's positions when a read last took everything new ({}: not caught up)
         self._caught_up_at: dict[str, str] = {}
         # entries finished (committed, dead-lettered, gone) whose XACK is still to be sent: with
         # the next read's or wait's round trip, or at the end of a step followed by neither
@@ -250,9 +250,9 @@ class PartitionWorker:
                     )
                     claimed += len(ids)
         self._takeover_due = time.monotonic() + self.settings.takeover_check_ms / 1000
-        # Read again rather than wait from the tops last seen: a Redis that came back with an
-        # older data set can hold entries below those tops that the group has not delivered
-        # (its last-delivered-id went back with it), and a wait from the tops never sees them.
+        # Read again rather than wait from the positions last seen: a Redis that came back with
+        # an older data set can hold entries below them that the group has not delivered (its
+        # last-delivered-id went back with it), and a wait from them never sees them.
         self._caught_up_at = {}
         if claimed:
             self.cursors = dict.fromkeys(self.streams, _PENDING)  # read them, in id order
@@ -377,10 +377,10 @@ class PartitionWorker:
             self.redrive_wanted.clear()
             redriven = self.redrive_requested()
         # Caught up: a read that was not full took every new entry up to the streams' tops
-        # (read.tops), so the next step waits for anything newer rather than reading again.
+        # (read.delivered), so the next step waits for anything newer rather than reading again.
         full = any(len(entries) >= s.batch_size for _, entries in pairs)
         if not full and not redriven and all(c == _NEW for c in self.cursors.values()):
-            self._caught_up_at = read.tops
+            self._caught_up_at = read.delivered
         # The acks owed go with the next round trip when one follows at once: the read after a
         # full one (a backlog), the wait of a caught-up worker.
         if not ((full and not self.retry) or (self._caught_up_at and block_ms)):
