@@ -231,8 +231,9 @@ class PartitionWorker:
 
     def take_over_pending(self) -> int:
         """Claim every entry of this partition still pending with another consumer (a previous
-        owner). Called after the fence carries our epoch, so no other consumer can read more;
-        the claimed entries are then read, in id order, with our own pending ones."""
+        owner). Called after the fence carries our epoch: another consumer's read can take entries
+        once more at most (it then sees the fence), and our next read sees them and calls this
+        again. The claimed entries are then read, in id order, with our own pending ones."""
         me, group, claimed = self.settings.consumer, self.settings.group, 0
         for stream in self.streams:
             summary = self.redis.xpending(stream, group)
