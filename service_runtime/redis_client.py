@@ -134,18 +134,22 @@ def read_group(
     *,
     count: int | None = None,
     block: int | None = None,
+    on: Any = None,
 ) -> Any:
-    """XREADGROUP over `streams` (name -> id), the same reply as `client.xreadgroup`.
+    """XREADGROUP over `streams` (name -> id), the same reply as `client.xreadgroup`; with
+    `on` (a pipeline of `client`), queued there instead.
 
     On a cluster all the streams must share one slot (one hash tag, `{p3}`). redis-py asks a
-    server (COMMAND GETKEYS, twice) to find the keys of XREADGROUP before every call, since its
-    keys are "movable"; this routes it by the slot computed here instead, so a read is one
-    round trip as on a plain Redis. A MOVED reply is still followed by redis-py.
+    server (COMMAND GETKEYS, twice) to find the keys of XREADGROUP before every call, in a
+    pipeline too, since its keys are "movable"; this routes it by the slot computed here
+    instead, so a read is one round trip as on a plain Redis. A MOVED reply is still followed
+    by redis-py.
     """
+    target = client if on is None else on
     if not isinstance(client, redis.RedisCluster):
-        return client.xreadgroup(group, consumer, dict(streams), count=count, block=block)
+        return target.xreadgroup(group, consumer, dict(streams), count=count, block=block)
     pieces: list[Any] = ["GROUP", group, consumer, *_read_options(streams, count, block)]
-    return client.execute_command("XREADGROUP", *pieces, target_nodes=_node_of(client, streams))
+    return target.execute_command("XREADGROUP", *pieces, target_nodes=_node_of(client, streams))
 
 
 def read(
@@ -154,47 +158,16 @@ def read(
     *,
     count: int | None = None,
     block: int | None = None,
+    on: Any = None,
 ) -> Any:
-    """XREAD over `streams` (name -> id), the same reply as `client.xread`; on a cluster the
-    streams must share one slot (see `by_slot`), routed as `read_group` routes its reads."""
+    """XREAD over `streams` (name -> id), the same reply as `client.xread` (or queued `on` a
+    pipeline of `client`); on a cluster the streams must share one slot (see `by_slot`),
+    routed as `read_group` routes its reads."""
+    target = client if on is None else on
     if not isinstance(client, redis.RedisCluster):
-        return client.xread(dict(streams), count=count, block=block)
+        return target.xread(dict(streams), count=count, block=block)
     pieces = _read_options(streams, count, block)
-    return client.execute_command("XREAD", *pieces, target_nodes=_node_of(client, streams))
-
-
-def queue_read_group(
-    pipe: Any,
-    client: RedisClient,
-    group: str,
-    consumer: str,
-    streams: Mapping[str, str],
-    *,
-    count: int | None = None,
-) -> None:
-    """Queue on `pipe` (a pipeline of `client`) the XREADGROUP that `read_group` sends: on a
-    cluster routed by the slot computed here, so the pipeline sends no COMMAND GETKEYS."""
-    if not isinstance(client, redis.RedisCluster):
-        pipe.xreadgroup(group, consumer, dict(streams), count=count)
-        return
-    pieces: list[Any] = ["GROUP", group, consumer, *_read_options(streams, count, None)]
-    pipe.execute_command("XREADGROUP", *pieces, target_nodes=_node_of(client, streams))
-
-
-def queue_read(
-    pipe: Any,
-    client: RedisClient,
-    streams: Mapping[str, str],
-    *,
-    count: int | None = None,
-    block: int | None = None,
-) -> None:
-    """Queue on `pipe` the XREAD that `read` sends, routed the same way."""
-    if not isinstance(client, redis.RedisCluster):
-        pipe.xread(dict(streams), count=count, block=block)
-        return
-    pieces = _read_options(streams, count, block)
-    pipe.execute_command("XREAD", *pieces, target_nodes=_node_of(client, streams))
+    return target.execute_command("XREAD", *pieces, target_nodes=_node_of(client, streams))
 
 
 def _read_options(streams: Mapping[str, str], count: int | None, block: int | None) -> list[Any]:

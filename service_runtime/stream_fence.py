@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from contracts import owner_fence_key
-from service_runtime.redis_client import queue_read, queue_read_group
+from service_runtime import redis_client
 
 Entry = tuple[str, dict[str, str] | None]  # (entry id, fields), fields None when trimmed
 
@@ -114,7 +114,7 @@ class StreamFence:
         streams = list(cursors)
         pipe = self.client.pipeline(transaction=False)
         _queue_acks(pipe, group, acks or {})
-        queue_read_group(pipe, self.client, group, consumer, cursors, count=count)
+        redis_client.read_group(self.client, group, consumer, cursors, count=count, on=pipe)
         fence = owner_fence_key(group, partition)
         pipe.execute_command(
             "EVAL", _AFTER_READ, 1 + len(streams), fence, *streams, group, consumer
@@ -143,7 +143,7 @@ class StreamFence:
         pipe = self.client.pipeline(transaction=False)
         pipe.get(owner_fence_key(group, partition))
         _queue_acks(pipe, group, acks or {})
-        queue_read(pipe, self.client, since, count=1, block=block_ms)
+        redis_client.read(self.client, since, count=1, block=block_ms, on=pipe)
         replies = pipe.execute()
         current, newer = replies[0], replies[-1]
         if current != str(epoch):
@@ -163,27 +163,9 @@ def _queue_acks(pipe: Any, group: str, acks: Mapping[str, Sequence[str]]) -> Non
         pipe.xack(stream, group, *ids)
 
 
-def _stream_pairs(reply: object) -> list[tuple[str, list[Entry]]]:
-    """XREADGROUP's reply as [(stream, [(id, fields or None)])]. Real Redis gives
-    [[stream, entries], ...]; fakeredis's Lua gives the flat [stream, entries, stream, ...]."""
-    if not reply:
-        return []
-    items = list(reply)  # type: ignore[call-overload]
-    if isinstance(items[0], str):
-        items = [items[i : i + 2] for i in range(0, len(items), 2)]
-    return [(stream, [(eid, _fields(raw)) for eid, raw in entries]) for stream, entries in items]
-
-
-def _fields(raw: Sequence[str] | Mapping[str, str] | None) -> dict[str, str] | None:
-    if not raw:
-        return None
-    if type(raw) is list:  # Redis's reply: [field, value, ...] (checked first: the hot path)
-        if len(raw) % 2:
-            raise ValueError(f"an entry with an odd number of field items: {raw!r}")
-        pairs = iter(raw)
-        return dict(zip(pairs, pairs))  # noqa: B905 (even length checked above)
-    if type(raw) is dict:  # redis-py's parsed reply (a pipeline's): a dict per entry already
-        return raw
-    if isinstance(raw, Mapping):
-        return dict(raw)
-    return dict(zip(raw[::2], raw[1::2], strict=True))
+def _stream_pairs(reply: list | None) -> list[tuple[str, list[Entry]]]:
+    """XREADGROUP's reply, as redis-py parses it ([[stream, [(id, {field: value})]]], an
+    empty dict for an entry trimmed away), as [(stream, [(id, fields or None)])]."""
+    return [
+        (stream, [(eid, raw or None) for eid, raw in entries]) for stream, entries in reply or []
+    ]

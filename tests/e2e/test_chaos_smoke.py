@@ -15,8 +15,9 @@ from sagactl.main import cli
 pytestmark = pytest.mark.e2e
 
 
-def test_consumer_kills_move_partitions_and_break_no_invariant(tmp_path, monkeypatch):
-    # a short lease, so that a killed consumer's partitions move within the toy soak
+def _toy_chaos(tmp_path, monkeypatch, *options: str) -> tuple[dict, str]:
+    """`saga chaos` at toy size with `options`; its report and output (the run must pass).
+    A short lease, so that a consumer's partitions move within the toy soak."""
     monkeypatch.setenv("CONSUMER_LEASE_MS", "2000")
     monkeypatch.setenv("CONSUMER_HEARTBEAT_MS", "400")
     report_path = tmp_path / "report.json"
@@ -24,21 +25,25 @@ def test_consumer_kills_move_partitions_and_break_no_invariant(tmp_path, monkeyp
         cli,
         [
             "chaos",
-            "--orders", "6",
             "--clients", "2",
             "--consumers", "2",
             "--partitions", "4",
-            "--faults", "consumer",
-            "--duration", "4",
-            "--fault-interval", "1",
             "--grace-seconds", "2",
             "--quiet-timeout", "120",
-            "--seed", "3",
             "--report", str(report_path),
+            *options,
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    report = json.loads(report_path.read_text())
+    return json.loads(report_path.read_text()), result.output
+
+
+def test_consumer_kills_move_partitions_and_break_no_invariant(tmp_path, monkeypatch):
+    report, output = _toy_chaos(
+        tmp_path, monkeypatch,
+        "--orders", "6", "--faults", "consumer", "--duration", "4", "--fault-interval", "1",
+        "--seed", "3",
+    )  # fmt: skip
 
     assert report["violations"] == 0 and report["failures"] == []
     assert report["orders"]["placed"] == 6
@@ -57,7 +62,7 @@ def test_consumer_kills_move_partitions_and_break_no_invariant(tmp_path, monkeyp
     assert isinstance(report["conflicts_retried"], int) and report["conflicts_retried"] >= 0
     assert all(d["total"] == 0 for d in report["dead_letters"].values())
     for line in ("ownership changes", "longest without owner", "conflicts retried"):
-        assert line in result.output
+        assert line in output
 
 
 def test_paused_consumers_are_fenced_and_their_partitions_finished_in_order(tmp_path, monkeypatch):
@@ -65,28 +70,11 @@ def test_paused_consumers_are_fenced_and_their_partitions_finished_in_order(tmp_
     partitions meanwhile; when it goes on, its workers' first reads are refused by the fence
     (or taken, once, into its pending list: the new owners claim those entries). The audit
     checks that no order broke an invariant and nothing is left pending."""
-    monkeypatch.setenv("CONSUMER_LEASE_MS", "2000")
-    monkeypatch.setenv("CONSUMER_HEARTBEAT_MS", "400")
-    report_path = tmp_path / "report.json"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "chaos",
-            "--orders", "30",
-            "--clients", "2",
-            "--consumers", "2",
-            "--partitions", "4",
-            "--faults", "consumer-pause",
-            "--duration", "6",
-            "--fault-interval", "0.5",
-            "--grace-seconds", "2",
-            "--quiet-timeout", "120",
-            "--seed", "5",
-            "--report", str(report_path),
-        ],
+    report, _output = _toy_chaos(
+        tmp_path, monkeypatch,
+        "--orders", "30", "--faults", "consumer-pause", "--duration", "6",
+        "--fault-interval", "0.5", "--seed", "5",
     )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    report = json.loads(report_path.read_text())
 
     assert report["violations"] == 0 and report["failures"] == []
     assert report["faults"]["by_kind"]["consumer-pause"] >= 1

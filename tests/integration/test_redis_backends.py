@@ -22,8 +22,6 @@ from service_runtime.redis_client import (
     connect,
     flush,
     is_cluster,
-    queue_read,
-    queue_read_group,
     read,
     read_group,
     scan_keys,
@@ -120,15 +118,13 @@ def test_a_pipelined_read_and_wait_of_a_partition_ask_no_server_for_their_keys(
 ):
     """The consumer's fenced read and wait are pipelines with an XREADGROUP or an XREAD: on a
     cluster, redis-py would send COMMAND GETKEYS for each (their keys are "movable"), one more
-    round trip per read; queue_read_group and queue_read route them by the slot instead."""
+    round trip per read; read_group and read (`on=` the pipeline) route them by the slot instead."""
     _group_on(redis_backend, PARTITION_STREAMS)
     ids = _fill(redis_backend, PARTITION_STREAMS, per_stream=2)
     before = _command_calls(redis_backend)
     pipe = redis_backend.pipeline(transaction=False)
-    queue_read_group(
-        pipe, redis_backend, GROUP, "c1", dict.fromkeys(PARTITION_STREAMS, ">"), count=1
-    )
-    queue_read(pipe, redis_backend, dict.fromkeys(PARTITION_STREAMS, "0"), count=1, block=10)
+    read_group(redis_backend, GROUP, "c1", dict.fromkeys(PARTITION_STREAMS, ">"), count=1, on=pipe)
+    read(redis_backend, dict.fromkeys(PARTITION_STREAMS, "0"), count=1, block=10, on=pipe)
     taken, newer = pipe.execute()
     assert {stream: [e for e, _ in entries] for stream, entries in taken} == {
         stream: ids[stream][:1] for stream in PARTITION_STREAMS
