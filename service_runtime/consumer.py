@@ -206,10 +206,8 @@ class PartitionWorker:
         self._not_ours = EVENT_TYPES - set(handlers)
         # set by the consumer's heartbeat when this partition has re-drive requests
         self.redrive_wanted = threading.Event()
-        # the group's positions when a read last took everything new ({}: not caught up)
-        self._caught_up_at: dict[str, str] = {}
         # entries finished (committed, dead-lettered, gone) whose XACK is still to be sent: with
-        # the next read's or wait's round trip, or at the end of a step followed by neither
+        # the next read's round trip, or at the end of a step not followed by one at once
         self._owed_acks: dict[str, list[str]] = {}
         self._metrics: dict[tuple[str, str], tuple[Any, Any]] = {}  # (type, outcome) -> children
         self._takeover_due = 0.0  # of the next look for entries pending with someone else
@@ -251,10 +249,6 @@ class PartitionWorker:
                     )
                     claimed += len(ids)
         self._takeover_due = time.monotonic() + self.settings.takeover_check_ms / 1000
-        # Read again rather than wait from the positions last seen: a Redis that came back with
-        # an older data set can hold entries below them that the group has not delivered (its
-        # last-delivered-id went back with it), and a wait from them never sees them.
-        self._caught_up_at = {}
         if claimed:
             self.cursors = dict.fromkeys(self.streams, _PENDING)  # read them, in id order
             log.info(
@@ -321,13 +315,12 @@ class PartitionWorker:
         return min(delay * 2, self.settings.outage_max_backoff_ms / 1000)
 
     def step(self, block_ms: int | None = None) -> int:
-        """One fenced read and its handling; the number of entries read. With `block_ms`, once
-        caught up it waits up to that long for new entries (XREAD BLOCK, without taking them)."""
+        """One fenced read and its handling; the number of entries read. With `block_ms`, a
+        read of new entries waits up to that long for one (XREADGROUP BLOCK): an idle partition
+        costs one round trip per block_ms, and a new entry one round trip before its handling.
+        Without it, the read returns at once (fakeredis does not block: DESIGN.md §6a)."""
         if self.retry and self.retry.due > time.monotonic():
             return 0  # the partition waits for its failed entry
-        if block_ms and self._nothing_new_within(block_ms):
-            return 0
-        self._caught_up_at = {}
         s = self.settings
         reading_pending = any(cursor != _NEW for cursor in self.cursors.values())
         read = self.fence.read(
@@ -338,6 +331,8 @@ class PartitionWorker:
             self.cursors,
             s.batch_size,
             self._owed_acks,
+            # not with re-drive requests waiting: they are handled after this read
+            block_ms=None if reading_pending or self.redrive_wanted.is_set() else block_ms,
         )
         self._owed_acks = {}
         pairs = read.entries
@@ -377,34 +372,12 @@ class PartitionWorker:
         if self.redrive_wanted.is_set():  # after the read: it never delays one
             self.redrive_wanted.clear()
             redriven = self.redrive_requested()
-        # Caught up: a read that was not full took every new entry up to the streams' tops
-        # (read.delivered), so the next step waits for anything newer rather than reading again.
+        # The acks owed go with the next read when one follows at once: in the run loop (which
+        # blocks), or after a full read (a backlog); not while a failed entry waits for its retry.
         full = any(len(entries) >= s.batch_size for _, entries in pairs)
-        if not full and not redriven and all(c == _NEW for c in self.cursors.values()):
-            self._caught_up_at = read.delivered
-        # The acks owed go with the next round trip when one follows at once: the read after a
-        # full one (a backlog), the wait of a caught-up worker.
-        if not ((full and not self.retry) or (self._caught_up_at and block_ms)):
+        if self.retry or not (full or block_ms):
             self.flush_acks()
         return len(items) + len(gone) + redriven
-
-    def _nothing_new_within(self, block_ms: int) -> bool:
-        """When the last read took everything new up to the streams' tops, wait up to block_ms
-        for anything newer (fenced XREAD BLOCK, taking nothing) instead of reading again: an
-        idle partition costs one round trip per block_ms. True if nothing came."""
-        waiting = (
-            self._caught_up_at
-            and all(cursor == _NEW for cursor in self.cursors.values())
-            and not self.redrive_wanted.is_set()
-        )
-        if not waiting:
-            return False  # the read carries the acks owed
-        s = self.settings
-        newer = self.fence.wait(
-            s.group, self.partition, self.lease.epoch, self._caught_up_at, block_ms, self._owed_acks
-        )
-        self._owed_acks = {}
-        return not newer
 
     # -- handling --------------------------------------------------------------------------------
 

@@ -158,16 +158,13 @@ def read(
     *,
     count: int | None = None,
     block: int | None = None,
-    on: Any = None,
 ) -> Any:
-    """XREAD over `streams` (name -> id), the same reply as `client.xread` (or queued `on` a
-    pipeline of `client`); on a cluster the streams must share one slot (see `by_slot`),
-    routed as `read_group` routes its reads."""
-    target = client if on is None else on
+    """XREAD over `streams` (name -> id), the same reply as `client.xread`; on a cluster the
+    streams must share one slot (see `by_slot`), routed as `read_group` routes its reads."""
     if not isinstance(client, redis.RedisCluster):
-        return target.xread(dict(streams), count=count, block=block)
+        return client.xread(dict(streams), count=count, block=block)
     pieces = _read_options(streams, count, block)
-    return target.execute_command("XREAD", *pieces, target_nodes=_node_of(client, streams))
+    return client.execute_command("XREAD", *pieces, target_nodes=_node_of(client, streams))
 
 
 def _read_options(streams: Mapping[str, str], count: int | None, block: int | None) -> list[Any]:

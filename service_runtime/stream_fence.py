@@ -37,25 +37,17 @@ return 0
 """
 
 # What a read's owner must know about the partition, sent right after its XREADGROUP (one
-# small reply through Lua, instead of five or more commands through the client per read).
+# small reply through Lua, instead of several commands through the client per read).
 # KEYS: the fence, then the partition's streams; ARGV: group, consumer. Returns {the fence's
-# epoch ('' if none), 1 if any other consumer has entries of these streams pending else 0,
-# {the group's last-delivered-id of each stream}}.
+# epoch ('' if none), 1 if any other consumer has entries of these streams pending else 0}.
 _AFTER_READ = """
-local others, delivered = 0, {}
+local others = 0
 for i = 2, #KEYS do
     for _, holder in ipairs(redis.call('XPENDING', KEYS[i], ARGV[1])[4] or {}) do
         if holder[1] ~= ARGV[2] then others = 1 end
     end
-    local last = '0-0'
-    for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
-        local fields = {}
-        for j = 1, #group, 2 do fields[group[j]] = group[j + 1] end
-        if fields['name'] == ARGV[1] then last = fields['last-delivered-id'] end
-    end
-    delivered[#delivered + 1] = last
 end
-return {redis.call('GET', KEYS[1]) or '', others, delivered}
+return {redis.call('GET', KEYS[1]) or '', others}
 """
 
 
@@ -64,9 +56,6 @@ class FencedRead:
     """What one fenced read took, and what the owner must know about the partition."""
 
     entries: list[tuple[str, list[Entry]]]  # per stream read, its entries
-    # {stream: the group's last-delivered-id right after the read}: a wait from them wakes on
-    # any entry not delivered yet; empty after a full read (another read follows at once)
-    delivered: dict[str, str]
     # Another consumer has entries of the partition pending: a previous owner's (the owner
     # missed them, or Redis came back with an older data set) or a stale reader's. The owner
     # claims them and reads its pending entries again from the start, in id order.
@@ -97,58 +86,37 @@ class StreamFence:
         cursors: Mapping[str, str],
         count: int,
         acks: Mapping[str, Sequence[str]] | None = None,
+        block_ms: int | None = None,
     ) -> FencedRead:
         """Send `acks` (XACK per stream, whatever the fence says: they are for entries this
         owner finished), then XREADGROUP over the partition's streams at the given cursors
-        ('>' or an id). One round trip, one slot; Fenced if the fence is not at `epoch`.
+        ('>' or an id), waiting up to `block_ms` for a new entry when given (only with '>'
+        cursors: Redis ignores BLOCK for pending entries). One round trip, one slot; Fenced if
+        the fence is not at `epoch`, checked once the read returns.
 
         A pipeline, not one script (a script's reply goes through Lua: an XREADGROUP inside
         one cost three times the Redis CPU of the plain read, ten times on Redis 6.2):
         - XREADGROUP;
-        - after it, a small script (`_AFTER_READ`): the fence, who else has entries pending
-          (XPENDING), and the group's last-delivered-ids. A reader that lost the partition
-          may take entries into its pending list once, learns it from this reply, and
-          handles none of them. Entries a stale reader took are seen by the owner's next read
-          at the latest, before it handles anything newer than them (see
-          `FencedRead.others_pending`)."""
+        - after it (Redis runs it once the blocked read returns), a small script
+          (`_AFTER_READ`): the fence, and who else has entries pending (XPENDING). A reader
+          that lost the partition may take entries into its pending list once (a blocked one:
+          during the rest of its block), learns it from this reply, and handles none of them.
+          Entries a stale reader took are seen by the owner's next read at the latest, before
+          it handles anything newer than them (see `FencedRead.others_pending`)."""
         streams = list(cursors)
         pipe = self.client.pipeline(transaction=False)
         _queue_acks(pipe, group, acks or {})
-        redis_client.read_group(self.client, group, consumer, cursors, count=count, on=pipe)
+        redis_client.read_group(
+            self.client, group, consumer, cursors, count=count, block=block_ms, on=pipe
+        )
         fence = owner_fence_key(group, partition)
         pipe.execute_command(
             "EVAL", _AFTER_READ, 1 + len(streams), fence, *streams, group, consumer
         )
-        reply, (current, others, delivered) = pipe.execute()[-2:]
+        reply, (current, others) = pipe.execute()[-2:]
         if current != str(epoch):
             raise Fenced(f"{FENCED} by epoch {current or None}")
-        pairs = _stream_pairs(reply)
-        full = any(len(entries) >= count for _, entries in pairs)
-        positions = dict(zip(streams, delivered, strict=True))
-        return FencedRead(pairs, {} if full else positions, bool(others))
-
-    def wait(
-        self,
-        group: str,
-        partition: int,
-        epoch: int,
-        since: Mapping[str, str],
-        block_ms: int,
-        acks: Mapping[str, Sequence[str]] | None = None,
-    ) -> bool:
-        """Send `acks` (XACK per stream), then wait up to block_ms for an entry newer than
-        `since` (XREAD BLOCK, taking nothing); whether one came. One round trip (one slot).
-        The fence is checked first, so a worker that lost the partition learns it while idle
-        too (Fenced); the acks still count: they are for entries this owner committed."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(owner_fence_key(group, partition))
-        _queue_acks(pipe, group, acks or {})
-        redis_client.read(self.client, since, count=1, block=block_ms, on=pipe)
-        replies = pipe.execute()
-        current, newer = replies[0], replies[-1]
-        if current != str(epoch):
-            raise Fenced(f"{FENCED} by epoch {current}")
-        return bool(newer)
+        return FencedRead(_stream_pairs(reply), bool(others))
 
     def ack(self, group: str, acks: Mapping[str, Sequence[str]]) -> None:
         """XACK per stream, in one round trip (a partition's streams share one slot)."""

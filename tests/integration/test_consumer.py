@@ -492,6 +492,49 @@ def test_entries_a_paused_owner_read_after_the_takeover_are_applied_in_order_by_
     assert pending(redis_client) == []
 
 
+def test_a_read_blocked_when_the_partition_moved_is_fenced_and_the_new_owner_catches_up_in_order(
+    db, redis_client, pool, make_worker, caplog
+) -> None:
+    """The old owner is blocked in its read (XREADGROUP BLOCK) when its lease expires and the
+    new owner takes over and blocks too. Redis serves the longest-blocked client first: the old
+    owner takes the next entry, learns from the same reply that it is fenced, and handles
+    nothing. The new owner's next read (at the latest when its block ends) finds that entry
+    pending with the old owner, claims it, and applies every event once, in stream order."""
+    old = make_worker({"OrderPlaced": record}, consumer="old", lease_seconds=0.5)
+    assert old.step() == 0
+    outcome: list[BaseException | int] = []
+
+    def blocked_read() -> None:
+        try:
+            outcome.append(old.step(block_ms=30_000))
+        except Fenced as err:
+            outcome.append(err)
+
+    stale = threading.Thread(target=blocked_read)
+    stale.start()
+    wait_until(lambda: redis_client.info("clients")["blocked_clients"] == 1)
+    new = take_over(redis_client, pool, pool, {"OrderPlaced": record}, 0, block_ms=200)
+    stop = threading.Event()
+    running = threading.Thread(target=new.run, args=(stop,))
+    running.start()
+    try:
+        wait_until(lambda: redis_client.info("clients")["blocked_clients"] == 2)
+        events = [envelope() for _ in range(4)]
+        with caplog.at_level(logging.WARNING):
+            publish(redis_client, events[0])
+            stale.join(timeout=15)
+            assert not stale.is_alive() and isinstance(outcome[0], Fenced)
+            for env in events[1:]:
+                publish(redis_client, env)
+            wait_until(lambda: applied(db) == 4, timeout=15)
+        assert "entries pending with another consumer" in caplog.text
+        assert applied_order(db) == [env.event_id for env in events]
+        wait_until(lambda: pending(redis_client) == [])
+    finally:
+        stop.set()
+        running.join(timeout=15)
+
+
 def test_attempts_are_counted_across_owners_and_the_new_owner_dead_letters_at_the_maximum(
     db, redis_client, pool, make_worker
 ) -> None:

@@ -113,25 +113,25 @@ def _command_calls(client: RedisClient) -> int:
     )
 
 
-def test_a_pipelined_read_and_wait_of_a_partition_ask_no_server_for_their_keys(
+def test_a_pipelined_blocking_read_of_a_partition_asks_no_server_for_its_keys(
     redis_backend: RedisClient,
 ):
-    """The consumer's fenced read and wait are pipelines with an XREADGROUP or an XREAD: on a
-    cluster, redis-py would send COMMAND GETKEYS for each (their keys are "movable"), one more
-    round trip per read; read_group and read (`on=` the pipeline) route them by the slot instead."""
+    """The consumer's fenced read is a pipeline with an XREADGROUP ... BLOCK: on a cluster,
+    redis-py would send COMMAND GETKEYS for it (its keys are "movable"), one more round trip
+    per read; read_group (`on=` the pipeline) routes it by the slot instead. The commands
+    queued after a blocked read run once it returns."""
     _group_on(redis_backend, PARTITION_STREAMS)
     ids = _fill(redis_backend, PARTITION_STREAMS, per_stream=2)
     before = _command_calls(redis_backend)
     pipe = redis_backend.pipeline(transaction=False)
-    read_group(redis_backend, GROUP, "c1", dict.fromkeys(PARTITION_STREAMS, ">"), count=1, on=pipe)
-    read(redis_backend, dict.fromkeys(PARTITION_STREAMS, "0"), count=1, block=10, on=pipe)
-    taken, newer = pipe.execute()
-    assert {stream: [e for e, _ in entries] for stream, entries in taken} == {
-        stream: ids[stream][:1] for stream in PARTITION_STREAMS
-    }
-    assert {stream: [e for e, _ in entries] for stream, entries in newer} == {
-        stream: ids[stream][:1] for stream in PARTITION_STREAMS
-    }
+    cursors = dict.fromkeys(PARTITION_STREAMS, ">")
+    read_group(redis_backend, GROUP, "c1", cursors, count=10, block=10, on=pipe)
+    read_group(redis_backend, GROUP, "c1", cursors, count=10, block=10, on=pipe)  # times out
+    pipe.xpending(PARTITION_STREAMS[0], GROUP)
+    taken, nothing, summary = pipe.execute()
+    assert {stream: [e for e, _ in entries] for stream, entries in taken} == ids
+    assert not nothing
+    assert summary["pending"] == 2
     assert _command_calls(redis_backend) == before
 
 

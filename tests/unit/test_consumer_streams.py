@@ -1046,60 +1046,68 @@ def test_the_owners_read_that_took_newer_entries_than_a_stale_readers_handles_no
     assert handler.seen == [first.event_id, second.event_id]
 
 
-# -- caught up: an idle partition waits with XREAD BLOCK, it does not read again ----------------
+# -- reads of new entries block (XREADGROUP BLOCK) and carry the acks owed ---------------------
 
 
 class CountingFence(StreamFence):
-    """The real fenced read, counted."""
+    """The real fenced read, with the block each read asked for recorded (fakeredis returns
+    at once from a blocking XREADGROUP with COUNT: DESIGN.md §6a)."""
 
     def __init__(self, client: redis.Redis) -> None:
         super().__init__(client)
-        self.reads = 0
+        self.blocks: list[int | None] = []
 
-    def read(self, *args: Any, **kwargs: Any) -> Any:
-        self.reads += 1
-        return super().read(*args, **kwargs)
+    def read(self, *args: Any, block_ms: int | None = None, **kwargs: Any) -> Any:
+        self.blocks.append(block_ms)
+        return super().read(*args, block_ms=block_ms, **kwargs)
 
 
-def test_a_caught_up_partition_blocks_instead_of_reading_again_and_misses_nothing(r):
+def test_a_read_of_new_entries_blocks_and_carries_the_acks_owed(r):
     recorder = Recorder()
     worker = take(r, FakeInboxPool(), {"OrderPlaced": recorder})
     worker.fence = fence = CountingFence(r)
     first = envelope()
     publish(r, first)
-    assert worker.step(block_ms=10) == 1  # not a full batch: caught up at the streams' tops
-    assert len(pending(r, stream_of(first))) == 1  # committed; its XACK rides with the wait
-    reads = fence.reads
-    assert worker.step(block_ms=10) == 0  # nothing newer: the XREAD BLOCK timed out
+    assert worker.step(block_ms=10) == 1
+    # the pending entries first (Redis ignores BLOCK for them), then new ones, blocking
+    assert fence.blocks == [None, 10]
+    assert len(pending(r, stream_of(first))) == 1  # committed; its XACK rides with the next read
+    assert worker.step(block_ms=10) == 0  # nothing new: the read blocked, then returned empty
+    assert fence.blocks[-1] == 10
     assert pending(r, stream_of(first)) == []
-    assert worker.step(block_ms=10) == 0
-    assert fence.reads == reads  # no fenced read while idle
 
     second = envelope()
-    publish(r, second)  # after the tops the worker waits on: the next step must see it
+    publish(r, second)
     assert worker.step(block_ms=10) == 1
     assert recorder.seen == [first.event_id, second.event_id]
-    assert fence.reads == reads + 1
 
-    # idle, it still learns that the partition moved: the wait checks the fence first
+    # idle, it still learns that the partition moved: from the reply of its blocked read
     assert StreamFence(r).claim(GROUP, 0, 2)
     with pytest.raises(Fenced):
         worker.step(block_ms=10)
 
 
-def test_a_full_batch_reads_again_at_once_and_a_redrive_request_skips_the_wait(r):
+def test_without_a_block_the_acks_owed_are_sent_at_the_end_of_the_step(r):
+    worker = take(r, FakeInboxPool(), {"OrderPlaced": Recorder()})
+    env = envelope()
+    publish(r, env)
+    assert worker.step() == 1  # a test's drain: no read is sure to follow
+    assert pending(r, stream_of(env)) == []
+
+
+def test_a_full_batch_reads_again_and_a_redrive_request_does_not_wait(r):
     recorder = Recorder()
     worker = take(r, FakeInboxPool(), {"OrderPlaced": recorder}, batch_size=2)
     worker.fence = fence = CountingFence(r)
-    for _ in range(3):
-        publish(r, envelope())
-    assert worker.step(block_ms=10) == 2  # a full batch: more may be there
-    reads = fence.reads
-    assert worker.step(block_ms=10) == 1  # read at once, not after a wait
-    assert fence.reads == reads + 1
+    envs = [envelope() for _ in range(3)]
+    ids = [publish(r, env) for env in envs]
+    assert worker.step(block_ms=10) == 2  # a full batch: its acks go with the next read
+    assert pending_ids(r, stream_of(envs[0])) == ids[:2]
+    assert worker.step(block_ms=10) == 1
+    assert pending_ids(r, stream_of(envs[0])) == ids[2:]
     worker.redrive_wanted.set()  # the heartbeat saw a request: read (and re-drive) now
     assert worker.step(block_ms=10) == 0
-    assert fence.reads == reads + 2 and not worker.redrive_wanted.is_set()
+    assert fence.blocks[-1] is None and not worker.redrive_wanted.is_set()
 
 
 def test_a_stopped_worker_sends_the_acks_it_owes(r):
@@ -1107,7 +1115,7 @@ def test_a_stopped_worker_sends_the_acks_it_owes(r):
     env = envelope()
     publish(r, env)
     stop = threading.Event()
-    worker.step(block_ms=10)  # handled; the XACK is owed to the next wait
+    worker.step(block_ms=10)  # handled; the XACK is owed to the next read
     stop.set()
     worker.run(stop)  # stops at once, owing nothing afterwards
     assert pending(r, stream_of(env)) == []
