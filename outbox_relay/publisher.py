@@ -18,6 +18,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future, wait
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import psycopg
@@ -38,6 +39,8 @@ from service_runtime.metrics import (
 
 # Every unpublished row is a candidate, whatever its id: a row whose transaction commits
 # after a higher id was published is simply found by the next scan (no high-water mark).
+# No row locks: only the session holding the relay's advisory lock claims or marks rows, and
+# nothing else changes an unpublished row (locking them cost a WAL record per row).
 # Every column comes as the text the entry carries: occurred_at is created_at as Python's
 # isoformat() writes it (the session's time zone, no fraction when it is zero), so psycopg
 # parses no timestamp and Python formats none; the epoch is for RELAY_LATENCY. (Building the
@@ -52,7 +55,6 @@ FROM outbox
 WHERE published_at IS NULL
 ORDER BY id
 LIMIT %s
-FOR UPDATE SKIP LOCKED
 """
 
 # The batch's ids, streams and entry ids as three comma-separated texts (none contains a
@@ -140,21 +142,27 @@ def publish_batch(
     `recorded` is the relay's copy of published_positions (kept current here). A crash after
     XADD and before the UPDATE commits leaves the rows unpublished: they are published again
     (a duplicate the consumers' inbox absorbs), never lost. So does a batch that did not
-    reach the durability asked for (NotDurable is raised after the rollback).
+    reach the durability asked for (NotDurable is raised before anything is marked).
+    `conn` is an autocommit connection (service_runtime.db.connect), the session holding the
+    relay's advisory lock.
     """
     recorded = {} if recorded is None else recorded
-    # Prepared statements (psycopg prepares a query from its fifth run): sending BEGIN with the
-    # claim, and the mark with COMMIT, as one text query each saved two round trips but had
-    # PostgreSQL parse and plan both queries every batch, which cost it more CPU than the round
-    # trips did (0.35-0.45 ms a batch against 0.15-0.2 ms of the relay's, at 1-row batches).
-    with conn.transaction():
-        rows = conn.execute(_CLAIM_BATCH, (batch_size,)).fetchall()
-        if not rows:
-            return 0
-        batch, replies = _build_and_send(
-            rows, producer, partitions, redis_client, recorded, durability, wait_timeout_ms
-        )
-        fault("after_xadd")
+    # `conn` is in autocommit: the claim is one statement, and so is the mark unless a stream
+    # was found behind (then the mark and the repair go in one transaction). No BEGIN and no
+    # COMMIT of their own: two PostgreSQL round trips a batch instead of four. Anything that
+    # fails between the claim and the mark leaves the rows unpublished: they go again.
+    # Prepared statements (psycopg prepares a query from its fifth run): sending the claim and
+    # the mark as one text query each had PostgreSQL parse and plan them every batch, which
+    # cost it more CPU than the round trips did (docs/architecture.md, "Relay batches").
+    rows = conn.execute(_CLAIM_BATCH, (batch_size,)).fetchall()
+    if not rows:
+        return 0
+    batch, replies = _build_and_send(
+        rows, producer, partitions, redis_client, recorded, durability, wait_timeout_ms
+    )
+    fault("after_xadd")
+    behind = not all(reply[0] for reply in replies.values())
+    with conn.transaction() if behind else nullcontext():
         published, positions_now, _ = _mark(conn, redis_client, producer, batch, replies, recorded)
     recorded.update(positions_now)  # committed
     _observe(producer, [row[3] for row in published])
@@ -191,9 +199,8 @@ def drain(
     loss). A reply that finds a stream behind (positions.py) stops the overlap: the next
     batch is not sent, the repair commits with the mark, and the rows it un-marked go first.
 
-    The claim's row locks end with the transaction that took them, while the batch is still
-    in flight; they never outlive the session, so the advisory lock is what excludes another
-    relay, as it always was. `recorded` is updated as marks commit; the checked XADD compares
+    The claim takes no row locks: the advisory lock is what excludes another relay, as it
+    always was. `recorded` is updated as marks commit; the checked XADD compares
     with what Redis accepted, committed or not (`sent`).
     """
     deadline = time.monotonic() + seconds
