@@ -148,19 +148,23 @@ def consume(service: str, name: str | None, instance: int | None) -> None:
     configure_tracing(service, "consumer")
     _refuse_to_start_unless(require_nested_windows)
     handlers = importlib.import_module(f"{service}_service.reactions").HANDLERS
-    settings = from_env(
-        ConsumerSettings,
-        "CONSUMER_",
-        group=service,
-        consumer=name
-        or os.environ.get("CONSUMER_NAME")
-        or (
-            f"{service}-{instance}"
-            if instance
-            else f"{service}-{socket.gethostname()}-{os.getpid()}"
-        ),
-        partitions=_checked_partitions(service),
-    )
+    partitions = _checked_partitions(service)
+    try:
+        settings = from_env(
+            ConsumerSettings,
+            "CONSUMER_",
+            group=service,
+            consumer=name
+            or os.environ.get("CONSUMER_NAME")
+            or (
+                f"{service}-{instance}"
+                if instance
+                else f"{service}-{socket.gethostname()}-{os.getpid()}"
+            ),
+            partitions=partitions,
+        )
+    except ValueError as err:  # a CONSUMER_* setting that is not a number, or out of range
+        raise click.ClickException(str(err)) from err
     serve_metrics(_metrics_port(consumer_metrics_offset(service, instance or 1)))
     pool = create_pool(
         database_url(service),

@@ -55,6 +55,7 @@ from service_runtime.metrics import (
     observe_many,
 )
 from service_runtime.ownership import FENCE_QUERY, Lease, LostOwnership, fence, lost
+from service_runtime.redis_client import SOCKET_TIMEOUT_S
 from service_runtime.stream_fence import Fenced, StreamFence
 from service_runtime.unit_of_work import UnitOfWork, count_emitted
 
@@ -142,6 +143,15 @@ class ConsumerSettings:
     # Redis may come back with an older data set (a failover to a lagging replica) in which
     # entries are pending with a previous owner, and redis-py reconnects without telling
     takeover_check_ms: int = 5000
+
+    def __post_init__(self) -> None:
+        # a read blocks this long: XREADGROUP BLOCK 0 would wait forever (a stop or a moved
+        # partition never noticed), and one past the socket timeout would read as an outage
+        if not 1 <= self.block_ms < SOCKET_TIMEOUT_S * 1000:
+            raise ValueError(
+                f"CONSUMER_BLOCK_MS must be from 1 to {SOCKET_TIMEOUT_S * 1000 - 1}"
+                f" (milliseconds), not {self.block_ms}"
+            )
 
     def backoff_ms(self, attempts: int) -> int:
         return min(self.retry_base_ms * 2 ** max(attempts - 1, 0), self.retry_max_ms)

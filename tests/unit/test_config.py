@@ -29,6 +29,15 @@ def test_overrides_come_from_prefixed_variables(monkeypatch):
     assert settings.block_ms == ConsumerSettings.block_ms  # not set: the class default
 
 
+@pytest.mark.parametrize("block_ms", ["0", "-5", "15000"])
+def test_a_consumer_block_that_would_hang_or_time_out_is_refused(monkeypatch, block_ms):
+    monkeypatch.setenv("CONSUMER_BLOCK_MS", block_ms)
+    with pytest.raises(ValueError, match=f"CONSUMER_BLOCK_MS must be from 1 to 14999.*{block_ms}"):
+        from_env(ConsumerSettings, "CONSUMER_", group="g", consumer="c")
+    monkeypatch.setenv("CONSUMER_BLOCK_MS", "14999")
+    assert from_env(ConsumerSettings, "CONSUMER_", group="g", consumer="c").block_ms == 14999
+
+
 def test_given_values_win_over_the_environment(monkeypatch):
     monkeypatch.setenv("RELAY_BATCH_SIZE", "9")
     monkeypatch.setenv("RELAY_PARTITIONS", "3")
