@@ -25,6 +25,7 @@ MEASUREMENTS = (
     "relay_latency",
     "relay_durability",
     "consumer_throughput",
+    "consumer_wakeups",
     "end_to_end",
 )
 
@@ -102,6 +103,20 @@ def _counts(
     help="Stream entries the consumer handles (and then FastStream's batch subscriber, its"
     " yardstick, when installed: pip install -e .[bench]). A few seconds each: a run under a"
     " second moved the ratio by 0.2x between runs on a 2-core machine.",
+)
+@click.option(
+    "--wakeup-rate",
+    default=100.0,
+    show_default=True,
+    type=click.FloatRange(min=1, max=2000),
+    help="consumer_wakeups: entries per second, added one at a time over the partitions.",
+)
+@click.option(
+    "--wakeup-seconds",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="consumer_wakeups: how long each phase (ignored entries, then handled ones) lasts.",
 )
 @click.option(
     "--e2e-rates",
@@ -213,6 +228,7 @@ def bench(only: tuple[str, ...], output: Path | None, **sizes: Any) -> None:
 def _plan(servers: Servers, sizes: dict[str, Any]) -> dict[str, Callable[[], dict[str, Any]]]:
     from benchmarks import (
         consumer_throughput,
+        consumer_wakeups,
         end_to_end,
         faststream_yardstick,
         raw_limits,
@@ -270,6 +286,9 @@ def _plan(servers: Servers, sizes: dict[str, Any]) -> dict[str, Callable[[], dic
             seconds=sizes["latency_seconds"], batch_size=sizes["relay_batch"],
             partitions=partitions),
         "consumer_throughput": lambda: consumer(sizes["consumer_entries"]),
+        "consumer_wakeups": lambda: consumer_wakeups.measure(
+            inventory, redis_url, rate=sizes["wakeup_rate"], seconds=sizes["wakeup_seconds"],
+            partitions=partitions),
         "end_to_end": lambda: end_to_end.combine([e2e(n) for n in sizes["consumers"]]),
     }  # fmt: skip
 

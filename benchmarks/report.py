@@ -132,7 +132,7 @@ def render(results: Results) -> str:
     ]
     if "raw_limits" in results:
         parts.append(_raw_section(results["raw_limits"]))
-    if {"relay_drain", "relay_latency", "consumer_throughput"} & results.keys():
+    if {"relay_drain", "relay_latency", "consumer_throughput", "consumer_wakeups"} & results.keys():
         parts.append(_component_section(results))
     if "relay_durability" in results:
         parts.append(_durability_section(results["relay_durability"]))
@@ -197,14 +197,31 @@ def _component_section(results: Results) -> str:
         )
     if consumer and "error" not in consumer and "faststream" in consumer:
         rows.append(_faststream_row(consumer, ratios.get("consumer_vs_faststream")))
+    wakeups = results.get("consumer_wakeups")
+    if wakeups and "error" not in wakeups:
+        rows += _wakeup_rows(wakeups)
     errors = [
         f"{name}: error: {results[name]['error']}"
-        for name in ("relay_drain", "relay_latency", "consumer_throughput")
+        for name in ("relay_drain", "relay_latency", "consumer_throughput", "consumer_wakeups")
         if "error" in (results.get(name) or {})
     ]
     headers = ["measurement", "result", "against raw limits (and the yardstick)"]
     table = _table(headers, rows) if rows else ""
     return "\n".join(["Relay and consumer", table, *errors])
+
+
+def _wakeup_rows(wakeups: Results) -> list[list[str]]:
+    """CPU per entry when each entry wakes a worker on its own (light load)."""
+    return [
+        [
+            f"one consumer, {phase} entries one at a time ({_n(wakeups['rate'])}/s over "
+            f"{wakeups['partitions']} partitions)",
+            f"{wakeups[phase]['consumer_cpu_us_per_entry']:,.0f} µs CPU per entry",
+            f"Redis {wakeups[phase]['redis_cpu_us_per_entry']:,.0f} µs per entry "
+            "(the producer's XADD included)",
+        ]
+        for phase in ("ignored", "handled")
+    ]
 
 
 def _faststream_row(consumer: Results, ratio: float | None) -> list[str]:

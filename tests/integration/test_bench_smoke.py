@@ -10,12 +10,14 @@ import pytest
 
 from benchmarks import (
     consumer_throughput,
+    consumer_wakeups,
     end_to_end,
     raw_limits,
     relay_drain,
     relay_latency,
     report,
 )
+from contracts import ORDERS_EVENTS, partition_stream
 from service_runtime.db import connect
 from service_runtime.redis_client import connect as redis_connect
 from tests.conftest import cluster_tests_enabled
@@ -65,6 +67,25 @@ def test_relay_and_consumer_measurements(clean_state):
         assert checks[target.text]["met"] in (True, False)
     table = report.render(results)
     assert all(target.text in table for target in report.TARGETS)
+
+
+def test_consumer_wakeups_settle_every_entry_and_report_cpu_per_entry(clean_state):
+    inventory, redis_url = clean_state.db_urls["inventory"], clean_state.redis_url
+    result = consumer_wakeups.measure(inventory, redis_url, rate=40, seconds=1, partitions=4)
+
+    for phase in ("ignored", "handled"):
+        figures = result[phase]
+        assert figures["entries"] == 40
+        assert figures["consumer_cpu_us_per_entry"] > 0 and figures["redis_cpu_us_per_entry"] > 0
+    with connect(inventory) as conn:  # only the handled ones went through a transaction
+        assert conn.execute("SELECT count(*) FROM inbox").fetchone()[0] == 40
+    with redis_connect(redis_url) as client:
+        for partition in range(4):
+            stream = partition_stream(ORDERS_EVENTS, partition)
+            if client.exists(stream):
+                assert client.xpending(stream, consumer_throughput.GROUP)["pending"] == 0
+    table = report.render({"consumer_wakeups": result})
+    assert "ignored entries one at a time" in table and "handled entries one at a time" in table
 
 
 def test_faststream_yardstick_handles_every_entry(clean_state):

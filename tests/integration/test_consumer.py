@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 from prometheus_client import REGISTRY
 
 from contracts import (
@@ -492,6 +493,15 @@ def test_entries_a_paused_owner_read_after_the_takeover_are_applied_in_order_by_
     assert pending(redis_client) == []
 
 
+def blocked_clients(redis_client, stream: str) -> int:
+    """Clients blocked (XREADGROUP BLOCK) on the Redis serving `stream`: on a cluster, its
+    slot's node."""
+    if isinstance(redis_client, redis.RedisCluster):
+        node = redis_client.get_node_from_key(stream)
+        return redis_client.info("clients", target_nodes=node)["blocked_clients"]
+    return redis_client.info("clients")["blocked_clients"]
+
+
 def test_a_read_blocked_when_the_partition_moved_is_fenced_and_the_new_owner_catches_up_in_order(
     db, redis_client, pool, make_worker, caplog
 ) -> None:
@@ -500,6 +510,8 @@ def test_a_read_blocked_when_the_partition_moved_is_fenced_and_the_new_owner_cat
     owner takes the next entry, learns from the same reply that it is fenced, and handles
     nothing. The new owner's next read (at the latest when its block ends) finds that entry
     pending with the old owner, claims it, and applies every event once, in stream order."""
+    events = [envelope() for _ in range(4)]
+    stream = stream_of(events[0])
     old = make_worker({"OrderPlaced": record}, consumer="old", lease_seconds=0.5)
     assert old.step() == 0
     outcome: list[BaseException | int] = []
@@ -510,16 +522,17 @@ def test_a_read_blocked_when_the_partition_moved_is_fenced_and_the_new_owner_cat
         except Fenced as err:
             outcome.append(err)
 
+    before = blocked_clients(redis_client, stream)
     stale = threading.Thread(target=blocked_read)
     stale.start()
-    wait_until(lambda: redis_client.info("clients")["blocked_clients"] == 1)
-    new = take_over(redis_client, pool, pool, {"OrderPlaced": record}, 0, block_ms=200)
     stop = threading.Event()
-    running = threading.Thread(target=new.run, args=(stop,))
-    running.start()
+    running = threading.Thread()
     try:
-        wait_until(lambda: redis_client.info("clients")["blocked_clients"] == 2)
-        events = [envelope() for _ in range(4)]
+        wait_until(lambda: blocked_clients(redis_client, stream) == before + 1)
+        new = take_over(redis_client, pool, pool, {"OrderPlaced": record}, 0, block_ms=200)
+        running = threading.Thread(target=new.run, args=(stop,))
+        running.start()
+        wait_until(lambda: blocked_clients(redis_client, stream) == before + 2)
         with caplog.at_level(logging.WARNING):
             publish(redis_client, events[0])
             stale.join(timeout=15)
@@ -531,8 +544,12 @@ def test_a_read_blocked_when_the_partition_moved_is_fenced_and_the_new_owner_cat
         assert applied_order(db) == [env.event_id for env in events]
         wait_until(lambda: pending(redis_client) == [])
     finally:
+        if stale.is_alive():  # failed before it was served: an entry ends its block
+            publish(redis_client, envelope())
+            stale.join(timeout=15)
         stop.set()
-        running.join(timeout=15)
+        if running.is_alive():
+            running.join(timeout=15)
 
 
 def test_attempts_are_counted_across_owners_and_the_new_owner_dead_letters_at_the_maximum(
