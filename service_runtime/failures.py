@@ -37,7 +37,8 @@ CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
 
 # Redis error replies that mean "this server can't take the command right now" (issue: an
 # OOM or READONLY reply used to kill the relay and the consumers). READONLY comes from a
-# replica after a failover, LOADING from a restart, MISCONF from a failing disk.
+# replica after a failover, LOADING from a restart, MISCONF from a failing disk; UNBLOCKED
+# ends a blocked read when a failover demotes the server (Redis 7) or CLIENT UNBLOCK ... ERROR.
 _REDIS_OUTAGE_REPLIES = (
     "OOM",
     "MISCONF",
@@ -47,12 +48,16 @@ _REDIS_OUTAGE_REPLIES = (
     "TRYAGAIN",
     "MASTERDOWN",
     "NOREPLICAS",
+    "UNBLOCKED",
 )
 
 
-# The reply code at the start of the message, or (Redis < 7) inside the "Error running script"
-# wrapper of a failed redis.call, as "-OOM ..." after the script's line number.
-_OUTAGE_REPLY = re.compile(r"(?:^|: -)(?:" + "|".join(_REDIS_OUTAGE_REPLIES) + r")\b")
+# The reply code at the start of the message, after redis-py's "Command # N (...) of pipeline
+# caused error: " for a command of a pipeline, or (Redis < 7) inside the "Error running
+# script" wrapper of a failed redis.call, as "-OOM ..." after the script's line number.
+_OUTAGE_REPLY = re.compile(
+    r"(?:^|: -|of pipeline caused error: )(?:" + "|".join(_REDIS_OUTAGE_REPLIES) + r")\b"
+)
 
 # The replies redis-py maps to their own classes (stripping the code from the message).
 _REDIS_OUTAGE_REPLY_TYPES: tuple[type[BaseException], ...] = (

@@ -8,6 +8,7 @@ Retry-After and writes nothing; relays and consumers reconnect when it returns.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import shutil
 import subprocess
@@ -94,11 +95,11 @@ def relay_for(url: str, client) -> Relay:
     )
 
 
-def inventory_consumer(client, pool) -> tuple[StreamConsumer, Counter]:
+def inventory_consumer(client, pool, block_ms: int = 100) -> tuple[StreamConsumer, Counter]:
     """inventory's consumer (all partitions: it is the only member) and its outcomes."""
     handlers = importlib.import_module("inventory_service.reactions").HANDLERS
     settings = ConsumerSettings(
-        group="inventory", consumer="inventory-1", partitions=DEFAULT_PARTITIONS, block_ms=100
+        group="inventory", consumer="inventory-1", partitions=DEFAULT_PARTITIONS, block_ms=block_ms
     )
     outcomes: Counter = Counter()
     consumer = StreamConsumer(
@@ -217,6 +218,40 @@ def test_redis_error_replies_are_outages_the_relay_and_consumer_survive(
         wait_until(lambda: outcomes["processed"] == 4, timeout=60, message=state)
         assert relay_thread.is_alive() and consumer_thread.is_alive()  # never restarted
         assert outcomes["failed"] == 0 and outcomes["dead_lettered"] == 0
+    finally:
+        for pool in pools:
+            pool.close()
+
+
+def test_reads_unblocked_with_an_error_are_an_outage_the_consumer_survives(
+    clean_state, own_redis, threads, caplog
+):
+    """A blocked read can end with an "UNBLOCKED" error reply: Redis 7 sends it to every
+    blocked client when a failover demotes the server to a replica ("instance state changed"),
+    and so does CLIENT UNBLOCK ... ERROR, used here on the consumer's blocked reads. The
+    workers back off like for any outage and go on, instead of stopping with an error."""
+    orders_url, inventory_url = clean_state.db_urls["orders"], clean_state.db_urls["inventory"]
+    client = redis_client.connect(own_redis.url)
+    pools = [create_pool(orders_url, name="o"), create_pool(inventory_url, name="i")]
+    api = authorize(orders_app(pools[0]).test_client())
+    relay = relay_for(orders_url, client)
+    consumer, outcomes = inventory_consumer(client, pools[1], block_ms=5_000)
+    threads(relay.run), threads(consumer.run)
+    try:
+        assert api.post("/orders", json=ORDER).status_code == 201
+        wait_until(lambda: outcomes["processed"] == 1)
+
+        def blocked_reads() -> list[str]:
+            return [c["id"] for c in client.client_list() if c["cmd"] == "xreadgroup"]
+
+        wait_until(lambda: len(blocked_reads()) == DEFAULT_PARTITIONS)
+        with caplog.at_level(logging.WARNING):
+            for client_id in blocked_reads():
+                client.client_unblock(client_id, error=True)
+            wait_until(lambda: "caused error: UNBLOCKED" in caplog.text)
+            assert api.post("/orders", json=ORDER).status_code == 201
+            wait_until(lambda: outcomes["processed"] == 2, timeout=30)
+        assert "worker stopped by an error" not in caplog.text
     finally:
         for pool in pools:
             pool.close()

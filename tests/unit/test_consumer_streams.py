@@ -342,6 +342,14 @@ def test_conflicts_outages_and_errors_are_told_apart() -> None:
     assert classify(redis.exceptions.ReadOnlyError("You can't write")) is FailureKind.OUTAGE
     in_script = "Error running script (call to f_5f): @user_script:4: -READONLY You can't write"
     assert classify(redis.ResponseError(in_script)) is FailureKind.OUTAGE
+    # a blocked read ended by a failover (Redis 7) or CLIENT UNBLOCK ... ERROR, alone or as a
+    # command of a pipeline (redis-py prefixes the reply)
+    unblocked = "UNBLOCKED force unblock from blocking operation, instance state changed"
+    assert classify(redis.ResponseError(unblocked)) is FailureKind.OUTAGE
+    piped = f"Command # 2 (XREADGROUP GROUP g c BLOCK 1000) of pipeline caused error: {unblocked}"
+    assert classify(redis.ResponseError(piped)) is FailureKind.OUTAGE
+    not_a_code = "Command # 2 (EVAL) of pipeline caused error: user value UNBLOCKED in the text"
+    assert classify(redis.ResponseError(not_a_code)) is FailureKind.ERROR
     bug = "Error running script (call to f_5f): @user_script:1: attempt to compare nil"
     assert classify(redis.ResponseError(bug)) is FailureKind.ERROR
     assert classify(pg_errors.UniqueViolation("dup")) is FailureKind.ERROR
