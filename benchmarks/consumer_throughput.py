@@ -79,7 +79,7 @@ def measure(
     )
     try:
         # outside the clock: once per ownership change
-        workers = _own_every_partition(client, pool, settings, on_outcome)
+        workers = own_every_partition(client, pool, settings, on_outcome)
         stop = threading.Event()
         threads = [
             threading.Thread(target=worker.run, args=(stop,), name=f"bench-p{worker.partition}")
@@ -118,12 +118,14 @@ def measure(
     }
 
 
-def _own_every_partition(
+def own_every_partition(
     client: RedisClient,
     pool: ConnectionPool,
     settings: ConsumerSettings,
     on_outcome: OutcomeHook,
 ) -> list[PartitionWorker]:
+    """A worker per partition of the group, each holding a real lease and the Redis fence (as
+    StreamConsumer takes them), the previous owners' entries taken over; not started."""
     leases = PartitionLeases(settings.group, settings.consumer, LEASE_SECONDS)
     fence = StreamFence(client)
     workers: list[PartitionWorker] = []

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from benchmarks.consumer_throughput import GROUP, _own_every_partition
+from benchmarks.consumer_throughput import GROUP, own_every_partition
 from benchmarks.sample import reset, stream_fields
 from contracts import DEFAULT_PARTITIONS, ORDERS_EVENTS, partition_of, partition_stream
 from service_runtime.consumer import ConsumerSettings
@@ -63,7 +63,7 @@ def measure(
     threads: list[threading.Thread] = []
     results: dict[str, Any] = {"rate": rate, "seconds": seconds, "partitions": partitions}
     try:
-        workers = _own_every_partition(client, pool, settings, on_outcome)
+        workers = own_every_partition(client, pool, settings, on_outcome)
         threads = [
             threading.Thread(target=worker.run, args=(stop,), name=f"wakeups-p{worker.partition}")
             for worker in workers
