@@ -66,14 +66,7 @@ def measure(
                 if handled >= entries:
                     all_handled.set()
 
-    # Every connection the workers will use is open before the clock starts, as in a consumer
-    # that has been running (and as the yardstick's one connection is): growing the pool one
-    # connection at a time inside a run of well under a second was part of what it measured.
-    size = pool_size(partitions)
-    pool = create_pool(
-        db_url, name="bench-consumer", min_size=size, max_size=size, check_on_checkout=False
-    )
-    pool.wait(timeout=30)
+    pool = open_pool(db_url, partitions, name="bench-consumer")
     settings = ConsumerSettings(
         group=GROUP, consumer=f"{GROUP}-bench", partitions=partitions, batch_size=batch_size
     )
@@ -81,10 +74,7 @@ def measure(
         # outside the clock: once per ownership change
         workers = own_every_partition(client, pool, settings, on_outcome)
         stop = threading.Event()
-        threads = [
-            threading.Thread(target=worker.run, args=(stop,), name=f"bench-p{worker.partition}")
-            for worker in workers
-        ]
+        threads = worker_threads(workers, stop, "bench")
         started, cpu_started = time.perf_counter(), time.process_time()
         for thread in threads:
             thread.start()
@@ -116,6 +106,28 @@ def measure(
         "inbox_rows": inbox,
         "left_pending": pending,
     }
+
+
+def open_pool(db_url: str, partitions: int, *, name: str) -> ConnectionPool:
+    """A consumer process's pool (`pool_size`), every connection open before the clock starts,
+    as in a consumer that has been running (and as the yardstick's one connection is): growing
+    the pool one connection at a time inside a run of well under a second was part of what it
+    measured."""
+    size = pool_size(partitions)
+    pool = create_pool(db_url, name=name, min_size=size, max_size=size, check_on_checkout=False)
+    pool.wait(timeout=30)
+    return pool
+
+
+def worker_threads(
+    workers: list[PartitionWorker], stop: threading.Event, prefix: str
+) -> list[threading.Thread]:
+    """A thread per partition worker, running it until `stop`, as a consumer process runs
+    them (not started)."""
+    return [
+        threading.Thread(target=worker.run, args=(stop,), name=f"{prefix}-p{worker.partition}")
+        for worker in workers
+    ]
 
 
 def own_every_partition(

@@ -23,12 +23,10 @@ from typing import Any
 
 import redis
 
-from benchmarks.consumer_throughput import GROUP, own_every_partition
+from benchmarks.consumer_throughput import GROUP, open_pool, own_every_partition, worker_threads
 from benchmarks.sample import reset, stream_fields
 from contracts import DEFAULT_PARTITIONS, ORDERS_EVENTS, partition_of, partition_stream
 from service_runtime.consumer import ConsumerSettings
-from service_runtime.consumer_group import pool_size
-from service_runtime.db import create_pool
 from service_runtime.redis_client import connect as redis_connect
 
 # (what the entries are, their event type): inventory ignores the first, handles the second
@@ -45,11 +43,7 @@ def measure(
 ) -> dict[str, Any]:
     reset([db_url], redis_url)
     client = redis_connect(redis_url)
-    size = pool_size(partitions)
-    pool = create_pool(
-        db_url, name="bench-wakeups", min_size=size, max_size=size, check_on_checkout=False
-    )
-    pool.wait(timeout=30)
+    pool = open_pool(db_url, partitions, name="bench-wakeups")
     settled = 0
     counting = threading.Lock()
 
@@ -64,10 +58,7 @@ def measure(
     results: dict[str, Any] = {"rate": rate, "seconds": seconds, "partitions": partitions}
     try:
         workers = own_every_partition(client, pool, settings, on_outcome)
-        threads = [
-            threading.Thread(target=worker.run, args=(stop,), name=f"wakeups-p{worker.partition}")
-            for worker in workers
-        ]
+        threads = worker_threads(workers, stop, "wakeups")
         for thread in threads:
             thread.start()
         context = multiprocessing.get_context("spawn")
