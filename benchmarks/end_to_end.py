@@ -1,6 +1,6 @@
-"""The whole system (the Procfile under honcho, as `make run-all` runs it) under an open-loop
-load of orders: time from POST to OrderConfirmed, the highest rate it keeps up with, CPU use
-per process and system-wide, and each process's memory at the end.
+"""The whole system (the Procfile under run-all's supervisor, as `make run-all` runs it) under
+an open-loop load of orders: time from POST to OrderConfirmed, the highest rate it keeps up
+with, CPU use per process and system-wide, and each process's memory at the end.
 
 Open loop: order i is handed to a sender at start + i/rate whatever happened to the ones
 before; a small pool of threads with one keep-alive connection each does the POSTs.
@@ -16,6 +16,7 @@ order (`cpu_ms_per_confirmed`, the load generator not included).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -350,8 +351,8 @@ def _put(base_url: str, path: str, body: dict[str, Any]) -> None:
 
 
 class _System:
-    """The Procfile under honcho with its own ports, run dir and log; its consumers replaced
-    by `consumers` per service."""
+    """The Procfile under run-all's supervisor (sagactl/supervise.py) with its own ports, run
+    dir and log; its consumers replaced by `consumers` per service."""
 
     def __init__(
         self,
@@ -380,6 +381,7 @@ class _System:
             "STREAM_PARTITIONS": str(partitions),
             "CONSUMERS_PER_SERVICE": str(consumers),
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONUNBUFFERED": "1",  # as run-all: log lines reach the console as written
         }
         _JSON["Authorization"] = f"Bearer {issuer.admin_token(workdir / 'run', 'bench', 86400)}"
         self.profiling = profile is not None
@@ -387,14 +389,7 @@ class _System:
         procfile.write_text(procfile_with_consumers(PROJECT_ROOT / "Procfile", consumers, profile))
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
-                [
-                    str(bin_dir / "honcho"),
-                    "-f",
-                    str(procfile),
-                    "-d",
-                    str(PROJECT_ROOT),
-                    "start",
-                ],
+                [sys.executable, "-m", "sagactl.supervise", str(procfile)],
                 cwd=PROJECT_ROOT,
                 env=env,
                 stdout=log,
@@ -414,13 +409,18 @@ class _System:
     def stop(self) -> None:
         if self.profiling and self.process.poll() is None:
             profiles.finish(self.process.pid)
+        # the supervisor stops its processes (each in a session of its own) on SIGTERM
+        descendants = _descendants(self.process.pid)
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.kill(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.kill()
             self.process.wait()
+        for proc in descendants:  # whatever it could not stop
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 def procfile_with_consumers(
@@ -449,17 +449,17 @@ def _status(base_url: str, path: str) -> int:
 
 class _Monitor:
     """CPU and memory of every process of the system, the servers and this load generator,
-    grouped by Procfile name (honcho puts HONCHO_PROCESS_NAME in each one's environment)."""
+    grouped by Procfile name (the supervisor puts SAGA_PROCESS_NAME in each one's environment)."""
 
-    def __init__(self, honcho_pid: int, server_pids: dict[str, int]) -> None:
-        self.honcho_pid = honcho_pid
+    def __init__(self, supervisor_pid: int, server_pids: dict[str, int]) -> None:
+        self.supervisor_pid = supervisor_pid
         self.server_pids = server_pids
         self._cpu_at_start: dict[int, float] = {}
         self._started = 0.0
 
     def _processes(self) -> list[tuple[str, psutil.Process]]:
         found: list[tuple[str, psutil.Process]] = [(LOAD_GENERATOR, psutil.Process())]
-        roots = [("honcho", self.honcho_pid), *self.server_pids.items()]
+        roots = [("supervisor", self.supervisor_pid), *self.server_pids.items()]
         for label, pid in roots:
             try:
                 root = psutil.Process(pid)
@@ -524,7 +524,13 @@ class _Monitor:
 
 def _label(proc: psutil.Process, default: str) -> str:
     try:
-        name = proc.environ().get("HONCHO_PROCESS_NAME")
+        return proc.environ().get("SAGA_PROCESS_NAME") or default
     except psutil.Error:
-        name = None
-    return name.rsplit(".", 1)[0] if name else default
+        return default
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []

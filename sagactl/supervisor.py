@@ -275,7 +275,9 @@ class Supervisor:
         try:
             proc.popen = subprocess.Popen(
                 ["/bin/sh", "-c", f"exec {proc.spec.command}"],
-                env=self.env,
+                # its Procfile name, as honcho's HONCHO_PROCESS_NAME (the benchmark groups
+                # its CPU figures by it)
+                env={**self.env, "SAGA_PROCESS_NAME": name},
                 cwd=self.cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=sink,

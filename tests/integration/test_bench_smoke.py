@@ -149,6 +149,7 @@ def test_end_to_end_measurement_with_two_consumers_per_service(clean_state):
         senders=4,
         consumers=2,
         partitions=4,
+        idle_seconds=1,  # the default minute is the bench's; here only that it is measured
     )
 
     [step] = result["steps"]
@@ -164,6 +165,9 @@ def test_end_to_end_measurement_with_two_consumers_per_service(clean_state):
     for name in (*names, "bench load generator"):
         assert step["cpu_percent"][name] >= 0
         assert result["memory_mb_at_end"][name]["rss"] > 0
+    idle = result["idle"]
+    assert idle["seconds"] == 1 and idle["cpu_percent_total"] > 0
+    assert idle["cpu_percent"]["orders-consumer-2"] >= 0
     assert result["highest_sustained_rate"] in (0, 5)  # kept up or not: timing, not judged
     if result["highest_sustained_rate"]:
         assert result["cpu_ms_per_confirmed"] == step["cpu_ms_per_confirmed"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
+import sys
 
 import psutil
 
@@ -83,3 +85,54 @@ def test_stop_ends_every_process_group_orphans_included() -> None:
     supervisor.stop()
     assert _alive(pids) == []
     assert "exited" not in out.getvalue()  # a stop is not reported as a crash
+
+
+def test_a_procfile_runs_under_the_supervisor_until_sigterm_stops_every_process(tmp_path) -> None:
+    """`python -m sagactl.supervise PROCFILE`, as the benchmark runs its system: each process
+    knows its Procfile name, its output is prefixed, and SIGTERM stops them all."""
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(
+        "# the two processes\n"
+        "first: sh -c 'echo named $SAGA_PROCESS_NAME; exec sleep 60'\n"
+        "second: sh -c 'echo named $SAGA_PROCESS_NAME; exec sleep 60'\n"
+    )
+    log = tmp_path / "out.log"
+    with log.open("w") as out:
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "sagactl.supervise", str(procfile)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        sleepers = wait_until(
+            lambda: (
+                [p for p in psutil.Process(runner.pid).children() if p.name() == "sleep"]
+                if len(psutil.Process(runner.pid).children()) == 2
+                else None
+            )
+        )
+        assert sorted(p.environ()["SAGA_PROCESS_NAME"] for p in sleepers) == ["first", "second"]
+        wait_until(lambda: log.read_text().count("| named ") == 2)
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=30) == 0
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert _alive([p.pid for p in sleepers]) == []
+    lines = log.read_text().splitlines()
+    assert any(line.split()[1:] == ["first", "|", "named", "first"] for line in lines), lines
+    assert any(line.split()[1:] == ["second", "|", "named", "second"] for line in lines), lines
+
+
+def test_supervise_names_a_missing_procfile(tmp_path) -> None:
+    missing = tmp_path / "nope"
+    result = subprocess.run(
+        [sys.executable, "-m", "sagactl.supervise", str(missing)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and f"{missing}: no such file" in result.stderr
+    empty = tmp_path / "Procfile"
+    empty.write_text("# nothing\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "sagactl.supervise", str(empty)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and f"{empty}: no processes" in result.stderr
