@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -205,6 +206,7 @@ class Supervisor:
         self._procs = {spec.name: _Process(spec) for spec in specs}
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._exits = ExitWaiter()
         self._monitor = threading.Thread(target=self._watch, name="supervisor", daemon=True)
 
     @property
@@ -251,6 +253,7 @@ class Supervisor:
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM every process group, then SIGKILL what is left after the timeout."""
         self._stop.set()
+        self._exits.wake()
         if self._monitor.is_alive():
             self._monitor.join(5)
         with self._lock:
@@ -265,6 +268,7 @@ class Supervisor:
             _signal_group(popen.pid, signal.SIGKILL)  # stragglers and orphans alike
             with suppress(subprocess.TimeoutExpired):
                 popen.wait(5)
+        self._exits.close()
         self.output.close()
 
     # -- internals ---------------------------------------------------------------------------
@@ -291,12 +295,18 @@ class Supervisor:
         proc.restart_at = None
 
     def _watch(self) -> None:
-        while not self._stop.wait(0.1):
+        """Sleep until a process exits or a restart is due (no polling: an idle system costs
+        the supervisor nothing), then restart what must be."""
+        while not self._stop.is_set():
             with self._lock:
                 for name, proc in self._procs.items():
                     if self._stop.is_set():
                         return  # stopping: a process ending now must not come back
                     self._check(name, proc)
+                running = [p.popen for p in self._procs.values() if p.restart_at is None]
+                due = [p.restart_at for p in self._procs.values() if p.restart_at is not None]
+            timeout = max(min(due) - time.monotonic(), 0.0) if due else None
+            self._exits.wait([popen for popen in running if popen is not None], timeout)
 
     def _check(self, name: str, proc: _Process) -> None:
         popen = proc.popen
@@ -324,6 +334,57 @@ class Supervisor:
             proc.restart_at = now + delay
         if proc.restart_at is not None and now >= proc.restart_at:
             self._spawn(name)
+
+
+class ExitWaiter:
+    """Waits until one of some child processes exits, a timeout passes, or `wake` is called:
+    a pidfd per process (Linux 5.3+), polled with a pipe that `wake` writes to. Where pidfds
+    are not available it looks every POLL_SECONDS instead."""
+
+    POLL_SECONDS = 0.1
+
+    def __init__(self) -> None:
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+        self._pidfds: dict[int, int] = {}  # pid -> its pidfd, while the process is watched
+
+    def wait(self, processes: list[subprocess.Popen[bytes]], timeout: float | None) -> None:
+        fds = [self._pidfd(popen.pid) for popen in processes]
+        if None in fds:
+            timeout = self.POLL_SECONDS if timeout is None else min(timeout, self.POLL_SECONDS)
+        poller = select.poll()
+        poller.register(self._wake_read, select.POLLIN)
+        for fd in fds:
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+        ready = poller.poll(None if timeout is None else timeout * 1000)
+        if any(fd == self._wake_read for fd, _event in ready):
+            with suppress(BlockingIOError):
+                os.read(self._wake_read, 64)
+        self._forget(keep={popen.pid for popen in processes})
+
+    def wake(self) -> None:
+        with suppress(BlockingIOError, OSError):
+            os.write(self._wake_write, b"x")
+
+    def close(self) -> None:
+        self._forget(keep=set())
+        for fd in (self._wake_read, self._wake_write):
+            with suppress(OSError):
+                os.close(fd)
+
+    def _pidfd(self, pid: int) -> int | None:
+        if pid not in self._pidfds:
+            try:
+                self._pidfds[pid] = os.pidfd_open(pid)
+            except (AttributeError, OSError):  # no pidfds here, or the process is gone
+                return None
+        return self._pidfds[pid]
+
+    def _forget(self, keep: set[int]) -> None:
+        for pid in [pid for pid in self._pidfds if pid not in keep]:
+            with suppress(OSError):
+                os.close(self._pidfds.pop(pid))
 
 
 def _signal_group(pgid: int, signum: int) -> None:

@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import psutil
 
-from sagactl.supervisor import Backoff, Console, ProcessSpec, Supervisor
+from sagactl.supervisor import Backoff, Console, ExitWaiter, ProcessSpec, Supervisor
 from tests.helpers import wait_until
 
 
@@ -136,3 +137,37 @@ def test_supervise_names_a_missing_procfile(tmp_path) -> None:
         [sys.executable, "-m", "sagactl.supervise", str(empty)], capture_output=True, text=True
     )
     assert result.returncode == 2 and f"{empty}: no processes" in result.stderr
+
+
+def _waiting(waiter: ExitWaiter, processes: list, timeout: float | None) -> threading.Thread:
+    thread = threading.Thread(target=waiter.wait, args=(processes, timeout), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_watcher_sleeps_until_a_process_exits_or_it_is_woken() -> None:
+    """No polling: the supervisor's thread waits on the processes' pidfds, so an idle system
+    costs it no wake-ups; an exit, or a stop (`wake`), ends the wait at once."""
+    waiter = ExitWaiter()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert waiter._pidfd(sleeper.pid) is not None  # Linux: no fallback to polling
+        waiting = _waiting(waiter, [sleeper], None)
+        waiting.join(0.5)
+        assert waiting.is_alive()  # nothing happened: still asleep
+        sleeper.kill()
+        waiting.join(10)
+        assert not waiting.is_alive()  # woken by the exit
+        assert sleeper.wait(5) == -signal.SIGKILL
+
+        other = subprocess.Popen(["sleep", "60"])
+        try:
+            waiting = _waiting(waiter, [other], None)
+            waiter.wake()
+            waiting.join(10)
+            assert not waiting.is_alive() and other.poll() is None  # woken by wake()
+        finally:
+            other.kill()
+            other.wait()
+    finally:
+        waiter.close()
