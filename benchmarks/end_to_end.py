@@ -410,7 +410,7 @@ class _System:
         if self.profiling and self.process.poll() is None:
             profiles.finish(self.process.pid)
         # the supervisor stops its processes (each in a session of its own) on SIGTERM
-        descendants = _descendants(self.process.pid)
+        descendants = _process_tree(self.process.pid)[1:]
         if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGTERM)
         try:
@@ -461,12 +461,7 @@ class _Monitor:
         found: list[tuple[str, psutil.Process]] = [(LOAD_GENERATOR, psutil.Process())]
         roots = [("supervisor", self.supervisor_pid), *self.server_pids.items()]
         for label, pid in roots:
-            try:
-                root = psutil.Process(pid)
-                tree = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                continue
-            found.extend((_label(proc, label), proc) for proc in tree)
+            found.extend((_label(proc, label), proc) for proc in _process_tree(pid))
         return found
 
     def _cpu(self) -> dict[int, tuple[str, float]]:
@@ -529,8 +524,10 @@ def _label(proc: psutil.Process, default: str) -> str:
         return default
 
 
-def _descendants(pid: int) -> list[psutil.Process]:
+def _process_tree(pid: int) -> list[psutil.Process]:
+    """The process and all its descendants ([] once it is gone)."""
     try:
-        return psutil.Process(pid).children(recursive=True)
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
     except psutil.Error:
         return []
