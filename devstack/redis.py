@@ -78,6 +78,8 @@ def acl_rules() -> dict[str, str]:
             "resetchannels " + " ".join(keys) + f" -@all +@read {_NO_BROWSING} "
             "+xgroup|create +xreadgroup +xack +xclaim +xautoclaim +set "
             "+evalsha +eval +script|load +ping +client|setname"
+            # waking its own blocked reads on a stop (redis_client.wake_blocked_reads)
+            " +client|list +client|unblock"
         )
     rules[RQ_USER] = (
         f"resetchannels ~rq:* &rq:* +@all {_NO_BROWSING} "

@@ -173,7 +173,7 @@ def consume(service: str, name: str | None, instance: int | None) -> None:
         check_on_checkout=False,
     )
     consumer = StreamConsumer(
-        redis_client.connect(redis_url(f"{service}_consumer")),
+        redis_client.connect(redis_url(f"{service}_consumer"), name=settings.consumer),
         pool,
         settings,
         handlers,

@@ -224,9 +224,11 @@ class Supervisor:
             popen = self._procs[name].popen
             return popen.pid if popen and popen.poll() is None else None
 
-    def kill(self, name: str, timeout: float = 10.0) -> int | None:
-        """SIGKILL the main process of `name` as a planned fault; returns its pid once it is
-        gone (None if it was not running). The watcher restarts it shortly after."""
+    def kill(
+        self, name: str, timeout: float = 10.0, signum: signal.Signals = signal.SIGKILL
+    ) -> int | None:
+        """SIGKILL (or `signum`) the main process of `name` as a planned fault; returns its pid
+        once it is gone (None if it was not running). The watcher restarts it shortly after."""
         with self._lock:
             proc = self._procs[name]
             popen = proc.popen
@@ -234,7 +236,7 @@ class Supervisor:
                 return None
             proc.planned = True
             with suppress(ProcessLookupError):
-                os.kill(popen.pid, signal.SIGKILL)
+                os.kill(popen.pid, signum)
         with suppress(subprocess.TimeoutExpired):
             popen.wait(timeout)
         return popen.pid

@@ -131,7 +131,10 @@ class ConsumerSettings:
     consumer: str
     partitions: int = DEFAULT_PARTITIONS
     batch_size: int = 100
-    block_ms: int = 1000
+    # An idle partition costs one round trip per block; a stop or a re-drive wakes the read
+    # (consumer_group.py), so the block only bounds what cannot be woken: a stale reader. At
+    # most lease_ms - heartbeat_ms, a paused process's blocked read ends before its lease does.
+    block_ms: int = 4000
     lease_ms: int = 5000
     heartbeat_ms: int = 1000
     retry_base_ms: int = 500
@@ -145,6 +148,11 @@ class ConsumerSettings:
     takeover_check_ms: int = 5000
 
     def __post_init__(self) -> None:
+        # the consumer's name is its Redis connections' name too (CLIENT SETNAME refuses these)
+        if not self.consumer or not all("!" <= char <= "~" for char in self.consumer):
+            raise ValueError(
+                f"a consumer name is printable ASCII without spaces, not {self.consumer!r}"
+            )
         # a read blocks this long: XREADGROUP BLOCK 0 would wait forever (a stop or a moved
         # partition never noticed), and one past the socket timeout would read as an outage
         if not 1 <= self.block_ms < SOCKET_TIMEOUT_S * 1000:

@@ -4,7 +4,9 @@ Every `heartbeat_ms` this consumer: says it is alive (consumer_members), renews 
 holds, tells the workers of partitions with re-drive requests, hands back the partitions that
 the current assignment gives to someone else, and takes the ones it gives to it when free.
 Each owned partition runs a PartitionWorker in its own thread (blocking reads of one
-partition's streams: one slot, on a cluster too). Timings and bounds: docs/architecture.md,
+partition's streams: one slot, on a cluster too). A worker told to stop, or to re-drive, is
+woken from its blocked read (CLIENT UNBLOCK of the connections named after this consumer), so
+reads can block long while idle. Timings and bounds: docs/architecture.md,
 "Partition ownership".
 """
 
@@ -30,9 +32,14 @@ from service_runtime.failures import FailureKind, classify
 from service_runtime.faults import no_faults
 from service_runtime.metrics import PARTITION_CHANGES, PARTITIONS_OWNED
 from service_runtime.ownership import Lease, PartitionLeases, assignment
+from service_runtime.redis_client import client_name, wake_blocked_reads
 from service_runtime.stream_fence import StreamFence
 
 log = logging.getLogger(__name__)
+
+# While stopping workers, how often their blocked reads are woken again: a worker that was
+# about to send its read when the last wake went out blocks anyway.
+WAKE_AGAIN_S = 0.1
 
 
 def pool_size(partitions: int) -> int:
@@ -70,6 +77,14 @@ class StreamConsumer:
         self.leases = PartitionLeases(settings.group, settings.consumer, settings.lease_ms / 1000)
         self.running: dict[int, _Running] = {}
         self._renewed_at = time.monotonic()
+        # the workers' blocked reads can be woken only on connections named for this consumer
+        self._can_wake = client_name(redis_client) == settings.consumer
+        if not self._can_wake:
+            log.warning(
+                "consumer %s: its Redis connections are not named after it: a stop waits for"
+                " blocked reads to end (up to CONSUMER_BLOCK_MS)",
+                settings.consumer,
+            )
 
     @property
     def owned(self) -> list[int]:
@@ -100,8 +115,13 @@ class StreamConsumer:
             held = {lease.partition: lease for lease in self.leases.renew(conn, self._leases())}
             self._renewed_at = time.monotonic()
             redrive = partitions_to_redrive(conn, self.settings.group) if held else set()
-        for partition in redrive & set(held):
+        told = [
+            p for p in redrive & set(held) if not self.running[p].worker.redrive_wanted.is_set()
+        ]
+        for partition in told:
             self.running[partition].worker.redrive_wanted.set()
+        if told:
+            self._wake_blocked_reads()
         self._stop_all([p for p in self.running if p not in held], "lost")
         crashed = [p for p in held if not self.running[p].thread.is_alive()]  # a bug: restart
         handed_back = self._stop_all([*crashed, *(set(held) - target - set(crashed))], "released")
@@ -169,18 +189,39 @@ class StreamConsumer:
     def _stop_all(self, partitions: list[int], change: str) -> list[Lease]:
         """Stop these partitions' workers together; their leases, for the caller to hand back.
 
-        A worker finishes its current batch (commit, XACK) first, and a blocking read returns
-        within block_ms. One that hangs longer is left behind: the fence keeps it from
-        committing or reading anything once the partition has moved."""
+        A worker finishes its current batch (commit, XACK) first; a blocked read is woken
+        (every worker's: the others read again at once). One that hangs past half a lease is
+        left behind: the fence keeps it from committing or reading anything once the
+        partition has moved."""
         stopping = [self.running.pop(partition) for partition in partitions]
         for running in stopping:
             running.stop.set()
         deadline = time.monotonic() + self.settings.lease_ms / 1000 / 2
+        while alive := [r for r in stopping if r.thread.is_alive()]:
+            if (left := deadline - time.monotonic()) <= 0:
+                log.warning(
+                    "%s: partitions %s left behind, their workers still busy",
+                    self.settings.consumer,
+                    [r.worker.partition for r in alive],
+                )
+                break
+            self._wake_blocked_reads()
+            alive[0].thread.join(timeout=min(WAKE_AGAIN_S, left))
         for running in stopping:
-            running.thread.join(timeout=max(deadline - time.monotonic(), 0))
             PARTITION_CHANGES.labels(self.settings.group, change).inc()
             log.info("%s %s partition %d", self.settings.consumer, change, running.worker.partition)
         return [running.worker.lease for running in stopping]
+
+    def _wake_blocked_reads(self) -> None:
+        """Cut short every blocked read of this consumer's workers (they see an empty read and
+        look at their stop and re-drive flags). Without it, or when Redis does not answer,
+        a blocked read simply ends after CONSUMER_BLOCK_MS."""
+        if not self._can_wake:
+            return
+        try:
+            wake_blocked_reads(self.redis)
+        except redis.RedisError as err:
+            log.info("consumer %s: blocked reads not woken: %s", self.settings.consumer, err)
 
     def _drop_all_if_expired(self) -> None:
         """Unable to renew for a whole lease period: the partitions are surely someone else's."""

@@ -66,9 +66,11 @@ HEALTH_CHECK_INTERVAL_S = 30
 CLUSTER_RETRIES = 3
 
 
-def connect(url: str, *, cluster: bool | None = None) -> RedisClient:
+def connect(url: str, *, cluster: bool | None = None, name: str | None = None) -> RedisClient:
     """A client for `url`: a RedisCluster when REDIS_CLUSTER=1 (or `cluster=True`), else a
-    Redis. Same timeouts and decoded (str) replies either way.
+    Redis. Same timeouts and decoded (str) replies either way. `name` is given to each of its
+    connections (CLIENT SETNAME): CLIENT LIST shows who is who, and `wake_blocked_reads`
+    finds the ones blocked in a read.
 
     A plain Redis connects lazily; a RedisCluster reads the topology here, so on a cluster
     this raises ClusterUnreachableError (an outage error) when no node answers.
@@ -78,6 +80,7 @@ def connect(url: str, *, cluster: bool | None = None) -> RedisClient:
         "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_S,
         "socket_timeout": SOCKET_TIMEOUT_S,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "client_name": name,
     }
     if not (redis_cluster() if cluster is None else cluster):
         return redis.Redis.from_url(url, **common)
@@ -124,6 +127,39 @@ def _classify_topology_errors(client: redis.RedisCluster) -> None:
 
 def is_cluster(client: RedisClient) -> bool:
     return isinstance(client, redis.RedisCluster)
+
+
+def client_name(client: RedisClient) -> str | None:
+    """The name `connect` gave the client's connections, if any."""
+    kwargs = (
+        client.nodes_manager.connection_kwargs
+        if isinstance(client, redis.RedisCluster)
+        else client.connection_pool.connection_kwargs
+    )
+    return kwargs.get("client_name")
+
+
+def wake_blocked_reads(client: RedisClient) -> int:
+    """End, as if their time was up, the blocking commands (XREADGROUP BLOCK) waiting on the
+    connections of `client`'s name, on every master of a cluster; how many were waiting.
+    A process stopping its readers wakes them with this instead of waiting out their block,
+    so the block can be long (an idle reader then costs one round trip per block).
+    Needs CLIENT LIST and CLIENT UNBLOCK (granted to the consumers' ACL users)."""
+    name = client_name(client)
+    if name is None:
+        raise ValueError("the client has no name: connect(url, name=...)")
+    nodes = (
+        [client.get_redis_connection(node) for node in client.get_primaries()]
+        if isinstance(client, redis.RedisCluster)
+        else [client]
+    )
+    woken = 0
+    for node in nodes:
+        for info in node.client_list(_type="normal"):
+            # 'b': waiting in a blocking command
+            if info.get("name") == name and "b" in info.get("flags", ""):
+                woken += bool(node.client_unblock(int(info["id"])))
+    return woken
 
 
 def read_group(

@@ -31,6 +31,7 @@ KINDS = {
     "relay-active": 2,
     "relay-standby": 1,
     "consumer": 3,
+    "consumer-stop": 1,
     "consumer-pause": 2,
     "rq-worker": 1,
     "cron": 1,
@@ -84,6 +85,7 @@ class FaultInjector(threading.Thread):
             "relay-active": lambda: self._relay(active=True),
             "relay-standby": lambda: self._relay(active=False),
             "consumer": self._consumer,
+            "consumer-stop": self._consumer_stop,
             "consumer-pause": self._consumer_pause,
             "rq-worker": lambda: self._kill("worker"),
             "cron": lambda: self._kill("cron"),
@@ -129,11 +131,11 @@ class FaultInjector(threading.Thread):
 
     # -- the faults; each returns what it hit, or None when there was nothing to hit ----------
 
-    def _kill(self, name: str) -> str | None:
+    def _kill(self, name: str, signum: signal.Signals = signal.SIGKILL) -> str | None:
         if name not in self.supervisor.names:
             return None
         self.before_kill(name)
-        pid = self.supervisor.kill(name)
+        pid = self.supervisor.kill(name, signum=signum)
         return f"{name} pid {pid}" if pid else None
 
     def _service(self) -> str:
@@ -173,6 +175,13 @@ class FaultInjector(threading.Thread):
         """One running consumer process of a service; its partitions move to the others."""
         name = self._running_consumer()
         return self._kill(name) if name else None
+
+    def _consumer_stop(self) -> str | None:
+        """SIGTERM one consumer process (a deploy, a scale-in): it wakes its workers' blocked
+        reads and hands its partitions back at once; restarted, it joins again and the others
+        hand its share back to it."""
+        name = self._running_consumer()
+        return self._kill(name, signal.SIGTERM) if name else None
 
     def _consumer_pause(self) -> str | None:
         """SIGSTOP one consumer process past its leases, then SIGCONT: its workers go on from

@@ -1,7 +1,7 @@
-"""A real `saga chaos` at toy size: two consumers per service, consumers killed (SIGKILL) while
-the others own the rest of the partitions; then the audit. The long soaks stay behind
-`make chaos`; this only keeps the soak and its report working (no figure is judged here
-beyond being plausible)."""
+"""A real `saga chaos` at toy size: two consumers per service, consumers killed (SIGKILL) or
+stopped (SIGTERM) while the others own the rest of the partitions; then the audit. The long
+soaks stay behind `make chaos`; this only keeps the soak and its report working (no figure is
+judged here beyond being plausible)."""
 
 from __future__ import annotations
 
@@ -38,11 +38,13 @@ def _toy_chaos(tmp_path, monkeypatch, *options: str) -> tuple[dict, str]:
     return json.loads(report_path.read_text()), result.output
 
 
-def test_consumer_kills_move_partitions_and_break_no_invariant(tmp_path, monkeypatch):
+def test_consumer_kills_and_stops_move_partitions_and_break_no_invariant(tmp_path, monkeypatch):
+    """consumer (SIGKILL: its leases expire) and consumer-stop (SIGTERM: it wakes its blocked
+    reads and hands its partitions back); each restarts and joins again."""
     report, output = _toy_chaos(
         tmp_path, monkeypatch,
-        "--orders", "6", "--faults", "consumer", "--duration", "4", "--fault-interval", "1",
-        "--seed", "3",
+        "--orders", "6", "--faults", "consumer,consumer-stop", "--duration", "4",
+        "--fault-interval", "0.7", "--seed", "5",  # the first two faults: a kill, a stop
     )  # fmt: skip
 
     assert report["violations"] == 0 and report["failures"] == []
@@ -51,7 +53,8 @@ def test_consumer_kills_move_partitions_and_break_no_invariant(tmp_path, monkeyp
     assert report["settings"]["partitions"] == 4
     consumers = [name for name in report["processes"] if "-consumer-" in name]
     assert len(consumers) == 6
-    assert report["faults"]["by_kind"]["consumer"] >= 1  # the first fault comes within 1.5 s
+    assert report["faults"]["by_kind"]["consumer"] >= 1  # the first comes within 1.05 s
+    assert report["faults"]["by_kind"]["consumer-stop"] >= 1
 
     ownership = report["ownership"]
     assert ownership["changes"] >= 1  # a killed consumer's partitions were acquired again

@@ -24,6 +24,7 @@ from service_runtime.consumer import ConsumerSettings
 from service_runtime.consumer_group import StreamConsumer
 from service_runtime.db import create_pool
 from service_runtime.ownership import assignment
+from service_runtime.redis_client import connect as redis_connect
 from tests.helpers import order_placed_envelope, wait_until
 
 GROUP = "inventory"
@@ -92,22 +93,26 @@ def nothing_pending(redis_client) -> bool:
 
 
 @pytest.fixture
-def consumers(db_url, redis_client, background) -> Iterator[Callable[..., Any]]:
-    """Start a StreamConsumer (own pool, own thread) under a name; returns (consumer, runner)."""
-    pools = []
+def consumers(db_url, clean_state, background) -> Iterator[Callable[..., Any]]:
+    """Start a StreamConsumer (own pool, own Redis client named after it, own thread) under a
+    name; returns (consumer, runner)."""
+    pools, clients = [], []
 
-    def start(name: str, lease_ms: int = LEASE_MS) -> tuple[StreamConsumer, Any]:
+    def start(
+        name: str, lease_ms: int = LEASE_MS, block_ms: int = 100
+    ) -> tuple[StreamConsumer, Any]:
         pool = create_pool(db_url, name=f"test-{name}", max_size=PARTITIONS + 1)
         pools.append(pool)
+        clients.append(redis_connect(clean_state.redis_url, name=name))
         settings = ConsumerSettings(
             group=GROUP,
             consumer=name,
             partitions=PARTITIONS,
             lease_ms=lease_ms,
             heartbeat_ms=HEARTBEAT_MS,
-            block_ms=100,
+            block_ms=block_ms,
         )
-        consumer = StreamConsumer(redis_client, pool, settings, INVENTORY_HANDLERS)
+        consumer = StreamConsumer(clients[-1], pool, settings, INVENTORY_HANDLERS)
         return consumer, background.start(name, consumer.run)
 
     yield start
@@ -115,6 +120,17 @@ def consumers(db_url, redis_client, background) -> Iterator[Callable[..., Any]]:
     assert not stuck, f"consumers did not stop: {stuck}"
     for pool in pools:
         pool.close()
+    for client in clients:
+        client.close()
+
+
+def blocked_reads(redis_client, name: str) -> int:
+    """Connections named `name` waiting in a blocking command (the plain test Redis)."""
+    return sum(
+        1
+        for info in redis_client.client_list(_type="normal")
+        if info["name"] == name and "b" in info["flags"]
+    )
 
 
 def test_two_consumers_share_the_partitions_each_owned_by_exactly_one(
@@ -220,6 +236,46 @@ def test_a_consumer_that_stops_hands_its_partitions_back_at_once(
             "SELECT consumer FROM consumer_members WHERE consumer_group = %s", (GROUP,)
         ).fetchall()
     assert members == [("inventory-b",)]  # a left the group
+
+
+# A block far longer than the tests' deadlines: a worker that waited it out instead of being
+# woken (CLIENT UNBLOCK) would miss them. Below the redis-py socket timeout (15 s).
+LONG_BLOCK_MS = 14_000
+
+
+def test_a_joining_consumer_gets_its_share_without_waiting_out_the_blocked_reads(
+    db_url, redis_client, consumers
+) -> None:
+    """Handing back a partition wakes its worker's blocked read: the hand-back takes
+    heartbeats, not CONSUMER_BLOCK_MS (the lease is long here, so that the leases are handed
+    back, never taken over after expiring)."""
+    a, _ = consumers("inventory-a", lease_ms=60_000, block_ms=LONG_BLOCK_MS)
+    wait_until(lambda: live_owners(db_url) == dict.fromkeys(range(PARTITIONS), "inventory-a"))
+    wait_until(lambda: blocked_reads(redis_client, "inventory-a") == PARTITIONS)
+
+    b, _ = consumers("inventory-b", lease_ms=60_000, block_ms=LONG_BLOCK_MS)
+    wait_until(
+        lambda: (
+            live_owners(db_url) == split_as_assigned(["inventory-a", "inventory-b"])
+            and b.owned == [1, 3]
+            and a.owned == [0, 2]
+        ),
+        timeout=BOUND_S + MARGIN_S,
+        message=lambda: f"owners {live_owners(db_url)}",
+    )
+    events = publish_everywhere(redis_client)
+    wait_until(lambda: handled_once(db_url, events), timeout=BOUND_S + MARGIN_S)
+
+
+def test_a_stopping_consumer_wakes_its_blocked_reads(db_url, redis_client, consumers) -> None:
+    _a, runner_a = consumers("inventory-a", lease_ms=60_000, block_ms=LONG_BLOCK_MS)
+    b, _ = consumers("inventory-b", lease_ms=60_000, block_ms=LONG_BLOCK_MS)
+    wait_until(lambda: live_owners(db_url) == split_as_assigned(["inventory-a", "inventory-b"]))
+    wait_until(lambda: blocked_reads(redis_client, "inventory-a") == PARTITIONS // 2)
+    runner_a.stop.set()
+    wait_until(runner_a.finished.is_set, timeout=BOUND_S + MARGIN_S)
+    assert blocked_reads(redis_client, "inventory-a") == 0
+    wait_until(lambda: b.owned == list(range(PARTITIONS)), timeout=BOUND_S + MARGIN_S)
 
 
 # -- real processes --------------------------------------------------------------------------

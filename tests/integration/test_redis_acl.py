@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from devstack.redis import (
     consumer_user,
     relay_user,
 )
+from service_runtime.redis_client import connect, wake_blocked_reads
 from service_runtime.stream_fence import StreamFence
+from tests.helpers import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +111,26 @@ def test_a_consumer_reads_its_subscriptions_through_the_fenced_read(server):
         StreamFence(consumer).claim("billing", 2, 99)
     with pytest.raises(redis.exceptions.NoPermissionError):
         consumer.config_get("dir")
+
+
+def test_a_consumer_wakes_its_own_blocked_read(server):
+    """Stopping its workers, a consumer wakes their blocked reads (CLIENT LIST, CLIENT UNBLOCK
+    on the connections named after it): its ACL user may do that."""
+    admin = _client(server, ADMIN_USER)
+    admin.xgroup_create("orders.events.{p4}", "inventory", id="0", mkstream=True)
+    reader = connect(server.user_url(consumer_user("inventory")), cluster=False, name="inventory-1")
+    replies = []
+    thread = threading.Thread(
+        target=lambda: replies.append(
+            reader.xreadgroup("inventory", "inventory-1", {"orders.events.{p4}": ">"}, block=14_000)
+        )
+    )
+    thread.start()
+    wait_until(lambda: int(admin.info("clients")["blocked_clients"]) == 1)
+    assert wake_blocked_reads(reader) == 1
+    thread.join(timeout=10)
+    assert replies == [[]]  # woken as if its block was up
+    reader.close()
 
 
 def _job() -> int:

@@ -25,7 +25,9 @@ from service_runtime.redis_client import (
     read,
     read_group,
     scan_keys,
+    wake_blocked_reads,
 )
+from service_runtime.stream_fence import FencedRead, StreamFence
 from tests.conftest import cluster_tests_enabled
 from tests.helpers import wait_until
 
@@ -208,6 +210,72 @@ def _blocked_clients(client: RedisClient, key: str) -> int:
     else:
         info = client.info("clients")
     return int(info["blocked_clients"])
+
+
+def _named_client(request: pytest.FixtureRequest, name: str) -> RedisClient:
+    """Another client of the backend under test, its connections named `name`."""
+    cluster = request.node.callspec.params["redis_backend"] == "cluster"
+    url = request.getfixturevalue("redis_cluster_url" if cluster else "single_redis_url")
+    return connect(url, name=name)
+
+
+def _blocked_by_name(client: RedisClient) -> dict[str, int]:
+    """Client name -> how many of its connections wait in a blocking command, every master."""
+    nodes = (
+        [client.get_redis_connection(node) for node in client.get_primaries()]
+        if is_cluster(client)
+        else [client]
+    )
+    blocked: dict[str, int] = {}
+    for node in nodes:
+        for info in node.client_list(_type="normal"):
+            if "b" in info["flags"]:
+                blocked[info["name"]] = blocked.get(info["name"], 0) + 1
+    return blocked
+
+
+def test_a_blocked_fenced_read_is_woken_by_its_own_clients_name_only(
+    redis_backend: RedisClient, request
+):
+    """A consumer stopping its workers wakes their blocked reads (the fenced read: XREADGROUP
+    BLOCK, then the fence script) on the connections named after it, not anyone else's: the
+    woken read returns empty, as when its block is up, its fence check still done."""
+    partitions = {"inventory-1": 3, "inventory-2": 5}
+    clients = {name: _named_client(request, name) for name in partitions}
+    replies: dict[str, FencedRead] = {}
+
+    def read(name: str) -> None:
+        partition = partitions[name]
+        streams = [f"{producer}.events.{{p{partition}}}" for producer in ("orders", "billing")]
+        _group_on(redis_backend, streams)
+        fence = StreamFence(clients[name])
+        fence.claim(GROUP, partition, 1)
+        cursors = dict.fromkeys(streams, ">")
+        replies[name] = fence.read(GROUP, name, partition, 1, cursors, 10, block_ms=14_000)
+
+    threads = {name: threading.Thread(target=read, args=(name,)) for name in partitions}
+    for thread in threads.values():
+        thread.start()
+    wait_until(lambda: _blocked_by_name(redis_backend) == {"inventory-1": 1, "inventory-2": 1})
+
+    assert wake_blocked_reads(clients["inventory-1"]) == 1
+    threads["inventory-1"].join(timeout=10)  # woken: well before its 14 s block is up
+    assert not threads["inventory-1"].is_alive()
+    assert replies["inventory-1"] == FencedRead(entries=[], others_pending=False)
+    assert _blocked_by_name(redis_backend) == {"inventory-2": 1}  # still waiting
+    assert "inventory-2" not in replies
+
+    assert wake_blocked_reads(clients["inventory-2"]) == 1
+    threads["inventory-2"].join(timeout=10)
+    assert replies["inventory-2"] == FencedRead(entries=[], others_pending=False)
+    assert wake_blocked_reads(clients["inventory-1"]) == 0  # nobody waiting
+    for client in clients.values():
+        client.close()
+
+
+def test_waking_needs_a_named_client(redis_backend: RedisClient):
+    with pytest.raises(ValueError, match="no name"):
+        wake_blocked_reads(redis_backend)
 
 
 def test_reading_id_0_gives_the_consumers_own_pending_entries(redis_backend: RedisClient):

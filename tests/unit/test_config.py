@@ -38,6 +38,15 @@ def test_a_consumer_block_that_would_hang_or_time_out_is_refused(monkeypatch, bl
     assert from_env(ConsumerSettings, "CONSUMER_", group="g", consumer="c").block_ms == 14999
 
 
+@pytest.mark.parametrize("name", ["", "inventory 1", "inventory\n1", "caf\u00e9-1"])
+def test_a_consumer_name_redis_would_refuse_as_a_connection_name_is_refused(name):
+    """The consumer's name also names its Redis connections (to wake its blocked reads);
+    CLIENT SETNAME takes printable ASCII without spaces only."""
+    with pytest.raises(ValueError, match="printable ASCII without spaces"):
+        ConsumerSettings(group="g", consumer=name)
+    assert ConsumerSettings(group="g", consumer="inventory-host.example-42_1").consumer
+
+
 def test_given_values_win_over_the_environment(monkeypatch):
     monkeypatch.setenv("RELAY_BATCH_SIZE", "9")
     monkeypatch.setenv("RELAY_PARTITIONS", "3")
