@@ -248,7 +248,7 @@ def test_reads_unblocked_with_an_error_are_an_outage_the_consumer_survives(
         with caplog.at_level(logging.WARNING):
             for client_id in blocked_reads():
                 client.client_unblock(client_id, error=True)
-            wait_until(lambda: "caused error: UNBLOCKED" in caplog.text)
+            wait_until(lambda: "waiting for redis: UNBLOCKED" in caplog.text)
             assert api.post("/orders", json=ORDER).status_code == 201
             wait_until(lambda: outcomes["processed"] == 2, timeout=30)
         assert "worker stopped by an error" not in caplog.text

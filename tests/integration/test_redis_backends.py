@@ -24,8 +24,11 @@ from service_runtime.redis_client import (
     is_cluster,
     read,
     read_group,
+    read_group_command,
     scan_keys,
+    send_together,
     wake_blocked_reads,
+    xreadgroup_entries,
 )
 from service_runtime.stream_fence import FencedRead, StreamFence
 from tests.conftest import cluster_tests_enabled
@@ -271,6 +274,51 @@ def test_a_blocked_fenced_read_is_woken_by_its_own_clients_name_only(
     assert wake_blocked_reads(clients["inventory-1"]) == 0  # nobody waiting
     for client in clients.values():
         client.close()
+
+
+def test_send_together_reads_every_reply_before_raising_the_first_error(
+    redis_backend: RedisClient,
+):
+    """The fenced read's transport on a plain Redis: one round trip, replies as sent; an error
+    reply in the middle is raised only after the rest are read, so the pooled connection's
+    next use gets its own replies. A cluster needs its pipeline: refused."""
+    if is_cluster(redis_backend):
+        with pytest.raises(TypeError, match="plain Redis"):
+            send_together(redis_backend, [["PING"]])
+        return
+    commands = [["SET", "k{p3}", "text"], ["INCR", "k{p3}"], ["APPEND", "k{p3}", "!"]]
+    with pytest.raises(redis.ResponseError, match="not an integer"):
+        send_together(redis_backend, commands)
+    assert redis_backend.get("k{p3}") == "text!"  # the command after the error ran too
+    assert send_together(redis_backend, [["GET", "k{p3}"], ["STRLEN", "k{p3}"]]) == ["text!", 5]
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_xreadgroup_entries_reads_both_protocols_replies(request, protocol):
+    """XREADGROUP's reply is a list of [stream, entries] in RESP2 and a map in RESP3; an entry
+    trimmed while pending has no fields. Both read the same."""
+    client = redis.Redis.from_url(
+        request.getfixturevalue("single_redis_url"), protocol=protocol, decode_responses=True
+    )
+    flush(client)
+    _group_on(client, PARTITION_STREAMS)
+    ids = _fill(client, PARTITION_STREAMS, per_stream=2)
+    command = read_group_command(GROUP, "c1", dict.fromkeys(PARTITION_STREAMS, ">"), count=10)
+    [taken] = send_together(client, [command])
+    assert xreadgroup_entries(taken) == [
+        (stream, [(eid, {"seq": str(seq)}) for seq, eid in enumerate(ids[stream])])
+        for stream in PARTITION_STREAMS
+    ]
+    client.xdel(PARTITION_STREAMS[0], ids[PARTITION_STREAMS[0]][0])
+    pending = read_group_command(GROUP, "c1", {PARTITION_STREAMS[0]: "0"}, count=10)
+    [again] = send_together(client, [pending])
+    first, second = ids[PARTITION_STREAMS[0]]
+    assert xreadgroup_entries(again) == [
+        (PARTITION_STREAMS[0], [(first, None), (second, {"seq": "1"})])
+    ]
+    nothing = read_group_command(GROUP, "c1", {PARTITION_STREAMS[0]: ">"}, block=10)
+    assert xreadgroup_entries(send_together(client, [nothing])[0]) == []
+    client.close()
 
 
 def test_waking_needs_a_named_client(redis_backend: RedisClient):
