@@ -197,6 +197,7 @@ class StreamConsumer:
         for running in stopping:
             running.stop.set()
         deadline = time.monotonic() + self.settings.lease_ms / 1000 / 2
+        waking = self._can_wake
         while alive := [r for r in stopping if r.thread.is_alive()]:
             if (left := deadline - time.monotonic()) <= 0:
                 log.warning(
@@ -205,23 +206,29 @@ class StreamConsumer:
                     [r.worker.partition for r in alive],
                 )
                 break
-            self._wake_blocked_reads()
+            waking = waking and self._wake_blocked_reads()
             alive[0].thread.join(timeout=min(WAKE_AGAIN_S, left))
         for running in stopping:
             PARTITION_CHANGES.labels(self.settings.group, change).inc()
             log.info("%s %s partition %d", self.settings.consumer, change, running.worker.partition)
         return [running.worker.lease for running in stopping]
 
-    def _wake_blocked_reads(self) -> None:
+    def _wake_blocked_reads(self) -> bool:
         """Cut short every blocked read of this consumer's workers (they see an empty read and
-        look at their stop and re-drive flags). Without it, or when Redis does not answer,
-        a blocked read simply ends after CONSUMER_BLOCK_MS."""
+        look at their stop and re-drive flags); False when that could not be done. Without
+        it, a blocked read simply ends after CONSUMER_BLOCK_MS."""
         if not self._can_wake:
-            return
+            return False
         try:
             wake_blocked_reads(self.redis)
-        except redis.RedisError as err:
-            log.info("consumer %s: blocked reads not woken: %s", self.settings.consumer, err)
+            return True
+        except redis.RedisError as err:  # an outage, or an ACL user without CLIENT LIST/UNBLOCK
+            log.warning(
+                "consumer %s: blocked reads not woken, they end within CONSUMER_BLOCK_MS: %s",
+                self.settings.consumer,
+                err,
+            )
+            return False
 
     def _drop_all_if_expired(self) -> None:
         """Unable to renew for a whole lease period: the partitions are surely someone else's."""

@@ -278,6 +278,29 @@ def test_a_stopping_consumer_wakes_its_blocked_reads(db_url, redis_client, consu
     wait_until(lambda: b.owned == list(range(PARTITIONS)), timeout=BOUND_S + MARGIN_S)
 
 
+def test_a_redrive_request_reaches_a_worker_blocked_in_a_long_read(
+    db_url, redis_client, consumers
+) -> None:
+    """The heartbeat that finds a re-drive request wakes the partition's blocked read: the
+    request is handled within heartbeats, not after CONSUMER_BLOCK_MS."""
+    _a, _ = consumers("inventory-a", lease_ms=60_000, block_ms=LONG_BLOCK_MS)
+    broken = {**encode_entry(order_placed(2)), "payload": "{}"}  # breaks OrderPlaced's contract
+    redis_client.xadd(partition_stream("orders.events", 2), broken)
+
+    def dead_letters() -> list[tuple[int, int]]:
+        with psycopg.connect(db_url) as conn:
+            return conn.execute(
+                "SELECT partition, redrives FROM dead_letters WHERE consumer_group = %s", (GROUP,)
+            ).fetchall()
+
+    wait_until(lambda: dead_letters() == [(2, 0)])
+    wait_until(lambda: blocked_reads(redis_client, "inventory-a") == PARTITIONS)
+    with psycopg.connect(db_url) as conn:
+        conn.execute("UPDATE dead_letters SET redrive_requested_at = clock_timestamp()")
+    # re-driven, and dead again (its payload is still broken): one re-drive recorded
+    wait_until(lambda: dead_letters() == [(2, 1)], timeout=BOUND_S + MARGIN_S)
+
+
 # -- real processes --------------------------------------------------------------------------
 
 
