@@ -218,7 +218,7 @@ def _checked_partitions(service: str) -> int:
 
 @click.command()
 def cron() -> None:
-    """Enqueue the periodic rq jobs (run `rq worker --with-scheduler saga` beside it)."""
+    """Enqueue the periodic rq jobs (`saga worker` runs them)."""
     from rq.cron import CronScheduler
     from rq.exceptions import StopRequested
 
@@ -257,7 +257,7 @@ def cron() -> None:
 
 @click.command()
 def worker() -> None:
-    """Run the rq worker (with its scheduler), restarted whenever it quits on its own.
+    """Run the rq worker, restarted whenever it quits on its own.
 
     rq's worker quits on an unexpected Redis error (an outage while it watches a job); this
     waits for Redis and starts it again, sooner than the supervisor's backoff would.
@@ -265,10 +265,12 @@ def worker() -> None:
     setup_logging("saga", "worker")
     log = logging.getLogger("saga.worker")
     stop = _stop_on_signals()  # the supervisor signals the whole process group: rq too
+    # No --with-scheduler: nothing here schedules jobs (enqueue_in/at, retry intervals), and
+    # `saga cron` enqueues the periodic ones itself; rq's scheduler is one more process polling
+    # Redis every second.
     command = [
         str(Path(sys.executable).parent / "rq"),
         "worker",
-        "--with-scheduler",
         "-c",
         "service_runtime.rq_settings",
         RQ_QUEUE,
