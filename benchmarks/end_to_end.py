@@ -471,7 +471,10 @@ class _Monitor:
                 times = proc.cpu_times()
             except psutil.Error:
                 continue  # it ended in between
-            seconds[proc.pid] = (label, times.user + times.system)
+            # with what its children used and it reaped: forks that come and go between two
+            # looks (rq's work-horse per job, PostgreSQL's backend per new connection)
+            used = times.user + times.system + times.children_user + times.children_system
+            seconds[proc.pid] = (label, used)
         return seconds
 
     def begin(self) -> None:
@@ -481,7 +484,8 @@ class _Monitor:
 
     def system_cpu_seconds(self) -> float:
         """CPU seconds of the system's processes and the servers since `begin` (a process
-        started since then counts from zero; one that ended since then is not counted)."""
+        started since then counts from zero; one that ended since then counts through its
+        parent, which reaped it, with its whole life: short-lived ones, as the forks are)."""
         return sum(self.cpu_seconds_by_process().values())
 
     def cpu_seconds_by_process(self) -> dict[str, float]:
