@@ -27,6 +27,6 @@ def sweep_payment_deadlines(limit: int = 500, url: str | None = None) -> int:
                     commands.cancel(uow, order_id, "payment_timeout")
         count_emitted("orders", uow.emitted)
     if overdue:
-        tracing.flush()  # rq runs each job in a forked process that exits right after it
+        tracing.flush()  # the compensations' traces start here: exported now, not later
     JOBS_RUN.labels("sweep_payment_deadlines").inc()
     return len(overdue)

@@ -268,14 +268,21 @@ def worker() -> None:
     # No --with-scheduler: nothing here schedules jobs (enqueue_in/at, retry intervals), and
     # `saga cron` enqueues the periodic ones itself; rq's scheduler is one more process polling
     # Redis every second.
+    # SimpleWorker: the jobs run in the worker itself. rq's default forks a work-horse for
+    # each, which imported the job's module again (~170 ms) and did rq's bookkeeping there;
+    # with the payment sweep every few seconds that was 4-5% of a core on an idle system, far
+    # more than the sweep's query (README, Performance).
     command = [
         str(Path(sys.executable).parent / "rq"),
         "worker",
+        "--worker-class",
+        "rq.worker.SimpleWorker",
         "-c",
         "service_runtime.rq_settings",
         RQ_QUEUE,
     ]
-    # rq runs each job in a forked process: they write their metrics to files, served here.
+    # The jobs run in the rq process, a child of this one: it writes their metrics to files,
+    # served here.
     metrics_dir = run_dir() / "metrics" / "worker"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)

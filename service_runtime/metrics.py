@@ -140,7 +140,7 @@ def serve(port: int | None) -> None:
 
 
 def serve_multiprocess(port: int | None, directory: str) -> None:
-    """Expose what other processes (rq's forked job processes) write to `directory`."""
+    """Expose what other processes (the rq worker running the jobs) write to `directory`."""
     if not port:
         return
     registry = CollectorRegistry()

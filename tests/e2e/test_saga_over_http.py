@@ -228,7 +228,7 @@ def test_payment_deadline_is_swept_by_the_rq_worker(system, api):
             for e in events_of(system, "orders.events", order_id)
         )
     )
-    # The sweeps ran in rq's job processes; `saga worker` serves their metrics.
+    # The sweeps ran in the rq worker (a SimpleWorker); `saga worker` serves their metrics.
     worker_metrics = requests.get(f"http://127.0.0.1:{system.metrics_base + 21}/metrics").text
     assert 'saga_jobs_total{job="sweep_payment_deadlines"}' in worker_metrics
 
