@@ -13,9 +13,9 @@ from service_runtime.unit_of_work import UnitOfWork, count_emitted
 def sweep_payment_deadlines(limit: int = 500, url: str | None = None) -> int:
     """Cancel pending orders whose payment deadline passed (reason payment_timeout).
 
-    Runs every second from the rq cron scheduler. Rows a reaction holds are skipped and
-    looked at on the next sweep, so a payment landing at the same moment wins or loses
-    cleanly: either confirmed first, or cancelled first and then refunded by billing.
+    Runs every PAYMENT_SWEEP_SECONDS from the rq cron scheduler. Rows a reaction holds are
+    skipped and looked at on the next sweep, so a payment landing at the same moment wins or
+    loses cleanly: either confirmed first, or cancelled first and then refunded by billing.
     """
     with connect(url or database_url("orders")) as conn:
         with conn.transaction():

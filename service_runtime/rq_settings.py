@@ -4,7 +4,8 @@ from service_runtime.logs import dict_config
 from service_runtime.tracing import configure_tracing
 
 DICT_CONFIG = dict_config("saga", "worker", extra_loggers=("rq.worker", "rq.scheduler"))
-# The deadline sweep runs every second; rq's per-job INFO lines would drown everything else.
+# The deadline sweep runs every few seconds (PAYMENT_SWEEP_SECONDS); rq's per-job INFO lines
+# would drown everything else.
 DICT_CONFIG["loggers"]["rq.worker"]["level"] = "WARNING"
 
 # The worker's composition root: the jobs, run in this process, use its tracing set-up
