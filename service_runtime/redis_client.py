@@ -139,6 +139,14 @@ def client_name(client: RedisClient) -> str | None:
     return kwargs.get("client_name")
 
 
+def masters(client: RedisClient) -> list[redis.Redis]:
+    """A plain client per master: the client itself, or one per master of a cluster (for
+    per-server commands such as CLIENT LIST)."""
+    if isinstance(client, redis.RedisCluster):
+        return [client.get_redis_connection(node) for node in client.get_primaries()]
+    return [client]
+
+
 def wake_blocked_reads(client: RedisClient) -> int:
     """End, as if their time was up, the blocking commands (XREADGROUP BLOCK) waiting on the
     connections of `client`'s name, on every master of a cluster; how many were waiting.
@@ -148,13 +156,8 @@ def wake_blocked_reads(client: RedisClient) -> int:
     name = client_name(client)
     if name is None:
         raise ValueError("the client has no name: connect(url, name=...)")
-    nodes = (
-        [client.get_redis_connection(node) for node in client.get_primaries()]
-        if isinstance(client, redis.RedisCluster)
-        else [client]
-    )
     woken = 0
-    for node in nodes:
+    for node in masters(client):
         for info in node.client_list(_type="normal"):
             # 'b': waiting in a blocking command
             if info.get("name") == name and "b" in info.get("flags", ""):

@@ -41,6 +41,19 @@ def wait_until(
         time.sleep(interval)
 
 
+def blocked_by_name(client: Any) -> dict[str, int]:
+    """Redis client name -> how many of its connections wait in a blocking command (flag 'b'
+    in CLIENT LIST), over every master of a cluster too."""
+    from service_runtime.redis_client import masters
+
+    blocked: dict[str, int] = {}
+    for node in masters(client):
+        for info in node.client_list(_type="normal"):
+            if "b" in info["flags"]:
+                blocked[info["name"]] = blocked.get(info["name"], 0) + 1
+    return blocked
+
+
 def order_placed_payload(order_id: str | None = None, customer_id: str = "alice") -> dict[str, Any]:
     """A valid OrderPlaced v1 payload (a fresh order id unless one is given)."""
     return {

@@ -166,8 +166,11 @@ def test_end_to_end_measurement_with_two_consumers_per_service(clean_state):
         assert step["cpu_percent"][name] >= 0
         assert result["memory_mb_at_end"][name]["rss"] > 0
     idle = result["idle"]
-    assert idle["seconds"] == 1 and idle["cpu_percent_total"] > 0
-    assert idle["cpu_percent"]["orders-consumer-2"] >= 0
+    # an idle second may cost every process less than one clock tick (10 ms): 0 is possible
+    assert idle["seconds"] == 1 and idle["cpu_percent_total"] >= 0
+    for name in (*names, "worker", "supervisor"):
+        assert idle["cpu_percent"][name] >= 0  # every process and server is watched
+    assert idle["cpu_percent_total"] == pytest.approx(sum(idle["cpu_percent"].values()))
     assert result["highest_sustained_rate"] in (0, 5)  # kept up or not: timing, not judged
     if result["highest_sustained_rate"]:
         assert result["cpu_ms_per_confirmed"] == step["cpu_ms_per_confirmed"]

@@ -25,7 +25,7 @@ from service_runtime.consumer_group import StreamConsumer
 from service_runtime.db import create_pool
 from service_runtime.ownership import assignment
 from service_runtime.redis_client import connect as redis_connect
-from tests.helpers import order_placed_envelope, wait_until
+from tests.helpers import blocked_by_name, order_placed_envelope, wait_until
 
 GROUP = "inventory"
 PARTITIONS = 4
@@ -125,12 +125,8 @@ def consumers(db_url, clean_state, background) -> Iterator[Callable[..., Any]]:
 
 
 def blocked_reads(redis_client, name: str) -> int:
-    """Connections named `name` waiting in a blocking command (the plain test Redis)."""
-    return sum(
-        1
-        for info in redis_client.client_list(_type="normal")
-        if info["name"] == name and "b" in info["flags"]
-    )
+    """Connections named `name` waiting in a blocking command."""
+    return blocked_by_name(redis_client).get(name, 0)
 
 
 def test_two_consumers_share_the_partitions_each_owned_by_exactly_one(

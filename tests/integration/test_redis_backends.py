@@ -32,7 +32,7 @@ from service_runtime.redis_client import (
 )
 from service_runtime.stream_fence import FencedRead, StreamFence
 from tests.conftest import cluster_tests_enabled
-from tests.helpers import wait_until
+from tests.helpers import blocked_by_name, wait_until
 
 GROUP = "inventory"
 PARTITION_STREAMS = [f"{name}.events.{{p3}}" for name in ("orders", "inventory", "billing")]
@@ -222,21 +222,6 @@ def _named_client(request: pytest.FixtureRequest, name: str) -> RedisClient:
     return connect(url, name=name)
 
 
-def _blocked_by_name(client: RedisClient) -> dict[str, int]:
-    """Client name -> how many of its connections wait in a blocking command, every master."""
-    nodes = (
-        [client.get_redis_connection(node) for node in client.get_primaries()]
-        if is_cluster(client)
-        else [client]
-    )
-    blocked: dict[str, int] = {}
-    for node in nodes:
-        for info in node.client_list(_type="normal"):
-            if "b" in info["flags"]:
-                blocked[info["name"]] = blocked.get(info["name"], 0) + 1
-    return blocked
-
-
 def test_a_blocked_fenced_read_is_woken_by_its_own_clients_name_only(
     redis_backend: RedisClient, request
 ):
@@ -259,13 +244,13 @@ def test_a_blocked_fenced_read_is_woken_by_its_own_clients_name_only(
     threads = {name: threading.Thread(target=read, args=(name,)) for name in partitions}
     for thread in threads.values():
         thread.start()
-    wait_until(lambda: _blocked_by_name(redis_backend) == {"inventory-1": 1, "inventory-2": 1})
+    wait_until(lambda: blocked_by_name(redis_backend) == {"inventory-1": 1, "inventory-2": 1})
 
     assert wake_blocked_reads(clients["inventory-1"]) == 1
     threads["inventory-1"].join(timeout=10)  # woken: well before its 14 s block is up
     assert not threads["inventory-1"].is_alive()
     assert replies["inventory-1"] == FencedRead(entries=[], others_pending=False)
-    assert _blocked_by_name(redis_backend) == {"inventory-2": 1}  # still waiting
+    assert blocked_by_name(redis_backend) == {"inventory-2": 1}  # still waiting
     assert "inventory-2" not in replies
 
     assert wake_blocked_reads(clients["inventory-2"]) == 1
