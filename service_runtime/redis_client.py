@@ -252,8 +252,8 @@ def read_group(
     target = client if on is None else on
     if not isinstance(client, redis.RedisCluster):
         return target.xreadgroup(group, consumer, dict(streams), count=count, block=block)
-    pieces: list[Any] = ["GROUP", group, consumer, *_read_options(streams, count, block)]
-    return target.execute_command("XREADGROUP", *pieces, target_nodes=_node_of(client, streams))
+    command = read_group_command(group, consumer, streams, count=count, block=block)
+    return target.execute_command(*command, target_nodes=_node_of(client, streams))
 
 
 def read(

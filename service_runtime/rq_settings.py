@@ -3,7 +3,7 @@
 from service_runtime.logs import dict_config
 from service_runtime.tracing import configure_tracing
 
-DICT_CONFIG = dict_config("saga", "worker", extra_loggers=("rq.worker", "rq.scheduler"))
+DICT_CONFIG = dict_config("saga", "worker", extra_loggers=("rq.worker",))
 # The deadline sweep runs every few seconds (PAYMENT_SWEEP_SECONDS); rq's per-job INFO lines
 # would drown everything else.
 DICT_CONFIG["loggers"]["rq.worker"]["level"] = "WARNING"
