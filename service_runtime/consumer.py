@@ -55,7 +55,7 @@ from service_runtime.metrics import (
     observe_many,
 )
 from service_runtime.ownership import FENCE_QUERY, Lease, LostOwnership, fence, lost
-from service_runtime.redis_client import SOCKET_TIMEOUT_S
+from service_runtime.redis_client import SOCKET_TIMEOUT_S, HeldConnection, is_cluster
 from service_runtime.stream_fence import Fenced, StreamFence
 from service_runtime.unit_of_work import UnitOfWork, count_emitted
 
@@ -229,6 +229,9 @@ class PartitionWorker:
         self._owed_acks: dict[str, list[str]] = {}
         self._metrics: dict[tuple[str, str], tuple[Any, Any]] = {}  # (type, outcome) -> children
         self._takeover_due = 0.0  # of the next look for entries pending with someone else
+        # this worker's reads keep one connection (a plain Redis; a cluster pipeline routes
+        # each read to its node): given back when run() ends
+        self._reads = None if is_cluster(redis_client) else HeldConnection(redis_client)
 
     @property
     def partition(self) -> int:
@@ -287,6 +290,8 @@ class PartitionWorker:
                 log.warning(
                     "%s partition %s: acks not sent: %s", self.settings.group, self.partition, err
                 )
+            if self._reads is not None:
+                self._reads.release()
 
     def _run(self, stop: threading.Event) -> None:
         delay = 0.1
@@ -351,6 +356,7 @@ class PartitionWorker:
             self._owed_acks,
             # not with re-drive requests waiting: they are handled after this read
             block_ms=None if reading_pending or self.redrive_wanted.is_set() else block_ms,
+            via=self._reads,
         )
         self._owed_acks = {}
         pairs = read.entries

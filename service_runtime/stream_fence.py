@@ -87,12 +87,14 @@ class StreamFence:
         count: int,
         acks: Mapping[str, Sequence[str]] | None = None,
         block_ms: int | None = None,
+        via: redis_client.HeldConnection | None = None,
     ) -> FencedRead:
         """Send `acks` (XACK per stream, whatever the fence says: they are for entries this
         owner finished), then XREADGROUP over the partition's streams at the given cursors
         ('>' or an id), waiting up to `block_ms` for a new entry when given (only with '>'
         cursors: Redis ignores BLOCK for pending entries). One round trip, one slot; Fenced if
-        the fence is not at `epoch`, checked once the read returns.
+        the fence is not at `epoch`, checked once the read returns. On a plain Redis, `via`
+        is the reader's own connection (else one from the pool, for this read).
 
         Commands sent together (`redis_client.send_together` on a plain Redis, the cluster
         pipeline on a cluster), not one script (a script's reply goes through Lua: an
@@ -124,9 +126,11 @@ class StreamFence:
             read = redis_client.read_group_command(
                 group, consumer, cursors, count=count, block=block_ms
             )
-            raw, (current, others) = redis_client.send_together(
-                self.client, [*commands, read, after_read]
-            )[-2:]
+            sent = [*commands, read, after_read]
+            replies = (
+                via.send_together(sent) if via else redis_client.send_together(self.client, sent)
+            )
+            raw, (current, others) = replies[-2:]
             entries = redis_client.xreadgroup_entries(raw)
         if current != str(epoch):
             raise Fenced(f"{FENCED} by epoch {current or None}")
