@@ -27,7 +27,7 @@ import redis
 from contracts import STREAM_OF_PRODUCER, partition_of, partition_stream
 from outbox_relay import positions
 from outbox_relay.durability import ACK, Durability, NotDurable
-from service_runtime import tracing
+from service_runtime import redis_client, tracing
 from service_runtime.faults import no_faults
 from service_runtime.metrics import (
     RELAY_BATCH_SIZE,
@@ -371,18 +371,24 @@ def _send(
     wait_timeout_ms: int,
     producer: str,
 ) -> dict[str, list]:
-    """One pipeline: a checked XADD script per stream, then the durability wait."""
-    pipe = client.pipeline(transaction=False)
-    for stream, entries in by_stream.items():
-        batch = json.dumps([fields for _id, fields in entries], ensure_ascii=False)
-        # EVAL through execute_command: a cluster pipeline routes it by its key (its eval()
-        # method is disabled), a plain one sends it as is
-        pipe.execute_command("EVAL", _CHECKED_XADD, 1, stream, recorded.get(stream, "0-0"), batch)
+    """One round trip: a checked XADD script per stream, then the durability wait (on a
+    cluster, redis-py's cluster pipeline, one round trip per node, and a WAIT per node)."""
+    # EVAL as a plain command: a cluster pipeline routes it by its key (its eval() is disabled)
+    commands = [
+        ["EVAL", _CHECKED_XADD, 1, stream, recorded.get(stream, "0-0"), _entries_json(entries)]
+        for stream, entries in by_stream.items()
+    ]
     wait = durability.wait_command(wait_timeout_ms)
-    cluster = isinstance(client, redis.RedisCluster)
-    if wait and not cluster:
-        pipe.execute_command(*wait)  # same connection as the writes: WAIT counts them
-    replies = pipe.execute()
+    cluster = redis_client.is_cluster(client)
+    if cluster:
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        replies = pipe.execute()
+    else:
+        # the same connection as the writes, so WAIT counts them; without a Pipeline's
+        # per-call cost (redis_client.send_together)
+        replies = redis_client.send_together(client, [*commands, *([wait] if wait else [])])
     if wait:
         try:
             if cluster:
@@ -396,6 +402,10 @@ def _send(
             RELAY_NOT_DURABLE.labels(producer).inc()
             raise NotDurable(str(err)) from err
     return dict(zip(by_stream, replies[: len(by_stream)], strict=True))
+
+
+def _entries_json(entries: list[tuple[int, list[str]]]) -> str:
+    return json.dumps([fields for _id, fields in entries], ensure_ascii=False)
 
 
 def _wait_on_nodes(

@@ -121,25 +121,50 @@ def test_a_fault_after_a_batch_was_added_leaves_it_unmarked_and_sends_nothing_ne
     assert outbox_ids(db, published=False) == []
 
 
-class FailingSecondPipeline:
-    """The Redis client, except that its second pipeline fails as an outage would."""
+class FailingSecondBatch:
+    """The Redis client, except that the second batch sent through it fails as an outage would:
+    its second connection checkout on a plain Redis (the relay sends a batch on one pooled
+    connection), its second pipeline on a cluster."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
-        self.pipelines = 0
+        self.sent = 0
 
     def __getattr__(self, name: str):
         return getattr(self._client, name)
 
+    @property
+    def __class__(self):  # isinstance() sees a cluster client as one (the relay asks)
+        return type(self._client)
+
+    def _next_batch(self) -> None:
+        self.sent += 1
+        if self.sent == 2:
+            raise redis.ConnectionError("Redis went away")
+
+    @property
+    def connection_pool(self):
+        failing = self
+
+        class Pool:
+            def __getattr__(self, name: str):
+                return getattr(failing._client.connection_pool, name)
+
+            def get_connection(self, *args, **kwargs):
+                failing._next_batch()
+                return failing._client.connection_pool.get_connection(*args, **kwargs)
+
+        return Pool()
+
     def pipeline(self, **kwargs):
-        self.pipelines += 1
         pipe = self._client.pipeline(**kwargs)
-        if self.pipelines == 2:
+        execute = pipe.execute
 
-            def execute(*_args, **_kwargs):
-                raise redis.ConnectionError("Redis went away")
+        def failing_execute(*args, **kwargs):
+            self._next_batch()
+            return execute(*args, **kwargs)
 
-            pipe.execute = execute
+        pipe.execute = failing_execute
         return pipe
 
 
@@ -147,7 +172,7 @@ def test_redis_failing_for_the_next_batch_leaves_it_and_later_ones_unpublished(
     db_url, db, redis_client, emit, executor
 ):
     emitted = [emit() for _ in range(6)]
-    failing = FailingSecondPipeline(redis_client)
+    failing = FailingSecondBatch(redis_client)
     with connect(db_url) as conn, pytest.raises(redis.ConnectionError):
         drain_all(conn, failing, executor)
 
