@@ -17,6 +17,7 @@ from redis.exceptions import CrossSlotTransactionError, RedisClusterException
 from service_runtime.redis_client import (
     REDIS_OUTAGE_ERRORS,
     ClusterUnreachableError,
+    HeldConnection,
     RedisClient,
     by_slot,
     connect,
@@ -276,6 +277,28 @@ def test_send_together_reads_every_reply_before_raising_the_first_error(
         send_together(redis_backend, commands)
     assert redis_backend.get("k{p3}") == "text!"  # the command after the error ran too
     assert send_together(redis_backend, [["GET", "k{p3}"], ["STRLEN", "k{p3}"]]) == ["text!", 5]
+
+
+def test_a_held_connection_is_one_connection_that_comes_back_after_redis_drops_it(
+    request,
+):
+    """A partition worker's reads keep one connection (HeldConnection): every round trip on
+    the same server-side client, out of the pool until released; dropped by Redis (CLIENT
+    KILL, a restart), the next round trip connects again under the same name."""
+    client = connect(request.getfixturevalue("single_redis_url"), name="inventory-7")
+    held = HeldConnection(client)
+    [first] = held.send_together([["CLIENT", "ID"]])
+    assert held.send_together([["CLIENT", "ID"], ["PING"]]) == [first, "PONG"]
+    assert send_together(client, [["CLIENT", "ID"]]) != [first]  # the pool has another one
+    client.client_kill_filter(_id=first)
+    with pytest.raises(redis.ConnectionError):
+        held.send_together([["PING"]])  # the dropped socket's next round trip
+    [second] = held.send_together([["CLIENT", "ID"]])
+    assert second != first
+    assert held.send_together([["CLIENT", "GETNAME"]]) == ["inventory-7"]
+    held.release()
+    assert send_together(client, [["CLIENT", "ID"]]) == [second]  # back in the (LIFO) pool
+    client.close()
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
