@@ -7,7 +7,6 @@ import uuid
 from billing_service import storage
 from billing_service.domain import decline_reason
 from contracts import Envelope
-from service_runtime.locks import lock_order
 from service_runtime.unit_of_work import OutboxRow, UnitOfWork
 
 
@@ -16,7 +15,7 @@ def on_stock_reserved(uow: UnitOfWork, event: Envelope) -> None:
     order_id = event.payload["order_id"]
     customer_id = event.payload["customer_id"]
     amount = event.payload["total_cents"]
-    lock_order(uow.conn, order_id)  # capture vs. cancellation
+    uow.lock_order(order_id)  # capture vs. cancellation
     decided, balance = storage.lock_balance_unless_decided(uow.conn, order_id, customer_id)
     if decided:
         return  # decided already, or cancelled first: never charge
@@ -50,7 +49,7 @@ def on_stock_reserved(uow: UnitOfWork, event: Envelope) -> None:
 def on_order_cancelled(uow: UnitOfWork, event: Envelope) -> None:
     """Refund a capture; with nothing captured yet, remember so a late StockReserved is ignored."""
     order_id = event.payload["order_id"]
-    lock_order(uow.conn, order_id)  # capture vs. cancellation
+    uow.lock_order(order_id)  # capture vs. cancellation
     payment = storage.remember_cancellation(uow.conn, order_id, event.payload["reason"])
     if payment and payment["status"] == "captured":
         refunded = _event(
@@ -72,6 +71,10 @@ def _event(uow: UnitOfWork, event_type: str, order_id: str, payload: dict) -> Ou
         event_type, aggregate_type="payment", aggregate_id=order_id, payload=payload
     )
 
+
+# Each handler starts with the order's lock: the consumer takes it in its transaction's first
+# statement (UnitOfWork.lock_order then sends none).
+LOCK_ORDERS = True
 
 HANDLERS = {
     "StockReserved": on_stock_reserved,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from contracts import Envelope
 from inventory_service import storage
 from inventory_service.domain import merge_items, plan_reservation
-from service_runtime.locks import lock_order
 from service_runtime.unit_of_work import OutboxRow, UnitOfWork
 
 
@@ -13,7 +12,7 @@ def on_order_placed(uow: UnitOfWork, event: Envelope) -> None:
     """Reserve every line or none."""
     order_id = event.payload["order_id"]
     customer_id = event.payload["customer_id"]
-    lock_order(uow.conn, order_id)  # vs. a release of the same order, also before any row exists
+    uow.lock_order(order_id)  # vs. a release of the same order, also before any row exists
     wanted = merge_items(event.payload["items"])
     stock = storage.lock_stock_unless_decided(uow.conn, order_id, wanted)
     if stock is None:
@@ -56,7 +55,7 @@ def release(uow: UnitOfWork, event: Envelope) -> None:
     """Give back whatever this order still holds (PaymentDeclined, OrderCancelled). When the
     cancellation overtook the order, remember it so OrderPlaced reserves nothing."""
     order_id = event.payload["order_id"]
-    lock_order(uow.conn, order_id)  # vs. the reservation of the same order
+    uow.lock_order(order_id)  # vs. the reservation of the same order
     lines = storage.release(uow.conn, order_id, event.event_type)
     if lines:
         uow.emit(
@@ -72,6 +71,10 @@ def _event(uow: UnitOfWork, event_type: str, order_id: str, payload: dict) -> Ou
         event_type, aggregate_type="reservation", aggregate_id=order_id, payload=payload
     )
 
+
+# Each handler starts with the order's lock: the consumer takes it in its transaction's first
+# statement (UnitOfWork.lock_order then sends none).
+LOCK_ORDERS = True
 
 HANDLERS = {
     "OrderPlaced": on_order_placed,

@@ -71,6 +71,9 @@ def on_compensation(uow: UnitOfWork, event: Envelope) -> None:
     _locked_order(uow, event)
 
 
+# The reactions lock the order's row (storage.lock_order_row), not the order's advisory lock.
+LOCK_ORDERS = False
+
 HANDLERS = {
     "StockReserved": on_stock_reserved,
     "StockReservationFailed": on_step_failed,

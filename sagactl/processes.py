@@ -42,7 +42,7 @@ from service_runtime.consumer import ConsumerSettings
 from service_runtime.consumer_group import StreamConsumer, pool_size
 from service_runtime.db import DB_OUTAGE_ERRORS, connect, create_pool
 from service_runtime.failures import is_outage
-from service_runtime.faults import crash_at_configured_point
+from service_runtime.faults import configured_fault
 from service_runtime.logs import setup_logging
 from service_runtime.metrics import serve as serve_metrics
 from service_runtime.metrics import serve_multiprocess as serve_multiprocess_metrics
@@ -121,7 +121,7 @@ def relay(service: str) -> None:
             database_url(service),
             redis_client.connect(redis_url(f"{service}_relay")),
             settings,
-            fault=crash_at_configured_point,
+            fault=configured_fault(),
         )
     except (ValueError, DurabilityError) as err:  # RELAY_DURABILITY it cannot honour
         raise click.ClickException(str(err)) from err
@@ -147,7 +147,7 @@ def consume(service: str, name: str | None, instance: int | None) -> None:
     setup_logging(service, "consumer")
     configure_tracing(service, "consumer")
     _refuse_to_start_unless(require_nested_windows)
-    handlers = importlib.import_module(f"{service}_service.reactions").HANDLERS
+    reactions = importlib.import_module(f"{service}_service.reactions")
     partitions = _checked_partitions(service)
     try:
         settings = from_env(
@@ -176,8 +176,9 @@ def consume(service: str, name: str | None, instance: int | None) -> None:
         redis_client.connect(redis_url(f"{service}_consumer"), name=settings.consumer),
         pool,
         settings,
-        handlers,
-        fault=crash_at_configured_point,
+        reactions.HANDLERS,
+        fault=configured_fault(),
+        lock_orders=reactions.LOCK_ORDERS,
     )
     try:
         consumer.run(_stop_on_signals())

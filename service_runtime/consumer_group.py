@@ -66,6 +66,7 @@ class StreamConsumer:
         handlers: Mapping[str, Handler],
         on_outcome: OutcomeHook | None = None,
         fault: Callable[[str], None] = no_faults,
+        lock_orders: bool = False,
     ) -> None:
         self.redis = redis_client
         self.pool = pool
@@ -73,6 +74,7 @@ class StreamConsumer:
         self.handlers = handlers
         self.on_outcome = on_outcome
         self.fault = fault
+        self.lock_orders = lock_orders  # the handlers' LOCK_ORDERS (consumer.PartitionWorker)
         self.fence = StreamFence(redis_client)
         self.leases = PartitionLeases(settings.group, settings.consumer, settings.lease_ms / 1000)
         self.running: dict[int, _Running] = {}
@@ -164,6 +166,7 @@ class StreamConsumer:
             lease,
             on_outcome=self.on_outcome,
             fault=self.fault,
+            lock_orders=self.lock_orders,
         )
         running = _Running(worker, threading.Thread())
         running.thread = threading.Thread(

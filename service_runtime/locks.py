@@ -29,3 +29,14 @@ def lock_entity(conn: psycopg.Connection, namespace: Namespace, entity_id: str) 
 def lock_order(conn: psycopg.Connection, order_id: str) -> None:
     """Serialise everything this service's transactions do for one order."""
     lock_entity(conn, Namespace.ORDER, order_id)
+
+
+def lock_orders_sql(ids_param: str) -> str:
+    """A SELECT that takes the order lock of each id of `ids_param` (a comma-separated text
+    parameter), in that order: the same locks as `lock_order`, for a statement that takes them
+    along with its own work (the consumer's first statement: service_runtime/consumer.py)."""
+    return (
+        f"SELECT pg_advisory_xact_lock({int(Namespace.ORDER)}, hashtext(o.id))"
+        f" FROM unnest(string_to_array({ids_param}, ',')) WITH ORDINALITY AS o (id, n)"
+        " ORDER BY o.n"
+    )

@@ -14,7 +14,7 @@ from psycopg_pool import ConnectionPool
 
 from contracts import Envelope, validate_payload
 from contracts.ids import canonical_uuid
-from service_runtime import tracing
+from service_runtime import locks, tracing
 from service_runtime.metrics import OUTBOX_WRITTEN
 
 _OUTBOX_COLUMNS = (
@@ -58,10 +58,25 @@ class UnitOfWork:
     row also stores the W3C traceparent of the current span (service_runtime/tracing.py).
     """
 
-    def __init__(self, conn: psycopg.Connection, cause: Envelope | None = None) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        cause: Envelope | None = None,
+        orders_locked: frozenset[str] = frozenset(),
+    ) -> None:
         self.conn = conn
         self.cause = cause
         self.emitted: list[str] = []
+        # orders whose lock this transaction holds already (the consumer's first statement
+        # takes them for a service that asks: LOCK_ORDERS in its reactions)
+        self._orders_locked = set(orders_locked)
+
+    def lock_order(self, order_id: str) -> None:
+        """Serialise this transaction with the service's others for one order
+        (locks.lock_order); no statement when the transaction holds that lock already."""
+        if order_id not in self._orders_locked:
+            locks.lock_order(self.conn, order_id)
+            self._orders_locked.add(order_id)
 
     def execute(self, query: Any, params: Any = None) -> psycopg.Cursor:
         return self.conn.execute(query, params)

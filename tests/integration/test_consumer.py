@@ -163,6 +163,7 @@ def make_worker(redis_client, pool) -> Callable[..., PartitionWorker]:
         partition: int = 0,
         lease_seconds: float = 3600,
         worker_pool: Any = None,
+        lock_orders: bool = False,
         **overrides: Any,
     ) -> PartitionWorker:
         values: dict[str, Any] = dict(
@@ -188,6 +189,7 @@ def make_worker(redis_client, pool) -> Callable[..., PartitionWorker]:
             handlers,
             [partition],
             lease_seconds=lease_seconds,
+            lock_orders=lock_orders,
         )
         return worker
 
@@ -812,6 +814,38 @@ def test_a_caught_up_worker_reads_again_what_a_lagging_redis_must_deliver_again(
 
 
 # -- inventory's per-order lock (issue 8, defect 1) -----------------------------------------
+
+
+@pytest.mark.parametrize("lock_orders", [True, False])
+def test_the_consumer_takes_each_entrys_order_lock_with_its_first_statement(
+    db, redis_client, make_worker, lock_orders
+) -> None:
+    """LOCK_ORDERS (inventory's and billing's reactions): the transaction's first statement
+    takes the order lock of each entry of the batch, the same lock as locks.lock_order, so
+    another transaction cannot take it before the handler runs; the handler's own
+    uow.lock_order then sends nothing. Without it the handler takes the lock itself."""
+    seen: list[tuple[bool, bool]] = []
+
+    def handler(uow, env: Envelope) -> None:
+        order_id = env.payload["order_id"]
+        # db, another session (autocommit): it can take the lock only while nobody holds it
+        free = db.execute(
+            "SELECT pg_try_advisory_xact_lock(1, hashtext(%s))", (order_id,)
+        ).fetchone()[0]
+        uow.lock_order(order_id)
+        after = db.execute(
+            "SELECT pg_try_advisory_xact_lock(1, hashtext(%s))", (order_id,)
+        ).fetchone()[0]
+        seen.append((free, after))
+        record(uow, env)
+
+    worker = make_worker({"OrderPlaced": handler}, lock_orders=lock_orders)
+    envs = [envelope(), envelope()]
+    for env in envs:
+        publish(redis_client, env)
+    assert drain([worker]) == 2
+    assert seen == [(not lock_orders, False), (not lock_orders, False)]
+    assert applied(db) == 2
 
 
 def test_order_placed_and_cancelled_handled_at_once_never_leave_stock_held(
