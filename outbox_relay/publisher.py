@@ -135,9 +135,11 @@ def publish_batch(
     recorded: dict[str, str] | None = None,
     durability: Durability = ACK,
     wait_timeout_ms: int = 1000,
+    via: redis_client.HeldConnection | None = None,
 ) -> int:
     """Publish up to batch_size rows in id order with one pipelined round trip (per Redis
-    node, on a cluster: redis-py's cluster pipeline groups the commands by node).
+    node, on a cluster: redis-py's cluster pipeline groups the commands by node); on a plain
+    Redis on `via`, the relay's own connection, when given.
 
     `recorded` is the relay's copy of published_positions (kept current here). A crash after
     XADD and before the UPDATE commits leaves the rows unpublished: they are published again
@@ -158,7 +160,7 @@ def publish_batch(
     if not rows:
         return 0
     batch, replies = _build_and_send(
-        rows, producer, partitions, redis_client, recorded, durability, wait_timeout_ms
+        rows, producer, partitions, redis_client, recorded, durability, wait_timeout_ms, via
     )
     fault("after_xadd")
     behind = not all(reply[0] for reply in replies.values())
@@ -183,6 +185,7 @@ def drain(
     wait_timeout_ms: int = 1000,
     seconds: float = 1.0,
     on_commit: Callable[[int], None] = lambda _n: None,
+    via: redis_client.HeldConnection | None = None,
 ) -> tuple[int, bool]:
     """Publish a backlog with batches overlapped: while Redis adds batch N (sent by
     `executor`'s thread), PostgreSQL claims batch N+1 and, once N's reply came back, marks N
@@ -231,7 +234,7 @@ def drain(
                 if rows and clean:
                     # the thread builds the entries and sends them while PostgreSQL marks
                     send = (rows, producer, partitions, redis_client, dict(sent), durability,
-                            wait_timeout_ms)  # fmt: skip
+                            wait_timeout_ms, via)  # fmt: skip
                     pending = (rows, executor.submit(_build_and_send, *send))
                 if inflight is not None:
                     inflight = None  # its reply is in: nothing of it is in flight now
@@ -268,10 +271,11 @@ def _build_and_send(
     recorded: dict[str, str],
     durability: Durability,
     wait_timeout_ms: int,
+    via: redis_client.HeldConnection | None = None,
 ) -> tuple[_Batch, dict[str, list]]:
     """One batch's entries and their pipeline (on drain()'s thread, when it overlaps)."""
     batch = _build(rows, producer, partitions)
-    replies = _send(client, batch.by_stream, recorded, durability, wait_timeout_ms, producer)
+    replies = _send(client, batch.by_stream, recorded, durability, wait_timeout_ms, producer, via)
     return batch, replies
 
 
@@ -370,6 +374,7 @@ def _send(
     durability: Durability,
     wait_timeout_ms: int,
     producer: str,
+    via: redis_client.HeldConnection | None = None,
 ) -> dict[str, list]:
     """One round trip: a checked XADD script per stream, then the durability wait (on a
     cluster, redis-py's cluster pipeline, one round trip per node, and a WAIT per node)."""
@@ -388,7 +393,10 @@ def _send(
     else:
         # the same connection as the writes, so WAIT counts them; without a Pipeline's
         # per-call cost (redis_client.send_together)
-        replies = redis_client.send_together(client, [*commands, *([wait] if wait else [])])
+        commands += [wait] if wait else []
+        replies = (
+            via.send_together(commands) if via else redis_client.send_together(client, commands)
+        )
     if wait:
         try:
             if cluster:

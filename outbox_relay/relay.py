@@ -44,6 +44,7 @@ from service_runtime.failures import is_outage
 from service_runtime.faults import no_faults
 from service_runtime.locks import RELAY_LOCK_KEY
 from service_runtime.metrics import RELAY_BACKLOG
+from service_runtime.redis_client import HeldConnection, is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,9 @@ class Relay:
         self.durability = settings.durability_mode
         self.durability.check_server(redis_client)  # DurabilityError: refuse to start
         self._sender: ThreadPoolExecutor | None = None  # drain()'s XADD thread, when needed
+        # the batches' connection to a plain Redis, used by one thread at a time (this one, or
+        # drain()'s, which is done with it before drain returns)
+        self._sends = None if is_cluster(redis_client) else HeldConnection(redis_client)
 
     def run(self, stop: threading.Event) -> None:
         delay = 0.2
@@ -135,6 +139,8 @@ class Relay:
             if self._sender is not None:  # idle: drain() returns with nothing in flight
                 self._sender.shutdown()
                 self._sender = None
+            if self._sends is not None:
+                self._sends.release()
 
     def _acquire(self, conn: psycopg.Connection, stop: threading.Event) -> bool:
         while not stop.is_set():
@@ -270,6 +276,7 @@ class Relay:
             "recorded": self.recorded,
             "durability": self.durability,
             "wait_timeout_ms": self.settings.wait_timeout_ms,
+            "via": self._sends,
         }
 
     def _executor(self) -> ThreadPoolExecutor:
