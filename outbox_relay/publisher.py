@@ -64,7 +64,7 @@ LIMIT %s
 _RECORD_POSITIONS = positions.upsert_positions(
     "SELECT * FROM unnest(string_to_array(%s, ','), string_to_array(%s, ','))"
 )
-_MARK_PUBLISHED = f"""
+_MARK_CTES = f"""
 WITH marked AS (
     UPDATE outbox o
     SET published_at = clock_timestamp(), published_stream = v.stream,
@@ -74,8 +74,17 @@ WITH marked AS (
     WHERE o.id = v.id
     RETURNING 1
 ), recorded AS ({_RECORD_POSITIONS} RETURNING 1)
-SELECT (SELECT count(*) FROM marked), (SELECT count(*) FROM recorded)
 """
+_MARK_PUBLISHED = (
+    f"{_MARK_CTES}SELECT (SELECT count(*) FROM marked), (SELECT count(*) FROM recorded)"
+)
+# The mark of the batch before and the claim of the next one, in one statement (at light load,
+# the mark goes with the next claim: `publish_marking_later`). Its snapshot is from before the
+# UPDATE, so the rows being marked are left out by id. (A data-modifying WITH always runs.)
+_MARK_AND_CLAIM_BATCH = _MARK_CTES + _CLAIM_BATCH.replace(
+    "WHERE published_at IS NULL",
+    "WHERE published_at IS NULL\n  AND id <> ALL(string_to_array(%s, ',')::bigint[])",
+)
 
 # KEYS[1]: the stream; ARGV[1]: the position recorded for it ('0-0': none), ARGV[2]: the
 # entries as one JSON array of [field, value, ...] arrays (one argument instead of two dozen
@@ -169,6 +178,81 @@ def publish_batch(
     recorded.update(positions_now)  # committed
     _observe(producer, [row[3] for row in published])
     return len(published)
+
+
+@dataclass(frozen=True)
+class Unmarked:
+    """A batch Redis took whose mark is still to be written: with the next claim
+    (`publish_marking_later`), or alone (`mark_now`) when no batch follows soon."""
+
+    rows: list[tuple]
+    marks: tuple[str, ...]  # the mark's parameters (_MARK_CTES)
+    positions: dict[str, str]  # each stream's highest entry id, recorded with the mark
+    sent_at: float  # when Redis took it (RELAY_LATENCY)
+
+
+def publish_marking_later(
+    conn: psycopg.Connection,
+    redis_client: redis.Redis,
+    unmarked: Unmarked | None,
+    *,
+    producer: str,
+    partitions: int,
+    batch_size: int,
+    fault: FaultPoint = no_faults,
+    recorded: dict[str, str],
+    durability: Durability = ACK,
+    wait_timeout_ms: int = 1000,
+    via: redis_client.HeldConnection | None = None,
+    on_commit: Callable[[int], None] = lambda _n: None,
+) -> tuple[Unmarked | None, bool]:
+    """`publish_batch` for a relay woken again and again at light load: the mark of the batch
+    before (`unmarked`) goes in the statement that claims this one, and this batch's mark is
+    left for the next call (or `mark_now`): one PostgreSQL statement a batch instead of two.
+    Returns (this batch if its mark is still to be written, whether the claim was full);
+    `on_commit` gets the number of rows of each mark that committed.
+
+    A full batch (a backlog, for drain()) or one that found a stream behind (a repair, in a
+    transaction) is marked at once, as publish_batch does. A batch is marked before the next
+    one is sent, so the next one's checked XADD compares with its positions, as ever. A crash
+    or an error before the mark leaves its rows unpublished: sent again (duplicates the
+    consumers' inbox absorbs), never lost, as between any XADD and its mark."""
+    if unmarked is None:
+        rows = conn.execute(_CLAIM_BATCH, (batch_size,)).fetchall()
+    else:
+        ids = unmarked.marks[0]
+        rows = conn.execute(_MARK_AND_CLAIM_BATCH, (*unmarked.marks, ids, batch_size)).fetchall()
+        on_commit(_marked(producer, unmarked, recorded))
+    full = len(rows) == batch_size
+    if not rows:
+        return None, full
+    batch, replies = _build_and_send(
+        rows, producer, partitions, redis_client, recorded, durability, wait_timeout_ms, via
+    )
+    fault("after_xadd")
+    clean = all(reply[0] for reply in replies.values())
+    if clean and not full:
+        _ids, marks, highest, _lost = _marks_of(batch, replies)
+        return Unmarked(rows, marks, highest, time.time()), full
+    with nullcontext() if clean else conn.transaction():
+        published, positions_now, _ = _mark(conn, redis_client, producer, batch, replies, recorded)
+    recorded.update(positions_now)  # committed
+    _observe(producer, [row[3] for row in published])
+    on_commit(len(published))
+    return None, full
+
+
+def mark_now(conn: psycopg.Connection, producer: str, unmarked: Unmarked, recorded: dict) -> int:
+    """Write the mark `publish_marking_later` left (no batch followed soon); rows marked."""
+    conn.execute(_MARK_PUBLISHED, unmarked.marks)
+    return _marked(producer, unmarked, recorded)
+
+
+def _marked(producer: str, unmarked: Unmarked, recorded: dict[str, str]) -> int:
+    """Once `unmarked`'s mark committed: its positions recorded, its metrics."""
+    recorded.update(unmarked.positions)
+    _observe(producer, [row[3] for row in unmarked.rows], unmarked.sent_at)
+    return len(unmarked.rows)
 
 
 def drain(
@@ -335,6 +419,22 @@ def _mark(
     stream's highest entry id; repair the streams found behind. Returns (the rows marked,
     stream -> the position now recorded (for `recorded`, once committed), stream -> Redis's
     last id where it was behind)."""
+    ids, marks, highest, lost = _marks_of(batch, replies)
+    if ids:
+        conn.execute(_MARK_PUBLISHED, marks)
+    positions.repair(conn, redis_client, producer, lost, recorded)
+    rows = batch.rows
+    if lost:
+        published = set(ids)
+        rows = [row for row in rows if row[0] in published]
+    return rows, highest | lost, lost
+
+
+def _marks_of(
+    batch: _Batch, replies: dict[str, list]
+) -> tuple[list[int], tuple[str, ...], dict[str, str], dict[str, str]]:
+    """(the ids Redis took, the parameters of their mark (_MARK_CTES), each stream's highest
+    entry id, stream -> Redis's last id where it was behind). Ends the batch's PRODUCER spans."""
     ids: list[int] = []
     streams: list[str] = []
     entries: list[str] = []
@@ -350,21 +450,14 @@ def _mark(
             streams.append(stream)
             entries.append(entry_id)
         highest[stream] = reply[-1]
-    if ids:
-        marks = (
-            ",".join(map(str, ids)),
-            ",".join(streams),
-            ",".join(entries),
-            ",".join(highest),
-            ",".join(highest.values()),
-        )
-        conn.execute(_MARK_PUBLISHED, marks)
-    positions.repair(conn, redis_client, producer, lost, recorded)
-    rows = batch.rows
-    if lost:
-        published = set(ids)
-        rows = [row for row in rows if row[0] in published]
-    return rows, highest | lost, lost
+    marks = (
+        ",".join(map(str, ids)),
+        ",".join(streams),
+        ",".join(entries),
+        ",".join(highest),
+        ",".join(highest.values()),
+    )
+    return ids, marks, highest, lost
 
 
 def _send(
@@ -430,9 +523,10 @@ def _wait_on_nodes(
         durability.check_reply(client.execute_command(*wait, target_nodes=node), f" on {name}")
 
 
-def _observe(producer: str, created: list[float]) -> None:
-    """RELAY_LATENCY (each row's age now: its created_at is as good as its commit time),
-    RELAY_PUBLISHED and RELAY_BATCH_SIZE for one published batch."""
-    observe_many(RELAY_LATENCY.labels(producer), [time.time() - epoch for epoch in created])
+def _observe(producer: str, created: list[float], sent_at: float | None = None) -> None:
+    """RELAY_LATENCY (each row's age when Redis took it, by default now: its created_at is as
+    good as its commit time), RELAY_PUBLISHED and RELAY_BATCH_SIZE for one published batch."""
+    at = time.time() if sent_at is None else sent_at
+    observe_many(RELAY_LATENCY.labels(producer), [at - epoch for epoch in created])
     RELAY_PUBLISHED.labels(producer).inc(len(created))
     RELAY_BATCH_SIZE.labels(producer).observe(len(created))

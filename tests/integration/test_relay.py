@@ -256,6 +256,75 @@ def test_relay_crash_after_xadd_is_followed_by_republishing(
     assert stream_event_ids(redis_client) == emitted + emitted
 
 
+def test_at_light_load_a_batch_is_marked_with_the_next_claim_or_alone_soon_after(
+    db_url, db, redis_client, emit, background
+):
+    """RELAY_MARK_WITHIN_MS: a batch sent at light load is not marked at once; its mark goes in
+    the statement that claims the next batch, or alone once the window has passed, or when the
+    relay stops. Here the window (20 s) is longer than the test: each mark seen comes with a
+    claim, or with the stop."""
+    relay = Relay(
+        db_url,
+        redis_client,
+        settings(poll_seconds=30, mark_within_ms=20_000, takeover_after_seconds=0),
+    )
+    runner = background.start("relay", relay.run)
+    first = emit()
+    wait_until(lambda: stream_event_ids(redis_client) == [first])
+    assert outbox_ids(db, published=False) == [first]  # sent, its mark waiting
+    second = emit()
+    wait_until(lambda: stream_event_ids(redis_client) == [first, second])
+    wait_until(lambda: outbox_ids(db, published=False) == [second])  # first marked with the claim
+    assert relay.published == 1
+    runner.stop.set()
+    db.execute("SELECT pg_notify('outbox', '')")  # wake it from its wait
+    wait_until(runner.finished.is_set)
+    assert runner.error is None
+    assert outbox_ids(db, published=False) == []  # marked on the way out, not sent again
+    assert relay.published == 2
+    assert stream_event_ids(redis_client) == [first, second]
+
+    soon = Relay(
+        db_url,
+        redis_client,
+        settings(poll_seconds=30, mark_within_ms=100, takeover_after_seconds=0),
+    )
+    background.start("relay with a short window", soon.run)
+    third = emit()
+    wait_until(lambda: outbox_ids(db, published=False) == [])  # alone, after 100 ms
+    assert stream_event_ids(redis_client) == [first, second, third]
+
+
+def test_a_batch_whose_mark_was_lost_with_the_session_is_sent_again_never_lost(
+    db_url, db, redis_client, emit, background
+):
+    """The relay's session ends between a batch's XADD and its (deferred) mark: the rows were
+    never marked, so the next session sends them again, duplicates after the first copies."""
+    relay = Relay(
+        db_url,
+        redis_client,
+        settings(poll_seconds=30, mark_within_ms=20_000, takeover_after_seconds=0),
+    )
+    runner = background.start("relay", relay.run)
+    first = emit()
+    wait_until(lambda: stream_event_ids(redis_client) == [first])
+    [holder] = lock_holders(db)
+    db.execute("SELECT pg_terminate_backend(%s)", (holder,))
+    second = emit()
+    # the next session sends first again (never marked), then second
+    wait_until(lambda: stream_event_ids(redis_client) == [first, first, second], timeout=30)
+    runner.stop.set()
+    db.execute("SELECT pg_notify('outbox', '')")
+    wait_until(runner.finished.is_set)
+    assert outbox_ids(db, published=False) == []
+    assert stream_event_ids(redis_client) == [first, first, second]
+
+
+def test_a_mark_window_longer_than_the_poll_is_refused():
+    with pytest.raises(ValueError, match="RELAY_MARK_WITHIN_MS"):
+        settings(poll_seconds=0.2, mark_within_ms=500)
+
+
 # -- one active relay per outbox -------------------------------------------------------------
 
 
@@ -375,6 +444,9 @@ def test_a_standby_takes_over_from_a_relay_behind_a_frozen_proxy(
         background.start("standby", standby.run)
         first = emit()
         wait_until(lambda: stream_event_ids(redis_client) == [first])
+        # marked too (RELAY_MARK_WITHIN_MS after it was sent): a row sent and not yet marked
+        # when the relay freezes is sent again by the standby, a duplicate
+        wait_until(lambda: outbox_ids(db, published=False) == [])
         [holder] = lock_holders(db)
 
         # Both TCP connections stay open and acknowledged, nothing passes: the server keeps
