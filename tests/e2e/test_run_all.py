@@ -38,6 +38,11 @@ class RunAll:
     def output(self) -> str:
         return self.output_path.read_text(errors="replace")
 
+    def output_without_probes(self) -> str:
+        """The output without the access-log lines of our own readiness probes, which would
+        fill any tail of it while a service is not ready."""
+        return "\n".join(line for line in self.output().splitlines() if "GET /ready" not in line)
+
     def tree(self) -> list[psutil.Process]:
         """run-all and every process below it (the supervised ones run in their own sessions
         but stay its children), remembered so that the end can check they are all gone."""
@@ -131,7 +136,9 @@ def _running(extra_env: dict[str, str]) -> Iterator[RunAll]:
         wait_until(
             lambda: all(_ready(url) for url in running.urls.values()) or process.poll() is not None,
             timeout=120,
-            message=lambda: f"run-all did not become ready:\n{running.output()[-4000:]}",
+            message=lambda: (
+                f"run-all did not become ready:\n{running.output_without_probes()[-6000:]}"
+            ),
         )
         assert process.poll() is None, running.output()[-4000:]
         running.tree()
