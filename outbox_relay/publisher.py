@@ -242,7 +242,9 @@ def publish_marking_later(
     return None, full
 
 
-def mark_now(conn: psycopg.Connection, producer: str, unmarked: Unmarked, recorded: dict) -> int:
+def mark_now(
+    conn: psycopg.Connection, producer: str, unmarked: Unmarked, recorded: dict[str, str]
+) -> int:
     """Write the mark `publish_marking_later` left (no batch followed soon); rows marked."""
     conn.execute(_MARK_PUBLISHED, unmarked.marks)
     return _marked(producer, unmarked, recorded)

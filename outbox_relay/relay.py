@@ -96,13 +96,13 @@ class RelaySettings:
 
     def __post_init__(self) -> None:
         self.durability_mode  # noqa: B018 - refuse a malformed RELAY_DURABILITY at once
-        # an active relay is idle up to poll_seconds between queries (plus a batch and some
-        # scheduling noise): a bound that close to it would terminate healthy relays
         if not 0 <= self.mark_within_ms <= 1000 * self.poll_seconds:
             raise ValueError(
                 f"RELAY_MARK_WITHIN_MS ({self.mark_within_ms}) must be from 0 to"
                 f" RELAY_POLL_SECONDS ({self.poll_seconds}) in ms"
             )
+        # an active relay is idle up to poll_seconds between queries (plus a batch and some
+        # scheduling noise): a bound that close to it would terminate healthy relays
         if self.takeover_after_seconds and self.takeover_after_seconds < 3 * self.poll_seconds:
             raise ValueError(
                 f"RELAY_TAKEOVER_AFTER_SECONDS ({self.takeover_after_seconds}) must be 0 or at"
