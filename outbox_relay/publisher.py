@@ -172,12 +172,7 @@ def publish_batch(
         rows, producer, partitions, redis_client, recorded, durability, wait_timeout_ms, via
     )
     fault("after_xadd")
-    behind = not all(reply[0] for reply in replies.values())
-    with conn.transaction() if behind else nullcontext():
-        published, positions_now, _ = _mark(conn, redis_client, producer, batch, replies, recorded)
-    recorded.update(positions_now)  # committed
-    _observe(producer, [row[3] for row in published])
-    return len(published)
+    return _mark_at_once(conn, redis_client, producer, batch, replies, recorded)
 
 
 @dataclass(frozen=True)
@@ -230,16 +225,30 @@ def publish_marking_later(
         rows, producer, partitions, redis_client, recorded, durability, wait_timeout_ms, via
     )
     fault("after_xadd")
-    clean = all(reply[0] for reply in replies.values())
-    if clean and not full:
+    if not full and all(reply[0] for reply in replies.values()):
         _ids, marks, highest, _lost = _marks_of(batch, replies)
         return Unmarked(rows, marks, highest, time.time()), full
-    with nullcontext() if clean else conn.transaction():
+    on_commit(_mark_at_once(conn, redis_client, producer, batch, replies, recorded))
+    return None, full
+
+
+def _mark_at_once(
+    conn: psycopg.Connection,
+    redis_client: redis.Redis,
+    producer: str,
+    batch: _Batch,
+    replies: dict[str, list],
+    recorded: dict[str, str],
+) -> int:
+    """Mark a batch now, on `conn` in autocommit: one statement, or a transaction with the
+    repair when a stream was found behind; `recorded` and the metrics once it committed.
+    The rows marked."""
+    behind = not all(reply[0] for reply in replies.values())
+    with conn.transaction() if behind else nullcontext():
         published, positions_now, _ = _mark(conn, redis_client, producer, batch, replies, recorded)
     recorded.update(positions_now)  # committed
     _observe(producer, [row[3] for row in published])
-    on_commit(len(published))
-    return None, full
+    return len(published)
 
 
 def mark_now(

@@ -256,6 +256,23 @@ def test_relay_crash_after_xadd_is_followed_by_republishing(
     assert stream_event_ids(redis_client) == emitted + emitted
 
 
+def marking_later(db_url, redis_client, mark_within_ms: int) -> Relay:
+    """A relay whose marks wait up to `mark_within_ms` for the next claim (no polls or
+    takeovers in the way)."""
+    return Relay(
+        db_url,
+        redis_client,
+        settings(poll_seconds=30, mark_within_ms=mark_within_ms, takeover_after_seconds=0),
+    )
+
+
+def stop(runner, db) -> None:
+    """Stop a relay runner and wait until it has ended (woken from its wait by a NOTIFY)."""
+    runner.stop.set()
+    db.execute("SELECT pg_notify('outbox', '')")
+    wait_until(runner.finished.is_set)
+
+
 def test_at_light_load_a_batch_is_marked_with_the_next_claim_or_alone_soon_after(
     db_url, db, redis_client, emit, background
 ):
@@ -263,11 +280,7 @@ def test_at_light_load_a_batch_is_marked_with_the_next_claim_or_alone_soon_after
     the statement that claims the next batch, or alone once the window has passed, or when the
     relay stops. Here the window (20 s) is longer than the test: each mark seen comes with a
     claim, or with the stop."""
-    relay = Relay(
-        db_url,
-        redis_client,
-        settings(poll_seconds=30, mark_within_ms=20_000, takeover_after_seconds=0),
-    )
+    relay = marking_later(db_url, redis_client, 20_000)
     runner = background.start("relay", relay.run)
     first = emit()
     wait_until(lambda: stream_event_ids(redis_client) == [first])
@@ -276,19 +289,13 @@ def test_at_light_load_a_batch_is_marked_with_the_next_claim_or_alone_soon_after
     wait_until(lambda: stream_event_ids(redis_client) == [first, second])
     wait_until(lambda: outbox_ids(db, published=False) == [second])  # first marked with the claim
     assert relay.published == 1
-    runner.stop.set()
-    db.execute("SELECT pg_notify('outbox', '')")  # wake it from its wait
-    wait_until(runner.finished.is_set)
+    stop(runner, db)
     assert runner.error is None
     assert outbox_ids(db, published=False) == []  # marked on the way out, not sent again
     assert relay.published == 2
     assert stream_event_ids(redis_client) == [first, second]
 
-    soon = Relay(
-        db_url,
-        redis_client,
-        settings(poll_seconds=30, mark_within_ms=100, takeover_after_seconds=0),
-    )
+    soon = marking_later(db_url, redis_client, 100)
     background.start("relay with a short window", soon.run)
     third = emit()
     wait_until(lambda: outbox_ids(db, published=False) == [])  # alone, after 100 ms
@@ -300,11 +307,7 @@ def test_a_batch_whose_mark_was_lost_with_the_session_is_sent_again_never_lost(
 ):
     """The relay's session ends between a batch's XADD and its (deferred) mark: the rows were
     never marked, so the next session sends them again, duplicates after the first copies."""
-    relay = Relay(
-        db_url,
-        redis_client,
-        settings(poll_seconds=30, mark_within_ms=20_000, takeover_after_seconds=0),
-    )
+    relay = marking_later(db_url, redis_client, 20_000)
     runner = background.start("relay", relay.run)
     first = emit()
     wait_until(lambda: stream_event_ids(redis_client) == [first])
@@ -313,9 +316,7 @@ def test_a_batch_whose_mark_was_lost_with_the_session_is_sent_again_never_lost(
     second = emit()
     # the next session sends first again (never marked), then second
     wait_until(lambda: stream_event_ids(redis_client) == [first, first, second], timeout=30)
-    runner.stop.set()
-    db.execute("SELECT pg_notify('outbox', '')")
-    wait_until(runner.finished.is_set)
+    stop(runner, db)
     assert outbox_ids(db, published=False) == []
     assert stream_event_ids(redis_client) == [first, first, second]
 
