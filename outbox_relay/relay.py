@@ -55,6 +55,20 @@ from service_runtime.redis_client import HeldConnection, is_cluster
 
 log = logging.getLogger(__name__)
 
+# The relay's session plans its statements by index only. psycopg prepares a statement after a
+# few runs, and PostgreSQL keeps a prepared statement's generic plan until the table's
+# statistics change: made while the outbox was small (a new database, before autovacuum has
+# analyzed it), it seq-scans the outbox for every mark, and bitmap-scans the unpublished index
+# for every claim, which never sets the index's dead-entry hints. Measured on a new database at
+# 100 orders/s: 280-390 us a mark, growing with the table, against 50-120 us by index.
+PLANNER_OPTIONS = "-c enable_seqscan=off -c enable_bitmapscan=off"
+
+
+def connect_session(database_url: str) -> psycopg.Connection:
+    """The relay's own session: the holder of its lock, planning by index only."""
+    return connect(database_url, options=PLANNER_OPTIONS)
+
+
 # pg_try_advisory_lock(bigint) shows in pg_locks as classid = high 32 bits, objid = low 32
 _LOCK_CLASSID, _LOCK_OBJID = RELAY_LOCK_KEY >> 32, RELAY_LOCK_KEY & 0xFFFFFFFF
 
@@ -142,7 +156,7 @@ class Relay:
         try:
             while not stop.is_set():
                 try:
-                    with connect(self.database_url) as conn:
+                    with connect_session(self.database_url) as conn:
                         if self._acquire(conn, stop):
                             delay = 0.2
                             self._publish_while_active(conn, stop)
