@@ -136,6 +136,9 @@ def repair(
     at Redis's position and the rows marked: no later check saw the loss."""
     if not lost:
         return 0
+    # the relay's session commits its marks without waiting for the WAL flush: an un-marking
+    # lost with a PostgreSQL crash would leave rows marked that Redis no longer has
+    conn.execute("SET LOCAL synchronous_commit = on")
     counts: dict[str, int] = {}
     for stream, redis_last in lost.items():
         ms, seq = id_key(redis_last)

@@ -55,18 +55,23 @@ from service_runtime.redis_client import HeldConnection, is_cluster
 
 log = logging.getLogger(__name__)
 
-# The relay's session plans its statements by index only. psycopg prepares a statement after a
-# few runs, and PostgreSQL keeps a prepared statement's generic plan until the table's
-# statistics change: made while the outbox was small (a new database, before autovacuum has
-# analyzed it), it seq-scans the outbox for every mark, and bitmap-scans the unpublished index
-# for every claim, which never sets the index's dead-entry hints. Measured on a new database at
-# 100 orders/s: 280-390 us a mark, growing with the table, against 50-120 us by index.
-PLANNER_OPTIONS = "-c enable_seqscan=off -c enable_bitmapscan=off"
+# The relay's own session (docs/architecture.md, "Relay batches"):
+# - it plans its statements by index only. psycopg prepares a statement after a few runs, and
+#   PostgreSQL keeps a prepared statement's generic plan until the table's statistics change:
+#   made while the outbox was small (a new database, before autovacuum has analyzed it), it
+#   seq-scans the outbox for every mark, and bitmap-scans the unpublished index for every
+#   claim, which never sets the index's dead-entry hints. Measured on a new database at 100
+#   orders/s: 280-390 us a mark, growing with the table, against 50-120 us by index.
+# - its marks commit without waiting for the WAL flush: a mark lost with a PostgreSQL crash
+#   leaves its rows unpublished, and they are sent again (duplicates, which the consumers'
+#   inboxes absorb, never a loss). A repair, whose un-marking must not be lost, waits for the
+#   flush (positions.repair).
+SESSION_OPTIONS = "-c enable_seqscan=off -c enable_bitmapscan=off -c synchronous_commit=off"
 
 
 def connect_session(database_url: str) -> psycopg.Connection:
-    """The relay's own session: the holder of its lock, planning by index only."""
-    return connect(database_url, options=PLANNER_OPTIONS)
+    """The relay's own session: the holder of its lock (SESSION_OPTIONS)."""
+    return connect(database_url, options=SESSION_OPTIONS)
 
 
 # pg_try_advisory_lock(bigint) shows in pg_locks as classid = high 32 bits, objid = low 32

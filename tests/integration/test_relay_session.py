@@ -1,9 +1,11 @@
-"""The relay's statements go by index even when planned on a new, empty outbox.
+"""The relay's own session (outbox_relay/relay.py, SESSION_OPTIONS). Real PostgreSQL.
 
-psycopg prepares a statement after a few runs and PostgreSQL may keep its generic plan until
-autovacuum analyzes the table: a plan made while the outbox was empty would seq-scan it on
-every mark for minutes, at a cost that grows with the table. The relay's session forbids
-those plans (outbox_relay/relay.py, PLANNER_OPTIONS). Real PostgreSQL."""
+- Its statements go by index even when planned on a new, empty outbox: psycopg prepares a
+  statement after a few runs and PostgreSQL may keep its generic plan until autovacuum analyzes
+  the table; a plan made while the outbox was empty would seq-scan it on every mark for
+  minutes, at a cost that grows with the table.
+- Its marks commit without waiting for the WAL flush (one lost with a crash is sent again); a
+  repair's un-marking waits for it."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import re
 
 import pytest
 
-from outbox_relay import publisher
+from contracts import INVENTORY_EVENTS, partition_stream
+from outbox_relay import positions, publisher
 from outbox_relay.relay import connect_session
 from service_runtime.db import connect
 
@@ -63,3 +66,19 @@ def test_a_plain_session_would_seq_scan_the_outbox_to_mark(db_url):
         scans = outbox_scans(generic_plan(conn, statement, params))
 
     assert any("Seq Scan on outbox" in scan for scan in scans), scans
+
+
+def test_the_relays_marks_do_not_wait_for_the_flush_and_a_repair_does(db_url, redis_client):
+    stream = partition_stream(INVENTORY_EVENTS, 0)
+
+    def synchronous_commit(conn) -> str:
+        return conn.execute("SHOW synchronous_commit").fetchone()[0]
+
+    with connect_session(db_url) as conn:
+        assert synchronous_commit(conn) == "off"
+        with conn.transaction():
+            positions.record(conn, {stream: "5-0"})
+            positions.repair(conn, redis_client, "inventory", {stream: "0-0"}, {stream: "5-0"})
+            assert synchronous_commit(conn) == "on"
+        assert synchronous_commit(conn) == "off"  # for that transaction only
+        assert positions.load(conn) == {stream: "0-0"}
