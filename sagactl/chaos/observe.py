@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import psycopg
 import redis
@@ -88,14 +89,60 @@ def wait_for_quiet(
         time.sleep(interval)
 
 
+def handled_types() -> dict[str, frozenset[str]]:
+    """group -> the event types its reactions handle (reactions.HANDLERS)."""
+    return {
+        group: frozenset(importlib.import_module(f"{group}_service.reactions").HANDLERS)
+        for group in SUBSCRIPTIONS
+    }
+
+
+def undelivered_events(db_urls: Mapping[str, str], examples: int = 5) -> dict[str, Any]:
+    """Events in a producer's outbox that a group reacting to them never took: no inbox row
+    and no dead letter in the group's database. Once the system is quiet, each one is a saga
+    step lost on the way (a stream entry Redis lost that nobody published again); a saga that
+    only ran late (an outage longer than the payment deadline) has none. Valid while the
+    outbox and inbox rows are kept (retention: hours; a soak lasts minutes)."""
+    handled = handled_types()
+    received: dict[str, set[str]] = {}
+    for group in SUBSCRIPTIONS:
+        with psycopg.connect(db_urls[group], connect_timeout=3) as conn:
+            received[group] = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT event_id::text FROM inbox WHERE consumer_group = %s"
+                    " UNION SELECT event_id FROM dead_letters"
+                    " WHERE consumer_group = %s AND event_id IS NOT NULL",
+                    (group, group),
+                )
+            }
+    missing: list[dict[str, str]] = []
+    for producer, stream in STREAM_OF_PRODUCER.items():
+        readers = [g for g, streams in SUBSCRIPTIONS.items() if stream in streams]
+        types = sorted(set().union(*(handled[g] for g in readers)))
+        with psycopg.connect(db_urls[producer], connect_timeout=3) as conn:
+            rows = conn.execute(
+                "SELECT event_id::text, event_type, aggregate_id FROM outbox"
+                " WHERE event_type = ANY(%s) ORDER BY id",
+                (types,),
+            ).fetchall()
+        missing += [
+            {"event_id": event_id, "event_type": event_type, "order_id": order_id,
+             "stream": stream, "group": group}
+            for event_id, event_type, order_id in rows
+            for group in readers
+            if event_type in handled[group] and event_id not in received[group]
+        ]  # fmt: skip
+    routes = Counter(f"{m['event_type']} -> {m['group']}" for m in missing)
+    return {"count": len(missing), "by_route": dict(sorted(routes.items())),
+            "examples": missing[:examples]}  # fmt: skip
+
+
 def republished_duplicates(client: redis.Redis, partitions: int) -> dict[str, int]:
     """Stream entries carrying an event_id already in the stream (a relay died between XADD
     and marking the rows published), and the deliveries of those copies to groups that handle
     the event type: each such delivery was absorbed by the group's inbox."""
-    handled = {
-        group: set(importlib.import_module(f"{group}_service.reactions").HANDLERS)
-        for group in SUBSCRIPTIONS
-    }
+    handled = handled_types()
     entries = deliveries = 0
     for producer, base in STREAM_OF_PRODUCER.items():
         # one order's events all go to one partition: so do the copies of one event

@@ -198,3 +198,20 @@ def test_redis_cluster_needs_the_cluster_support(monkeypatch):
     result = CliRunner().invoke(cli, ["chaos", "--redis-cluster", "--orders", "1"])
     assert result.exit_code == 1
     assert "Redis Cluster support not installed" in result.output
+
+
+def test_the_soak_fails_on_an_undelivered_event_not_on_a_late_one():
+    from sagactl.chaos.command import _failures
+    from sagactl.chaos.load import LoadStats
+
+    audit = {"violations": 0}
+    records = {
+        "acknowledged_but_missing": 0,
+        "stored_without_key": 0,
+        "keys_sharing_an_order": 0,
+        "payment_timeout": 18,  # the deadline ran out during outages: reported, not a failure
+    }
+    assert _failures(audit, True, {}, records, LoadStats(), undelivered=0) == []
+    assert _failures(audit, True, {}, records, LoadStats(), undelivered=2) == [
+        "2 events never reached a group that reacts to them"
+    ]
