@@ -7,7 +7,6 @@ loss detection's re-publishing are read from each service's own database."""
 
 from __future__ import annotations
 
-import importlib
 import re
 import threading
 import time
@@ -27,6 +26,7 @@ from contracts import (
     group_streams,
     producer_streams,
 )
+from service_runtime import asyncapi, retention
 from service_runtime.config import SERVICES
 from service_runtime.ownership import owners
 
@@ -91,10 +91,7 @@ def wait_for_quiet(
 
 def handled_types() -> dict[str, frozenset[str]]:
     """group -> the event types its reactions handle (reactions.HANDLERS)."""
-    return {
-        group: frozenset(importlib.import_module(f"{group}_service.reactions").HANDLERS)
-        for group in SUBSCRIPTIONS
-    }
+    return {group: asyncapi.handled_types(group) for group in SUBSCRIPTIONS}
 
 
 def undelivered_events(db_urls: Mapping[str, str], examples: int = 5) -> dict[str, Any]:
@@ -118,7 +115,7 @@ def undelivered_events(db_urls: Mapping[str, str], examples: int = 5) -> dict[st
             }
     missing: list[dict[str, str]] = []
     for producer, stream in STREAM_OF_PRODUCER.items():
-        readers = [g for g, streams in SUBSCRIPTIONS.items() if stream in streams]
+        readers = retention.readers(stream)
         types = sorted(set().union(*(handled[g] for g in readers)))
         with psycopg.connect(db_urls[producer], connect_timeout=3) as conn:
             rows = conn.execute(
