@@ -147,10 +147,6 @@ class ConsumerSettings:
     max_deliveries: int = 5
     conflict_retries: int = 5
     outage_max_backoff_ms: int = 5000
-    # how often the owner claims again what is pending with anyone else in its partition:
-    # Redis may come back with an older data set (a failover to a lagging replica) in which
-    # entries are pending with a previous owner, and redis-py reconnects without telling
-    takeover_check_ms: int = 5000
 
     def __post_init__(self) -> None:
         # the consumer's name is its Redis connections' name too (CLIENT SETNAME refuses these)
@@ -236,7 +232,6 @@ class PartitionWorker:
         # the next read's round trip, or at the end of a step not followed by one at once
         self._owed_acks: dict[str, list[str]] = {}
         self._metrics: dict[tuple[str, str], tuple[Any, Any]] = {}  # (type, outcome) -> children
-        self._takeover_due = 0.0  # of the next look for entries pending with someone else
         # this worker's reads keep one connection (a plain Redis; a cluster pipeline routes
         # each read to its node): given back when run() ends
         self._reads = None if is_cluster(redis_client) else HeldConnection(redis_client)
@@ -277,7 +272,6 @@ class PartitionWorker:
                         stream, group, me, min_idle_time=0, message_ids=ids, justid=True
                     )
                     claimed += len(ids)
-        self._takeover_due = time.monotonic() + self.settings.takeover_check_ms / 1000
         if claimed:
             self.cursors = dict.fromkeys(self.streams, _PENDING)  # read them, in id order
             log.info(
@@ -310,8 +304,6 @@ class PartitionWorker:
                     self.ensure_groups()
                     self.take_over_pending()
                     started = True
-                elif time.monotonic() >= self._takeover_due:
-                    self.take_over_pending()
                 if self.retry and (wait := self.retry.due - time.monotonic()) > 0:
                     stop.wait(min(wait, 0.5))  # the partition waits for its failed entry
                     continue

@@ -112,9 +112,9 @@ class StreamConsumer:
     def rebalance_once(self) -> None:
         """One heartbeat: renew, hand back, take. Safe to call from a test, step by step."""
         with self.pool.connection() as conn:
-            members = self.leases.heartbeat(conn)
-            target = assignment(members, self.settings.partitions, self.settings.consumer)
-            held = {lease.partition: lease for lease in self.leases.renew(conn, self._leases())}
+            beat = self.leases.beat(conn, self._leases())
+            target = assignment(beat.members, self.settings.partitions, self.settings.consumer)
+            held = {lease.partition: lease for lease in beat.renewed}
             self._renewed_at = time.monotonic()
             redrive = partitions_to_redrive(conn, self.settings.group) if held else set()
         told = [
@@ -127,14 +127,16 @@ class StreamConsumer:
         self._stop_all([p for p in self.running if p not in held], "lost")
         crashed = [p for p in held if not self.running[p].thread.is_alive()]  # a bug: restart
         handed_back = self._stop_all([*crashed, *(set(held) - target - set(crashed))], "released")
-        with self.pool.connection() as conn:
-            for lease in handed_back:
-                self.leases.release(conn, lease)
-                del held[lease.partition]
-            for partition in sorted(target - set(held)):
-                lease = self.leases.acquire(conn, partition)
-                if lease is not None and not self._start(lease):
-                    self.leases.release(conn, lease)  # no worker: do not sit on the lease
+        for lease in handed_back:
+            del held[lease.partition]
+        if handed_back or target - set(held):  # the usual heartbeat has neither: no checkout
+            with self.pool.connection() as conn:
+                for lease in handed_back:
+                    self.leases.release(conn, lease)
+                for partition in sorted(target - set(held)):
+                    lease = self.leases.acquire(conn, partition)
+                    if lease is not None and not self._start(lease):
+                        self.leases.release(conn, lease)  # no worker: do not sit on the lease
         PARTITIONS_OWNED.labels(self.settings.group, self.settings.consumer).set(len(self.running))
 
     def shutdown(self) -> None:

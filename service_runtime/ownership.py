@@ -30,6 +30,15 @@ class Lease:
     epoch: int
 
 
+@dataclass(frozen=True)
+class Beat:
+    """What one heartbeat learned: the live members (this one included), and the leases it
+    renewed (held for another lease period; the others are lost)."""
+
+    members: list[str]
+    renewed: list[Lease]
+
+
 def assignment(members: Sequence[str], partitions: int, me: str) -> set[int]:
     """The partitions `me` should own: partition p goes to the (p mod n)-th live member."""
     ordered = sorted(set(members))
@@ -39,28 +48,32 @@ def assignment(members: Sequence[str], partitions: int, me: str) -> set[int]:
     return {p for p in range(partitions) if p % count == index}
 
 
-# One statement: this consumer's beat, and the live members as they were just before it (the
-# statement does not see its own upsert: the caller adds itself).
-_HEARTBEAT = """
+# One statement per heartbeat: this consumer's beat, the renewal of the leases it holds (those
+# still its own and unexpired come back), and the live members as they were just before the
+# beat (the statement does not see its own upsert: the caller adds itself).
+_BEAT = """
 WITH beat AS (
     INSERT INTO consumer_members (consumer_group, consumer, heartbeat_at)
     VALUES (%(group)s, %(me)s, clock_timestamp())
     ON CONFLICT (consumer_group, consumer) DO UPDATE SET heartbeat_at = clock_timestamp()
+),
+renewed AS (
+    UPDATE partition_leases SET expires_at = clock_timestamp() + make_interval(secs => %(ttl)s)
+    WHERE consumer_group = %(group)s AND owner = %(me)s AND expires_at > clock_timestamp()
+      AND (partition, epoch) IN (SELECT * FROM unnest(%(partitions)s::int[],
+                                                      %(epochs)s::bigint[]))
+    RETURNING partition, epoch
 )
-SELECT consumer FROM consumer_members
-WHERE consumer_group = %(group)s
-  AND heartbeat_at > clock_timestamp() - make_interval(secs => %(ttl)s)
+SELECT array(SELECT consumer FROM consumer_members
+             WHERE consumer_group = %(group)s
+               AND heartbeat_at > clock_timestamp() - make_interval(secs => %(ttl)s)),
+       array(SELECT partition FROM renewed ORDER BY partition),
+       array(SELECT epoch FROM renewed ORDER BY partition)
 """
 FORGET_DEAD_EVERY_S = 60.0
 _FORGET_DEAD_MEMBERS = """
 DELETE FROM consumer_members
 WHERE consumer_group = %(group)s AND heartbeat_at < clock_timestamp() - interval '1 hour'
-"""
-_RENEW = """
-UPDATE partition_leases SET expires_at = clock_timestamp() + make_interval(secs => %(ttl)s)
-WHERE consumer_group = %(group)s AND owner = %(me)s AND expires_at > clock_timestamp()
-  AND (partition, epoch) IN (SELECT * FROM unnest(%(partitions)s::int[], %(epochs)s::bigint[]))
-RETURNING partition, epoch
 """
 # Take a partition that nobody holds, or whose lease expired. A lease held by a transaction's
 # fence (FOR SHARE) makes this wait until that transaction ends: no overlap, ever.
@@ -105,27 +118,23 @@ class PartitionLeases:
     def _args(self, **extra: object) -> dict[str, object]:
         return {"group": self.group, "me": self.me, "ttl": self.ttl, **extra}
 
-    def heartbeat(self, conn: psycopg.Connection) -> list[str]:
-        """Say this consumer is alive; the live members, this one included."""
-        live = {row[0] for row in conn.execute(_HEARTBEAT, self._args())}
-        if time.monotonic() >= self._forget_dead_at:  # rows of members gone for an hour
-            conn.execute(_FORGET_DEAD_MEMBERS, self._args())
-            self._forget_dead_at = time.monotonic() + FORGET_DEAD_EVERY_S
-        return sorted(live | {self.me})
-
-    def renew(self, conn: psycopg.Connection, held: Iterable[Lease]) -> set[Lease]:
-        """Extend the leases still ours; the ones returned are held for another lease period."""
+    def beat(self, conn: psycopg.Connection, held: Iterable[Lease]) -> Beat:
+        """Say this consumer is alive and extend the leases `held` that are still its own."""
         held = list(held)
-        if not held:
-            return set()
-        rows = conn.execute(
-            _RENEW,
+        members, partitions, epochs = conn.execute(
+            _BEAT,
             self._args(
                 partitions=[lease.partition for lease in held],
                 epochs=[lease.epoch for lease in held],
             ),
-        ).fetchall()
-        return {Lease(partition, epoch) for partition, epoch in rows}
+        ).fetchone()
+        if time.monotonic() >= self._forget_dead_at:  # rows of members gone for an hour
+            conn.execute(_FORGET_DEAD_MEMBERS, self._args())
+            self._forget_dead_at = time.monotonic() + FORGET_DEAD_EVERY_S
+        return Beat(
+            members=sorted(set(members) | {self.me}),
+            renewed=[Lease(p, e) for p, e in zip(partitions, epochs, strict=True)],
+        )
 
     def acquire(self, conn: psycopg.Connection, partition: int) -> Lease | None:
         row = conn.execute(_ACQUIRE, self._args(partition=partition)).fetchone()

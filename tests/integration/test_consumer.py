@@ -782,9 +782,10 @@ def test_a_caught_up_worker_reads_again_what_a_lagging_redis_must_deliver_again(
     db, redis_client, make_worker, background
 ) -> None:
     """A failover to a replica that lagged: the group's last-delivered-id goes back below
-    entries of the stream, with nothing newer coming. A caught-up worker, waiting from the
-    stream tops it last saw, would never see them; it reads again at its next takeover check."""
-    worker = make_worker({"OrderPlaced": record}, takeover_check_ms=200)
+    entries of the stream, with nothing newer coming. A caught-up worker's next read of new
+    entries (`>`, when its block ends) starts from the group's last-delivered-id, so it reads
+    them again; the inbox absorbs them."""
+    worker = make_worker({"OrderPlaced": record})
     runner = background.start("worker", worker.run)
     events = [envelope() for _ in range(3)]
     ids = [publish(redis_client, env) for env in events]

@@ -23,7 +23,7 @@ from inventory_service.reactions import HANDLERS as INVENTORY_HANDLERS
 from service_runtime.consumer import ConsumerSettings
 from service_runtime.consumer_group import StreamConsumer
 from service_runtime.db import create_pool
-from service_runtime.ownership import assignment
+from service_runtime.ownership import Lease, PartitionLeases, assignment
 from service_runtime.redis_client import connect as redis_connect
 from tests.helpers import blocked_by_name, order_placed_envelope, wait_until
 
@@ -87,6 +87,55 @@ def nothing_pending(redis_client) -> bool:
         redis_client.xpending(partition_stream("orders.events", p), GROUP)["pending"] == 0
         for p in range(PARTITIONS)
     )
+
+
+class CountingConnection:
+    """A real connection that counts the statements sent through it."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.statements = 0
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        self.statements += 1
+        return self.conn.execute(*args, **kwargs)
+
+
+def test_a_heartbeat_is_one_statement_that_renews_only_the_leases_still_held(db_url) -> None:
+    """The beat, the renewal and the live members in one statement: a lease someone else took
+    meanwhile (expired, acquired again with a higher epoch) is not renewed, so the caller
+    stops its worker; the ones still held get a whole lease period more."""
+    a, b = PartitionLeases(GROUP, "a", 60), PartitionLeases(GROUP, "b", 60)
+    with psycopg.connect(db_url, autocommit=True) as raw:
+        conn = CountingConnection(raw)
+        kept, taken = a.acquire(raw, 0), a.acquire(raw, 1)
+        assert kept is not None and taken is not None
+        raw.execute(
+            "UPDATE partition_leases SET expires_at = clock_timestamp() - interval '1 second'"
+            " WHERE consumer_group = %s AND partition = %s",
+            (GROUP, 1),
+        )
+        b.beat(raw, [])
+        assert b.acquire(raw, 1) == Lease(1, taken.epoch + 1)
+        a.beat(conn, [kept, taken])  # the first beat also forgets members gone for an hour
+        raw.execute(
+            "UPDATE partition_leases SET expires_at = clock_timestamp()"
+            " + interval '1 second' WHERE consumer_group = %s AND partition = 0",
+            (GROUP,),
+        )
+        conn.statements = 0
+
+        beat = a.beat(conn, [kept, taken])
+
+        assert conn.statements == 1
+        assert beat.members == ["a", "b"]
+        assert beat.renewed == [kept]
+        left = raw.execute(
+            "SELECT partition, owner, expires_at - clock_timestamp() > interval '50 seconds'"
+            " FROM partition_leases WHERE consumer_group = %s ORDER BY partition",
+            (GROUP,),
+        ).fetchall()
+        assert left == [(0, "a", True), (1, "b", True)]
 
 
 # -- consumers in threads --------------------------------------------------------------------
