@@ -401,10 +401,12 @@ def test_the_standby_takes_over_when_the_active_relays_session_is_killed(
     active, standby = relays[index], relays[1 - index]
     [holder] = lock_holders(db)
 
-    # The process "dies": it will not come back (stop set, but it sleeps until the poll fires),
-    # and its session is cut off from the server side.
-    runners[index].stop.set()
+    # The process "dies": its session is cut off from the server side, and it will not come
+    # back (stop set right after: the relay backs off 0.2 s before it connects again). In this
+    # order because a relay told to stop ends its session by itself within a second (its wait
+    # for a NOTIFY is in 1-s slices): stopped first, it could be gone before the terminate.
     assert admin_db.execute("SELECT pg_terminate_backend(%s)", (holder,)).fetchone()[0]
+    runners[index].stop.set()
 
     wait_until(standby.active.is_set)
     wait_until(runners[index].finished.is_set)
