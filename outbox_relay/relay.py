@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -364,9 +365,13 @@ class Relay:
         if sum(1 for _ in conn.notifies(timeout=0)):
             return True
         deadline = time.monotonic() + seconds
-        # Wait in slices of a second at most, so a stop request is honoured within one.
+        # Sleep on the connection's socket (libpq's way: a NOTIFY makes it readable), in slices
+        # of a second at most, so a stop request is honoured within one; then drain. Not
+        # notifies(timeout=...): psycopg's wait wakes every 100 ms to look for signals, which
+        # was most of an idle relay's CPU.
         while not stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
-            if sum(1 for _ in conn.notifies(timeout=min(remaining, 1.0), stop_after=1)):
+            select.select([conn], [], [], min(remaining, 1.0))
+            if sum(1 for _ in conn.notifies(timeout=0)):
                 return True
         return False
 
