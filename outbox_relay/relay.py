@@ -98,7 +98,7 @@ class RelaySettings:
     batch_size: int = 500
     # A NOTIFY wakes the relay for every commit; the poll is the fallback, and the activity
     # a standby looks for (takeover_after_seconds is at least 3 polls). At 1 s the idle polls
-    # were a third of the relays' idle CPU (README, Performance).
+    # were about a fifth of the relays' idle CPU (README, Performance).
     poll_seconds: float = 5.0
     standby_retry_seconds: float = 1.0
     # RELAY_TAKEOVER_AFTER_SECONDS: a lock holder idle this long is taken for dead (0: never)
