@@ -18,6 +18,7 @@ from psycopg_pool import ConnectionPool
 
 from benchmarks.sample import chunks, reset, stream_fields
 from contracts import DEFAULT_PARTITIONS, ORDERS_EVENTS, Envelope, partition_of, partition_stream
+from service_runtime.config import from_env
 from service_runtime.consumer import ConsumerSettings, OutcomeHook, PartitionWorker
 from service_runtime.consumer_group import pool_size
 from service_runtime.db import connect, create_pool
@@ -66,10 +67,16 @@ def measure(
                 if handled >= entries:
                     all_handled.set()
 
-    pool = open_pool(db_url, partitions, name="bench-consumer")
-    settings = ConsumerSettings(
-        group=GROUP, consumer=f"{GROUP}-bench", partitions=partitions, batch_size=batch_size
+    # CONSUMER_* from the environment, as `saga consume` reads them (CONSUMER_MAX_TRANSACTIONS)
+    settings = from_env(
+        ConsumerSettings,
+        "CONSUMER_",
+        group=GROUP,
+        consumer=f"{GROUP}-bench",
+        partitions=partitions,
+        batch_size=batch_size,
     )
+    pool = open_pool(db_url, settings, name="bench-consumer")
     try:
         # outside the clock: once per ownership change
         workers = own_every_partition(client, pool, settings, on_outcome)
@@ -108,12 +115,12 @@ def measure(
     }
 
 
-def open_pool(db_url: str, partitions: int, *, name: str) -> ConnectionPool:
-    """A consumer process's pool (`pool_size`), every connection open before the clock starts,
-    as in a consumer that has been running (and as the yardstick's one connection is): growing
-    the pool one connection at a time inside a run of well under a second was part of what it
-    measured."""
-    size = pool_size(partitions)
+def open_pool(db_url: str, settings: ConsumerSettings, *, name: str) -> ConnectionPool:
+    """A consumer process's workers' pool (`pool_size`), every connection open before the
+    clock starts, as in a consumer that has been running (and as the yardstick's one connection
+    is): growing the pool one connection at a time inside a run of well under a second was part
+    of what it measured."""
+    size = pool_size(settings)
     pool = create_pool(db_url, name=name, min_size=size, max_size=size, check_on_checkout=False)
     pool.wait(timeout=30)
     return pool

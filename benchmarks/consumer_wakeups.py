@@ -26,6 +26,7 @@ import redis
 from benchmarks.consumer_throughput import GROUP, open_pool, own_every_partition, worker_threads
 from benchmarks.sample import reset, stream_fields
 from contracts import DEFAULT_PARTITIONS, ORDERS_EVENTS, partition_of, partition_stream
+from service_runtime.config import from_env
 from service_runtime.consumer import ConsumerSettings
 from service_runtime.redis_client import connect as redis_connect
 
@@ -43,7 +44,6 @@ def measure(
 ) -> dict[str, Any]:
     reset([db_url], redis_url)
     client = redis_connect(redis_url)
-    pool = open_pool(db_url, partitions, name="bench-wakeups")
     settled = 0
     counting = threading.Lock()
 
@@ -52,7 +52,14 @@ def measure(
         with counting:
             settled += 1
 
-    settings = ConsumerSettings(group=GROUP, consumer=f"{GROUP}-wakeups", partitions=partitions)
+    settings = from_env(
+        ConsumerSettings,
+        "CONSUMER_",
+        group=GROUP,
+        consumer=f"{GROUP}-wakeups",
+        partitions=partitions,
+    )
+    pool = open_pool(db_url, settings, name="bench-wakeups")
     stop = threading.Event()
     threads: list[threading.Thread] = []
     results: dict[str, Any] = {"rate": rate, "seconds": seconds, "partitions": partitions}

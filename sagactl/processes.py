@@ -169,8 +169,11 @@ def consume(service: str, name: str | None, instance: int | None) -> None:
     pool = create_pool(
         database_url(service),
         name=f"{service}-consumer",
-        max_size=pool_size(settings.partitions),
+        max_size=pool_size(settings),
         check_on_checkout=False,
+    )
+    lease_pool = create_pool(
+        database_url(service), name=f"{service}-leases", max_size=1, check_on_checkout=False
     )
     consumer = StreamConsumer(
         redis_client.connect(redis_url(f"{service}_consumer"), name=settings.consumer),
@@ -179,11 +182,13 @@ def consume(service: str, name: str | None, instance: int | None) -> None:
         reactions.HANDLERS,
         fault=configured_fault(),
         lock_orders=reactions.LOCK_ORDERS,
+        lease_pool=lease_pool,
     )
     try:
         consumer.run(_stop_on_signals())
     finally:
         pool.close()
+        lease_pool.close()
 
 
 T = TypeVar("T")

@@ -147,6 +147,11 @@ class ConsumerSettings:
     max_deliveries: int = 5
     conflict_retries: int = 5
     outage_max_backoff_ms: int = 5000
+    # The workers' transactions this process runs at once (its workers' PostgreSQL pool; the
+    # heartbeat has a connection of its own). Fewer contend less for hot rows; more overlap
+    # commits (docs/architecture.md, "Transactions at once"). 5: what the workers had before
+    # the heartbeat got its own connection.
+    max_transactions: int = 5
 
     def __post_init__(self) -> None:
         # the consumer's name is its Redis connections' name too (CLIENT SETNAME refuses these)
@@ -160,6 +165,11 @@ class ConsumerSettings:
             raise ValueError(
                 f"CONSUMER_BLOCK_MS must be from 1 to {SOCKET_TIMEOUT_S * 1000 - 1}"
                 f" (milliseconds), not {self.block_ms}"
+            )
+
+        if self.max_transactions < 1:
+            raise ValueError(
+                f"CONSUMER_MAX_TRANSACTIONS must be 1 or more, not {self.max_transactions}"
             )
 
     def backoff_ms(self, attempts: int) -> int:

@@ -42,10 +42,10 @@ log = logging.getLogger(__name__)
 WAKE_AGAIN_S = 0.1
 
 
-def pool_size(partitions: int) -> int:
-    """Connections for a consumer process's pool. Workers hold one only for a transaction;
-    beyond a few they would just queue."""
-    return min(partitions, 4) + 1
+def pool_size(settings: ConsumerSettings) -> int:
+    """Connections for a consumer process's workers: one per transaction running at once, no
+    more than there are partitions to run them."""
+    return min(settings.max_transactions, settings.partitions)
 
 
 @dataclass
@@ -67,9 +67,13 @@ class StreamConsumer:
         on_outcome: OutcomeHook | None = None,
         fault: Callable[[str], None] = no_faults,
         lock_orders: bool = False,
+        lease_pool: ConnectionPool | None = None,
     ) -> None:
         self.redis = redis_client
         self.pool = pool
+        # The heartbeat's connection: on the workers' pool it would queue behind their
+        # transactions, and a lease could run out while they wait on each other's rows.
+        self.lease_pool = lease_pool or pool
         self.settings = settings
         self.handlers = handlers
         self.on_outcome = on_outcome
@@ -111,7 +115,7 @@ class StreamConsumer:
 
     def rebalance_once(self) -> None:
         """One heartbeat: renew, hand back, take. Safe to call from a test, step by step."""
-        with self.pool.connection() as conn:
+        with self.lease_pool.connection() as conn:
             beat = self.leases.beat(conn, self._leases())
             target = assignment(beat.members, self.settings.partitions, self.settings.consumer)
             held = {lease.partition: lease for lease in beat.renewed}
@@ -130,7 +134,7 @@ class StreamConsumer:
         for lease in handed_back:
             del held[lease.partition]
         if handed_back or target - set(held):  # the usual heartbeat has neither: no checkout
-            with self.pool.connection() as conn:
+            with self.lease_pool.connection() as conn:
                 for lease in handed_back:
                     self.leases.release(conn, lease)
                 for partition in sorted(target - set(held)):
@@ -143,7 +147,7 @@ class StreamConsumer:
         """Stop every worker and hand their partitions back at once, then leave the group."""
         leases = self._stop_all(list(self.running), "released")
         try:
-            with self.pool.connection() as conn:
+            with self.lease_pool.connection() as conn:
                 for lease in leases:
                     self.leases.release(conn, lease)
                 self.leases.leave(conn)

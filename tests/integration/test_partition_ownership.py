@@ -17,11 +17,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg_pool import PoolTimeout
 
 from contracts import Envelope, encode_entry, partition_of, partition_stream
 from inventory_service.reactions import HANDLERS as INVENTORY_HANDLERS
 from service_runtime.consumer import ConsumerSettings
-from service_runtime.consumer_group import StreamConsumer
+from service_runtime.consumer_group import StreamConsumer, pool_size
 from service_runtime.db import create_pool
 from service_runtime.ownership import Lease, PartitionLeases, assignment
 from service_runtime.redis_client import connect as redis_connect
@@ -150,8 +151,6 @@ def consumers(db_url, clean_state, background) -> Iterator[Callable[..., Any]]:
     def start(
         name: str, lease_ms: int = LEASE_MS, block_ms: int = 100
     ) -> tuple[StreamConsumer, Any]:
-        pool = create_pool(db_url, name=f"test-{name}", max_size=PARTITIONS + 1)
-        pools.append(pool)
         clients.append(redis_connect(clean_state.redis_url, name=name))
         settings = ConsumerSettings(
             group=GROUP,
@@ -161,7 +160,13 @@ def consumers(db_url, clean_state, background) -> Iterator[Callable[..., Any]]:
             heartbeat_ms=HEARTBEAT_MS,
             block_ms=block_ms,
         )
-        consumer = StreamConsumer(clients[-1], pool, settings, INVENTORY_HANDLERS)
+        # wired as `saga consume` wires them: the workers' pool and the heartbeat's
+        pool = create_pool(db_url, name=f"test-{name}", max_size=pool_size(settings))
+        lease_pool = create_pool(db_url, name=f"test-{name}-leases", max_size=1)
+        pools.extend([pool, lease_pool])
+        consumer = StreamConsumer(
+            clients[-1], pool, settings, INVENTORY_HANDLERS, lease_pool=lease_pool
+        )
         return consumer, background.start(name, consumer.run)
 
     yield start
@@ -176,6 +181,48 @@ def consumers(db_url, clean_state, background) -> Iterator[Callable[..., Any]]:
 def blocked_reads(redis_client, name: str) -> int:
     """Connections named `name` waiting in a blocking command."""
     return blocked_by_name(redis_client).get(name, 0)
+
+
+def test_the_heartbeat_renews_while_the_workers_hold_every_connection(db_url, clean_state) -> None:
+    """CONSUMER_MAX_TRANSACTIONS=1: the workers' one connection is taken (a transaction
+    waiting on a row, say), and the heartbeat still takes and renews leases on its own. On the
+    workers' pool, the control, it cannot."""
+    settings = ConsumerSettings(
+        group=GROUP, consumer="inventory-busy", partitions=PARTITIONS, max_transactions=1
+    )
+    assert pool_size(settings) == 1
+    workers_pool = create_pool(db_url, name="test-busy", max_size=1, timeout=1.0)
+    lease_pool = create_pool(db_url, name="test-busy-leases", max_size=1, timeout=1.0)
+    client = redis_connect(clean_state.redis_url, name="inventory-busy")
+    try:
+        with workers_pool.connection():  # every connection the workers have
+            shared = StreamConsumer(client, workers_pool, settings, INVENTORY_HANDLERS)
+            with pytest.raises(PoolTimeout):
+                shared.rebalance_once()
+            consumer = StreamConsumer(
+                client, workers_pool, settings, INVENTORY_HANDLERS, lease_pool=lease_pool
+            )
+            consumer.rebalance_once()
+            assert consumer.owned == list(range(PARTITIONS))
+            expiry = _expiries(db_url)
+            consumer.rebalance_once()
+            assert consumer.owned == list(range(PARTITIONS))
+            assert all(_expiries(db_url)[p] > expiry[p] for p in range(PARTITIONS))
+            consumer.shutdown()
+        assert live_owners(db_url) == {}
+    finally:
+        workers_pool.close()
+        lease_pool.close()
+        client.close()
+
+
+def _expiries(db_url: str) -> dict[int, Any]:
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT partition, expires_at FROM partition_leases WHERE consumer_group = %s",
+            (GROUP,),
+        ).fetchall()
+    return dict(rows)
 
 
 def test_two_consumers_share_the_partitions_each_owned_by_exactly_one(

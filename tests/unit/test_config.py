@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import redis
 
@@ -16,6 +18,7 @@ from service_runtime.config import (
     stream_partitions,
 )
 from service_runtime.consumer import ConsumerSettings
+from service_runtime.consumer_group import pool_size
 from service_runtime.redis_client import connect
 
 
@@ -36,6 +39,22 @@ def test_a_consumer_block_that_would_hang_or_time_out_is_refused(monkeypatch, bl
         from_env(ConsumerSettings, "CONSUMER_", group="g", consumer="c")
     monkeypatch.setenv("CONSUMER_BLOCK_MS", "14999")
     assert from_env(ConsumerSettings, "CONSUMER_", group="g", consumer="c").block_ms == 14999
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_consumer_with_no_transaction_at_a_time_is_refused(monkeypatch, value):
+    monkeypatch.setenv("CONSUMER_MAX_TRANSACTIONS", value)
+    with pytest.raises(ValueError, match=f"CONSUMER_MAX_TRANSACTIONS must be 1 or more.*{value}"):
+        from_env(ConsumerSettings, "CONSUMER_", group="g", consumer="c")
+
+
+def test_the_workers_pool_holds_one_connection_per_transaction_at_once_up_to_the_partitions(
+    monkeypatch,
+):
+    monkeypatch.setenv("CONSUMER_MAX_TRANSACTIONS", "2")
+    settings = from_env(ConsumerSettings, "CONSUMER_", group="g", consumer="c", partitions=8)
+    assert pool_size(settings) == 2
+    assert pool_size(dataclasses.replace(settings, partitions=1)) == 1
 
 
 @pytest.mark.parametrize("name", ["", "inventory 1", "inventory\n1", "caf\u00e9-1"])
