@@ -166,7 +166,6 @@ class ConsumerSettings:
                 f"CONSUMER_BLOCK_MS must be from 1 to {SOCKET_TIMEOUT_S * 1000 - 1}"
                 f" (milliseconds), not {self.block_ms}"
             )
-
         if self.max_transactions < 1:
             raise ValueError(
                 f"CONSUMER_MAX_TRANSACTIONS must be 1 or more, not {self.max_transactions}"
