@@ -360,20 +360,19 @@ class Relay:
     ) -> bool:
         """Sleep until a producer's NOTIFY (True), or `seconds` passed (False: after
         poll_seconds, poll in case one was missed)."""
-        # Notifications that arrived during the last batch are buffered: drain them all, and
-        # if there were any, new rows may have committed since our scan, so scan again now.
-        if sum(1 for _ in conn.notifies(timeout=0)):
-            return True
         deadline = time.monotonic() + seconds
-        # Sleep on the connection's socket (libpq's way: a NOTIFY makes it readable), in slices
-        # of a second at most, so a stop request is honoured within one; then drain. Not
-        # notifies(timeout=...): psycopg's wait wakes every 100 ms to look for signals, which
-        # was most of an idle relay's CPU.
-        while not stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
-            select.select([conn], [], [], min(remaining, 1.0))
+        while True:
+            # Drain what is buffered (first: what arrived during the last batch); any
+            # notification means rows may have committed since our scan: scan again now.
             if sum(1 for _ in conn.notifies(timeout=0)):
                 return True
-        return False
+            if stop.is_set() or (remaining := deadline - time.monotonic()) <= 0:
+                return False
+            # Sleep on the connection's socket (libpq's way: a NOTIFY makes it readable), in
+            # slices of a second at most, so a stop request is honoured within one. Not
+            # notifies(timeout=...): psycopg's wait wakes every 100 ms to look for signals,
+            # which was most of an idle relay's CPU.
+            select.select([conn], [], [], min(remaining, 1.0))
 
 
 def _now() -> str:

@@ -22,7 +22,11 @@ import psycopg
 import psycopg.sql
 import pytest
 import requests
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.common.by import By
 
 from contracts import partition_of, partition_stream
@@ -126,6 +130,11 @@ def _fresh(action):
         return action()
     except (StaleElementReferenceException, NoSuchElementException):
         return None
+    except WebDriverException as err:
+        # Chrome's word for the same race when the swap lands mid-command
+        if "does not belong to the document" in str(err.msg):
+            return None
+        raise
 
 
 def _text_of(driver, css: str) -> str:
